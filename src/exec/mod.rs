@@ -1,0 +1,312 @@
+//! Runs a planned [`Graph`] on a candle [`Device`].
+//!
+//! The plan resolves every value name to a slot index once, so a frame only indexes vectors;
+//! each value is dropped right after its last consumer, so peak memory follows the graph's
+//! liveness rather than its size. Named values can be kept ("taps") for the explain layer.
+
+pub mod ops;
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{DType as CDType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::graph::{Graph, Op};
+use crate::model::{DType, ModelFile};
+
+#[derive(Debug, Clone, Copy)]
+enum Ref {
+    Slot(usize),
+    Weight(usize),
+}
+
+struct Step {
+    node: usize,
+    inputs: Vec<Ref>,
+    outputs: Vec<usize>,
+    /// Slots whose last use is this step.
+    free_after: Vec<usize>,
+}
+
+/// A graph planned for one device, with its weights resident there.
+pub struct Executor {
+    device: Device,
+    graph: Graph,
+    weights: Vec<Tensor>,
+    steps: Vec<Step>,
+    slots: HashMap<String, usize>,
+    inputs: Vec<(String, usize)>,
+    outputs: Vec<(String, Ref)>,
+}
+
+/// What one run returns.
+#[derive(Debug, Default)]
+pub struct RunOutputs {
+    /// Graph outputs in graph order, by ONNX name.
+    pub outputs: Vec<(String, Tensor)>,
+    /// Tapped intermediate values by name.
+    pub taps: HashMap<String, Tensor>,
+}
+
+/// Reads the model file's tensors as candle tensors on `device`. Float weights become f32 (the
+/// compute dtype; f16/bf16 storage only halves the file), f64 stays f64, integers keep their type.
+pub fn load_weights(
+    file: &ModelFile,
+    names: &[String],
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::with_capacity(names.len());
+    for name in names {
+        let view = file.get(name).ok_or_else(|| Error::InvalidGraph {
+            file: file.label().to_string(),
+            reason: format!("missing weight '{name}'"),
+        })?;
+        let t = view.to_candle(&Device::Cpu)?;
+        let t = match view.info.dtype {
+            DType::F16 | DType::BF16 => t.to_dtype(CDType::F32)?,
+            _ => t,
+        };
+        out.insert(name.clone(), t.to_device(device)?);
+    }
+    Ok(out)
+}
+
+impl Executor {
+    /// Plans `graph` with `weights` (every tensor the graph names) on `device`.
+    pub fn new(graph: Graph, weights: HashMap<String, Tensor>, device: Device) -> Result<Self> {
+        let bad = |reason: String| Error::InvalidGraph {
+            file: graph.name.clone(),
+            reason,
+        };
+        let mut slots: HashMap<String, usize> = HashMap::new();
+        let mut inputs = Vec::new();
+        for i in &graph.inputs {
+            let id = slots.len();
+            slots.insert(i.name.clone(), id);
+            inputs.push((i.name.clone(), id));
+        }
+        let mut weight_ids: HashMap<String, usize> = HashMap::new();
+        let mut weight_vec = Vec::new();
+        let mut steps = Vec::with_capacity(graph.nodes.len());
+        for (n, node) in graph.nodes.iter().enumerate() {
+            let mut refs = Vec::with_capacity(node.inputs.len());
+            for name in &node.inputs {
+                if let Some(&s) = slots.get(name) {
+                    refs.push(Ref::Slot(s));
+                } else if let Some(&w) = weight_ids.get(name) {
+                    refs.push(Ref::Weight(w));
+                } else if let Some(t) = weights.get(name) {
+                    let w = weight_vec.len();
+                    weight_vec.push(t.clone());
+                    weight_ids.insert(name.clone(), w);
+                    refs.push(Ref::Weight(w));
+                } else {
+                    return Err(bad(format!(
+                        "node '{}' uses '{}', which is not defined before it",
+                        node.name, name
+                    )));
+                }
+            }
+            let mut outs = Vec::with_capacity(node.outputs.len());
+            for name in &node.outputs {
+                let id = slots.len();
+                if slots.insert(name.clone(), id).is_some() {
+                    return Err(bad(format!("value '{name}' is produced twice")));
+                }
+                outs.push(id);
+            }
+            steps.push(Step {
+                node: n,
+                inputs: refs,
+                outputs: outs,
+                free_after: Vec::new(),
+            });
+        }
+        let mut outputs = Vec::new();
+        for o in &graph.outputs {
+            let r = match slots.get(&o.name) {
+                Some(&s) => Ref::Slot(s),
+                None => return Err(bad(format!("graph output '{}' is never produced", o.name))),
+            };
+            outputs.push((o.name.clone(), r));
+        }
+        let mut exec = Executor {
+            device,
+            graph,
+            weights: weight_vec,
+            steps,
+            slots,
+            inputs,
+            outputs,
+        };
+        exec.plan_frees(&HashSet::new());
+        Ok(exec)
+    }
+
+    /// Recomputes when each slot can be dropped; `keep` slots (outputs, taps) never are.
+    fn plan_frees(&mut self, keep: &HashSet<usize>) {
+        let mut last: HashMap<usize, usize> = HashMap::new();
+        for (i, step) in self.steps.iter().enumerate() {
+            for r in &step.inputs {
+                if let Ref::Slot(s) = r {
+                    last.insert(*s, i);
+                }
+            }
+            // An unused output is freed right after it is made.
+            for &o in &step.outputs {
+                last.entry(o).or_insert(i);
+            }
+        }
+        let outs: HashSet<usize> = self
+            .outputs
+            .iter()
+            .filter_map(|(_, r)| match r {
+                Ref::Slot(s) => Some(*s),
+                Ref::Weight(_) => None,
+            })
+            .collect();
+        for step in &mut self.steps {
+            step.free_after.clear();
+        }
+        for (slot, i) in last {
+            if !outs.contains(&slot) && !keep.contains(&slot) {
+                self.steps[i].free_after.push(slot);
+            }
+        }
+    }
+
+    /// The planned graph (after passes).
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether a value with this name exists in the planned graph (fusion removes some).
+    pub fn has_value(&self, name: &str) -> bool {
+        self.slots.contains_key(name)
+    }
+
+    /// Runs one inference. `feeds` holds one tensor per graph input, by name; `taps` names
+    /// intermediate values to return.
+    pub fn run(&self, feeds: &[(String, Tensor)], taps: &[String]) -> Result<RunOutputs> {
+        let mut values: Vec<Option<Tensor>> = vec![None; self.slots.len()];
+        for (name, slot) in &self.inputs {
+            let t = feeds
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| Error::BadInput {
+                    name: name.clone(),
+                    reason: "no tensor was given for this graph input".into(),
+                })?;
+            let spec = self.graph.inputs.iter().find(|i| &i.name == name);
+            if let Some(spec) = spec {
+                if t.dims() != spec.shape.as_slice() {
+                    return Err(Error::BadInput {
+                        name: name.clone(),
+                        reason: format!("shape {:?}, the model expects {:?}", t.dims(), spec.shape),
+                    });
+                }
+            }
+            values[*slot] = Some(t.to_device(&self.device)?);
+        }
+        for (name, _) in feeds {
+            if !self.inputs.iter().any(|(n, _)| n == name) {
+                return Err(Error::BadInput {
+                    name: name.clone(),
+                    reason: format!(
+                        "not a graph input (inputs: {})",
+                        self.inputs
+                            .iter()
+                            .map(|(n, _)| n.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+        }
+        let mut tap_slots = Vec::with_capacity(taps.len());
+        for t in taps {
+            match self.slots.get(t) {
+                Some(&s) => tap_slots.push((t.clone(), s)),
+                None => {
+                    return Err(Error::BadInput {
+                        name: t.clone(),
+                        reason: "no value of this name in the planned graph".into(),
+                    })
+                }
+            }
+        }
+        let mut tapped = HashMap::new();
+        let mut args: Vec<Tensor> = Vec::with_capacity(8);
+        for step in &self.steps {
+            let node = &self.graph.nodes[step.node];
+            args.clear();
+            for r in &step.inputs {
+                let t = match r {
+                    Ref::Weight(w) => &self.weights[*w],
+                    Ref::Slot(s) => values[*s].as_ref().ok_or_else(|| Error::InvalidGraph {
+                        file: self.graph.name.clone(),
+                        reason: format!("node '{}' runs before its input is ready", node.name),
+                    })?,
+                };
+                args.push(t.clone());
+            }
+            let results = ops::eval(&node.op, &args).map_err(|source| Error::Exec {
+                node: node.name.clone(),
+                op: node.op.name(),
+                source: Box::new(source),
+            })?;
+            for (slot, t) in step.outputs.iter().zip(results) {
+                values[*slot] = Some(t);
+            }
+            for (name, s) in &tap_slots {
+                if step.outputs.contains(s) {
+                    if let Some(t) = &values[*s] {
+                        tapped.insert(name.clone(), t.clone());
+                    }
+                }
+            }
+            for s in &step.free_after {
+                values[*s] = None;
+            }
+        }
+        for (name, s) in &tap_slots {
+            if !tapped.contains_key(name) {
+                if let Some(t) = &values[*s] {
+                    tapped.insert(name.clone(), t.clone());
+                }
+            }
+        }
+        let mut outputs = Vec::with_capacity(self.outputs.len());
+        for (name, r) in &self.outputs {
+            let t = match r {
+                Ref::Slot(s) => values[*s].clone(),
+                Ref::Weight(w) => Some(self.weights[*w].clone()),
+            }
+            .ok_or_else(|| Error::InvalidGraph {
+                file: self.graph.name.clone(),
+                reason: format!("output '{name}' was not computed"),
+            })?;
+            outputs.push((name.clone(), t));
+        }
+        Ok(RunOutputs {
+            outputs,
+            taps: tapped,
+        })
+    }
+
+    /// Number of nodes of each kind that will run.
+    pub fn node_count(&self) -> usize {
+        self.graph.nodes.len()
+    }
+
+    /// True when a node of this op kind is in the plan (used by tests of the passes).
+    pub fn contains_op(&self, pred: impl Fn(&Op) -> bool) -> bool {
+        self.graph.nodes.iter().any(|n| pred(&n.op))
+    }
+}

@@ -1,0 +1,20 @@
+//! edgeinfer: runs pruned and quantized vision models from one memory-mapped safetensors file,
+//! on CUDA or CPU, and reports every frame against its latency budget.
+//!
+//! The flow is `import` (ONNX → model file) → [`model::ModelFile`] (mmap) → [`graph::Graph`]
+//! (passes) → [`exec::Executor`] → [`runtime::Runtime`] which turns frames into
+//! [`report::FrameReport`]s.
+
+pub mod budget;
+pub mod device;
+pub mod error;
+pub mod exec;
+pub mod graph;
+pub mod import;
+pub mod model;
+pub mod pipeline;
+pub mod report;
+pub mod runtime;
+
+pub use error::{Error, Result};
+pub use runtime::{Runtime, RuntimeBuilder};

@@ -1,0 +1,643 @@
+//! The `edgeinfer` binary: a thin CLI over the library.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use edgeinfer::budget::parse_budget;
+use edgeinfer::device::DeviceRequest;
+use edgeinfer::graph::stats::stats;
+use edgeinfer::graph::{ColorOrder, Graph, Preprocess, META_PROVENANCE};
+use edgeinfer::import::{import_onnx, ImportOptions, SUPPORTED_OPS};
+use edgeinfer::model::{DType, ModelFile, ModelWriter};
+use edgeinfer::pipeline::{frames_from_paths, Frame, FrameData};
+use edgeinfer::report::{FrameReport, Verdict};
+use edgeinfer::Runtime;
+
+/// The embedded default model (MobileNetV2, ImageNet, f16 storage) and sample photos, so `demo`
+/// needs no network, no Python and no files next to the binary.
+const DEFAULT_MODEL: &[u8] = include_bytes!("../models/mobilenet_v2.safetensors");
+const SAMPLES: &[(&str, &[u8])] = &[
+    ("chelsea.png", include_bytes!("../models/samples/chelsea.png")),
+    ("coffee.png", include_bytes!("../models/samples/coffee.png")),
+    ("astronaut.png", include_bytes!("../models/samples/astronaut.png")),
+];
+
+#[derive(Parser)]
+#[command(name = "edgeinfer", version, about = "Vision models on edge terminals, inside a per-frame latency budget")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the embedded MobileNetV2 on the embedded sample photos.
+    Demo(DemoArgs),
+    /// Convert an ONNX model into an edgeinfer model file.
+    Import(ImportArgs),
+    /// Summarise a model file: graph, params, MACs, memory, provenance.
+    Inspect(InspectArgs),
+    /// Run a model on image files or on prepared tensors.
+    Run(RunArgs),
+    /// List the supported ONNX op types.
+    Ops,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Folder for the JSON lines report.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceRequest,
+    /// Per-frame budget (e.g. 200ms).
+    #[arg(long, default_value = "200ms", value_parser = parse_budget)]
+    budget: Duration,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The ONNX file.
+    onnx: PathBuf,
+    /// Output model file (.safetensors).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Class labels, one per line.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Storage dtype of float weights: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    weights_dtype: String,
+    /// Fix an input's shape: NAME=d0,d1,... (repeatable). Symbolic batch dims default to 1.
+    #[arg(long = "input-shape")]
+    input_shapes: Vec<String>,
+    /// Model name (default: file stem).
+    #[arg(long)]
+    name: Option<String>,
+    /// Fix graph inputs to constants (e.g. a Resize's scales fed as an input): NAME=FILE takes
+    /// tensor NAME from the safetensors FILE (repeatable).
+    #[arg(long = "freeze")]
+    freeze: Vec<String>,
+    /// Per-channel mean after scaling to 0..1 (default ImageNet for 3-channel inputs).
+    #[arg(long, value_delimiter = ',')]
+    mean: Option<Vec<f32>>,
+    /// Per-channel std (default ImageNet for 3-channel inputs).
+    #[arg(long, value_delimiter = ',')]
+    std: Option<Vec<f32>>,
+    /// Resize the shorter side to N before the centre crop; 0 stretches to the input size.
+    #[arg(long)]
+    resize_shorter: Option<u32>,
+    /// Channel order: rgb, bgr or gray.
+    #[arg(long)]
+    color: Option<String>,
+    /// Tensor layout of the image input: NCHW or NHWC.
+    #[arg(long)]
+    layout: Option<String>,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// The model file.
+    model: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// List every node of the optimised graph.
+    #[arg(long)]
+    nodes: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The model file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Image files or folders of images.
+    #[arg(long, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// A safetensors file with one tensor per graph input, keyed by input name.
+    #[arg(long)]
+    input_tensor: Option<PathBuf>,
+    /// Write every graph output, keyed by output name, to this safetensors file.
+    #[arg(long)]
+    dump_outputs: Option<PathBuf>,
+    /// Per-frame budget (e.g. 200ms).
+    #[arg(long, default_value = "200ms", value_parser = parse_budget)]
+    budget: Duration,
+    /// auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: DeviceRequest,
+    /// Write one FrameReport JSON line per frame here (default: stdout).
+    #[arg(long)]
+    jsonl: Option<PathBuf>,
+    /// Classes per report.
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    /// Run the graph as imported, without the load-time passes.
+    #[arg(long)]
+    no_optimize: bool,
+    /// With --input-tensor: run this many timed inferences after one warm-up and print the
+    /// median, p95 and min latency.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(a) => demo(a),
+        Command::Import(a) => import(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Run(a) => run(a),
+        Command::Ops => {
+            for op in SUPPORTED_OPS {
+                println!("{op}");
+            }
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let rt = Runtime::builder()
+        .model_bytes(DEFAULT_MODEL, "embedded:mobilenet_v2.safetensors")
+        .device(a.device)
+        .budget(a.budget)
+        .top_k(3)
+        .build()
+        .context("loading the embedded model")?;
+    eprintln!(
+        "model {} on {} ({}), budget {:.0} ms",
+        rt.model().stored.name,
+        rt.device().name,
+        rt.device().reason,
+        a.budget.as_secs_f64() * 1e3
+    );
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let path = a.out.join("demo.jsonl");
+    let mut sink = JsonLines::create(Some(&path))?;
+    // A warm-up frame so the first report is not dominated by one-time page faults.
+    let warm = Frame {
+        id: u64::MAX,
+        source: "warm-up".into(),
+        data: FrameData::Encoded(Arc::from(SAMPLES[0].1)),
+    };
+    let _ = rt.infer(&warm);
+    println!(
+        "{:<14} {:<40} {:>7} {:>7} {:>7} {:>7}  verdict",
+        "image", "top-3 (score)", "decode", "prep", "infer", "total"
+    );
+    let mut reports = Vec::new();
+    for (i, (name, bytes)) in SAMPLES.iter().enumerate() {
+        let frame = Frame {
+            id: i as u64,
+            source: (*name).to_string(),
+            data: FrameData::Encoded(Arc::from(*bytes)),
+        };
+        let r = rt.infer(&frame);
+        let tops: Vec<String> = r
+            .top
+            .iter()
+            .map(|t| format!("{} ({:.2})", t.label.as_deref().unwrap_or("?"), t.score))
+            .collect();
+        let mut lines = tops.into_iter();
+        println!(
+            "{:<14} {:<40} {:>7.1} {:>7.1} {:>7.1} {:>7.1}  {}",
+            name,
+            truncate(&lines.next().unwrap_or_default(), 40),
+            r.stages.decode,
+            r.stages.preprocess,
+            r.stages.infer,
+            r.total_ms,
+            verdict_text(&r)
+        );
+        for l in lines {
+            println!("{:<14} {:<40}", "", truncate(&l, 40));
+        }
+        sink.write(&r)?;
+        reports.push(r);
+    }
+    sink.finish()?;
+    eprintln!("{} frames, reports in {}", reports.len(), path.display());
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('…');
+        t
+    }
+}
+
+fn verdict_text(r: &FrameReport) -> String {
+    match r.verdict {
+        Verdict::Ok => "ok".into(),
+        Verdict::OverBudget => "over_budget".into(),
+        Verdict::Dropped => "dropped".into(),
+        Verdict::Error => format!("error: {}", r.error.as_deref().unwrap_or("")),
+    }
+}
+
+/// Writes one JSON object per line, to a file or stdout, flushed at the end.
+struct JsonLines {
+    out: Box<dyn Write>,
+}
+
+impl JsonLines {
+    fn create(path: Option<&Path>) -> Result<Self> {
+        let out: Box<dyn Write> = match path {
+            Some(p) => Box::new(BufWriter::new(
+                File::create(p).with_context(|| format!("creating {}", p.display()))?,
+            )),
+            None => Box::new(BufWriter::new(std::io::stdout())),
+        };
+        Ok(JsonLines { out })
+    }
+
+    fn write(&mut self, r: &FrameReport) -> Result<()> {
+        let line = serde_json::to_string(r)?;
+        writeln!(self.out, "{line}")?;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<()> {
+        self.out.flush()?;
+        Ok(())
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => bail!("unknown weights dtype '{other}' (f32, f16, bf16)"),
+    })
+}
+
+fn import(a: ImportArgs) -> Result<()> {
+    let mut opts = ImportOptions {
+        weights_dtype: Some(parse_dtype(&a.weights_dtype)?),
+        name: a.name.clone(),
+        ..Default::default()
+    };
+    for spec in &a.input_shapes {
+        let (name, dims) = spec
+            .split_once('=')
+            .with_context(|| format!("--input-shape '{spec}': expected NAME=d0,d1,..."))?;
+        let dims: Vec<usize> = dims
+            .split(',')
+            .map(|d| d.trim().parse::<usize>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("--input-shape '{spec}': dimensions must be positive integers"))?;
+        opts.input_shapes.insert(name.to_string(), dims);
+    }
+    for spec in &a.freeze {
+        let (name, path) = spec
+            .split_once('=')
+            .with_context(|| format!("--freeze '{spec}': expected NAME=FILE.safetensors"))?;
+        let file = ModelFile::open(path).with_context(|| format!("--freeze {spec}"))?;
+        let view = file
+            .get(name)
+            .with_context(|| format!("--freeze {spec}: {path} has no tensor '{name}'"))?;
+        opts.frozen_inputs
+            .insert(name.to_string(), view.to_candle(&candle_core::Device::Cpu)?);
+    }
+    if let Some(p) = &a.labels {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading labels {}", p.display()))?;
+        opts.labels = Some(text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect());
+    }
+    let custom_pre = a.mean.is_some()
+        || a.std.is_some()
+        || a.resize_shorter.is_some()
+        || a.color.is_some()
+        || a.layout.is_some();
+    let mut imported = import_onnx(&a.onnx, &opts).with_context(|| format!("importing {}", a.onnx.display()))?;
+    if custom_pre {
+        let input = imported
+            .graph
+            .inputs
+            .first_mut()
+            .context("the model has no inputs to preprocess")?;
+        let base = input.preprocess.clone().unwrap_or(Preprocess {
+            layout: "NCHW".into(),
+            color: ColorOrder::Rgb,
+            resize_shorter: None,
+            scale: 1.0 / 255.0,
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+        });
+        let color = match a.color.as_deref() {
+            None => base.color,
+            Some("rgb") => ColorOrder::Rgb,
+            Some("bgr") => ColorOrder::Bgr,
+            Some("gray") => ColorOrder::Gray,
+            Some(other) => bail!("--color '{other}': expected rgb, bgr or gray"),
+        };
+        input.preprocess = Some(Preprocess {
+            layout: a.layout.clone().unwrap_or(base.layout),
+            color,
+            resize_shorter: match a.resize_shorter {
+                Some(0) => None,
+                Some(n) => Some(n),
+                None => base.resize_shorter,
+            },
+            scale: base.scale,
+            mean: a.mean.clone().unwrap_or(base.mean),
+            std: a.std.clone().unwrap_or(base.std),
+        });
+    }
+    let dtype = opts.weights_dtype.unwrap_or(DType::F32);
+    let writer = imported.to_writer(dtype)?;
+    writer
+        .write(&a.output)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    let file = ModelFile::open(&a.output)?;
+    let s = stats(&imported.graph, |n| file.get(n).map(|v| (v.info.shape.clone(), v.info.dtype)));
+    eprintln!(
+        "imported {} -> {}: {} nodes ({} folded at import), {} params, {:.1} MB, {:.3} GMACs",
+        a.onnx.display(),
+        a.output.display(),
+        s.nodes,
+        imported.folded_nodes,
+        s.params,
+        s.weight_bytes as f64 / 1e6,
+        s.macs as f64 / 1e9
+    );
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let file = ModelFile::open(&a.model)?;
+    let stored = Graph::from_model_file(&file)?;
+    let weight = |n: &str| file.get(n).map(|v| (v.info.shape.clone(), v.info.dtype));
+    let before = stats(&stored, weight);
+    let rt = Runtime::builder()
+        .model(&a.model)
+        .device(DeviceRequest::Cpu)
+        .build()?;
+    let planned = rt.model().exec.graph();
+    let after = stats(planned, |n| {
+        weight(n).or_else(|| {
+            // Folded weights are not in the file; their shape is that of the conv weight they
+            // replace, stored as f32.
+            let base = n.rsplit_once("::").map(|(b, _)| b)?;
+            let node = planned.nodes.iter().find(|x| x.name == base)?;
+            let idx = node.inputs.iter().position(|i| i == n)?;
+            let orig = stored.nodes.iter().find(|x| x.name == base)?.inputs.get(idx)?;
+            weight(orig).or_else(|| {
+                let w = stored.nodes.iter().find(|x| x.name == base)?.inputs.get(1)?;
+                weight(w).map(|(s, d)| (vec![s[0]], d))
+            })
+        })
+    });
+    let provenance: serde_json::Value = file
+        .metadata()
+        .get(META_PROVENANCE)
+        .and_then(|p| serde_json::from_str(p).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let io = serde_json::json!({
+        "inputs": stored.inputs,
+        "outputs": stored.outputs,
+    });
+    if a.json {
+        let j = serde_json::json!({
+            "file": a.model.display().to_string(),
+            "file_bytes": file.file_size(),
+            "name": stored.name,
+            "params": before.params,
+            "macs": before.macs,
+            "weight_bytes": before.weight_bytes,
+            "peak_activation_bytes": after.peak_activation_bytes,
+            "weight_dtypes": before.weight_dtypes,
+            "inputs": io["inputs"],
+            "outputs": io["outputs"],
+            "labels": rt.model().labels.as_ref().map(|l| l.len()),
+            "provenance": provenance,
+            "stored": before,
+            "optimized": after,
+            "passes": rt.model().passes,
+        });
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    println!("model        {} ({})", stored.name, a.model.display());
+    println!("file         {:.2} MB, {} tensors", file.file_size() as f64 / 1e6, file.len());
+    for i in &stored.inputs {
+        println!("input        {} {:?} {}", i.name, i.shape, i.dtype.as_str());
+        if let Some(p) = &i.preprocess {
+            println!(
+                "  preprocess {} {:?}, resize shorter side {:?}, mean {:?}, std {:?}",
+                p.layout, p.color, p.resize_shorter, p.mean, p.std
+            );
+        }
+    }
+    for o in &stored.outputs {
+        let shape = stored.values.get(&o.name).map(|v| v.shape.clone()).unwrap_or_default();
+        println!("output       {} {:?} ({:?})", o.name, shape, o.meaning);
+    }
+    if let Some(l) = &rt.model().labels {
+        println!("labels       {}", l.len());
+    }
+    println!("params       {}", before.params);
+    println!("weights      {:.2} MB {:?}", before.weight_bytes as f64 / 1e6, before.weight_dtypes);
+    println!("MACs         {:.3} G", before.macs as f64 / 1e9);
+    println!(
+        "peak activations {:.2} MB (stored graph) -> {:.2} MB (optimised)",
+        before.peak_activation_bytes as f64 / 1e6,
+        after.peak_activation_bytes as f64 / 1e6
+    );
+    println!("provenance   {provenance}");
+    println!("graph as stored ({} nodes):", before.nodes);
+    print_hist(&before.ops);
+    let p = &rt.model().passes;
+    println!(
+        "graph optimised ({} nodes; {} BatchNorm folded, {} activations fused, {} identities and {} dead nodes removed):",
+        after.nodes, p.batchnorm_folded, p.activations_fused, p.identities_removed, p.dead_removed
+    );
+    print_hist(&after.ops);
+    if a.nodes {
+        for n in &planned.nodes {
+            let shape = n
+                .outputs
+                .first()
+                .and_then(|o| planned.values.get(o))
+                .map(|v| format!("{:?}", v.shape))
+                .unwrap_or_default();
+            println!("  {:<40} {:<22} {}", truncate(&n.name, 40), n.op.name(), shape);
+        }
+    }
+    Ok(())
+}
+
+fn print_hist(h: &std::collections::BTreeMap<String, usize>) {
+    let parts: Vec<String> = h.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+    println!("  {}", parts.join("  "));
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    if a.input.is_empty() && a.input_tensor.is_none() {
+        bail!("give --input (images) or --input-tensor (a safetensors file)");
+    }
+    let rt = Runtime::builder()
+        .model(&a.model)
+        .device(a.device)
+        .budget(a.budget)
+        .top_k(a.top_k)
+        .optimize(!a.no_optimize)
+        .build()
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    tracing::info!(device = %rt.device().name, reason = %rt.device().reason, "device selected");
+    if let Some(path) = &a.input_tensor {
+        return run_tensors(&rt, path, a.dump_outputs.as_deref(), a.repeat);
+    }
+    if a.dump_outputs.is_some() {
+        bail!("--dump-outputs needs --input-tensor (image runs write reports, not tensors)");
+    }
+    let frames = frames_from_paths(&a.input)?;
+    if frames.is_empty() {
+        bail!("no images found in {:?}", a.input);
+    }
+    let mut sink = JsonLines::create(a.jsonl.as_deref())?;
+    let (mut ok, mut over, mut err) = (0, 0, 0);
+    let mut totals = Vec::new();
+    for f in &frames {
+        let r = rt.infer(f);
+        match r.verdict {
+            Verdict::Ok => ok += 1,
+            Verdict::OverBudget => over += 1,
+            _ => err += 1,
+        }
+        if r.verdict != Verdict::Error {
+            totals.push(r.total_ms);
+        } else {
+            eprintln!("frame {} ({}): {}", r.frame, r.source, r.error.as_deref().unwrap_or(""));
+        }
+        sink.write(&r)?;
+    }
+    sink.finish()?;
+    totals.sort_by(f64::total_cmp);
+    let median = totals.get(totals.len() / 2).copied().unwrap_or(0.0);
+    eprintln!(
+        "{} frames on {} ({}): {ok} ok, {over} over budget, {err} errors; median total {median:.1} ms",
+        frames.len(),
+        rt.device().name,
+        rt.device().reason
+    );
+    Ok(())
+}
+
+fn run_tensors(rt: &Runtime, path: &Path, dump: Option<&Path>, repeat: usize) -> Result<()> {
+    let file = ModelFile::open(path).with_context(|| format!("reading input tensors {}", path.display()))?;
+    let graph = rt.model().exec.graph();
+    let mut feeds = Vec::new();
+    let by_name: HashMap<&str, _> = file.tensors().map(|t| (t.name.as_str(), t)).collect();
+    for input in &graph.inputs {
+        let info = by_name.get(input.name.as_str()).with_context(|| {
+            format!(
+                "{} has no tensor '{}' (it holds: {})",
+                path.display(),
+                input.name,
+                by_name.keys().copied().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        let view = file.get(&info.name).context("tensor vanished")?;
+        let t = view.to_candle(&candle_core::Device::Cpu)?;
+        let want = edgeinfer_dtype(input.dtype);
+        if t.dtype() != want {
+            bail!(
+                "input '{}': {} holds {:?}, the model expects {:?}",
+                input.name,
+                path.display(),
+                t.dtype(),
+                want
+            );
+        }
+        feeds.push((input.name.clone(), t));
+    }
+    if repeat > 1 {
+        let sync = |out: &edgeinfer::exec::RunOutputs| -> Result<()> {
+            for (_, t) in &out.outputs {
+                t.to_device(&candle_core::Device::Cpu)?;
+            }
+            Ok(())
+        };
+        sync(&rt.run_tensors(&feeds, &[])?)?;
+        let mut ms = Vec::with_capacity(repeat);
+        for _ in 0..repeat {
+            let t0 = std::time::Instant::now();
+            sync(&rt.run_tensors(&feeds, &[])?)?;
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        let pick = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "latency over {repeat} runs on {}: median {:.2} ms, p95 {:.2} ms, min {:.2} ms",
+            rt.device().name,
+            pick(0.5),
+            pick(0.95),
+            ms[0]
+        );
+    }
+    let started = std::time::Instant::now();
+    let out = rt.run_tensors(&feeds, &[])?;
+    let mut w = ModelWriter::new();
+    for (name, t) in &out.outputs {
+        let host = t.to_device(&candle_core::Device::Cpu)?;
+        let is_bool = graph.values.get(name).is_some_and(|v| v.dtype == DType::Bool);
+        if is_bool {
+            // candle holds bools as u8; keep ONNX's element type in the dump.
+            let bytes = host.flatten_all()?.to_dtype(candle_core::DType::U8)?.to_vec1::<u8>()?;
+            w.add_tensor(name.clone(), DType::Bool, host.dims().to_vec(), bytes)?;
+        } else {
+            w.add_candle(name.clone(), &host)?;
+        }
+    }
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    eprintln!("ran {} outputs in {ms:.1} ms on {}", out.outputs.len(), rt.device().name);
+    match dump {
+        Some(p) => w.write(p).with_context(|| format!("writing {}", p.display()))?,
+        None => {
+            for (name, t) in &out.outputs {
+                println!("{name}: {:?} {:?}", t.dims(), t.dtype());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn edgeinfer_dtype(d: DType) -> candle_core::DType {
+    use candle_core::DType as C;
+    match d {
+        DType::Bool | DType::U8 => C::U8,
+        DType::I8 | DType::I16 => C::I16,
+        DType::I32 => C::I32,
+        DType::I64 => C::I64,
+        DType::F16 => C::F16,
+        DType::BF16 => C::BF16,
+        DType::F32 => C::F32,
+        DType::F64 => C::F64,
+    }
+}

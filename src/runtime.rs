@@ -1,0 +1,321 @@
+//! The runtime a camera app embeds: a loaded, optimised model on a chosen device that turns
+//! frames into [`FrameReport`]s. `Runtime` is `Send + Sync`; one instance serves many threads.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType as CDType, Tensor};
+
+use crate::budget::{FrameTimer, Stage};
+use crate::device::{self, DeviceChoice, DeviceRequest};
+use crate::error::{Error, Result};
+use crate::exec::{load_weights, Executor, RunOutputs};
+use crate::graph::passes::{optimize, PassReport};
+use crate::graph::{Graph, OutputMeaning, META_LABELS, META_PROVENANCE};
+use crate::model::ModelFile;
+use crate::pipeline::preprocess::image_to_tensor;
+use crate::pipeline::Frame;
+use crate::report::{FrameReport, OutputSummary, TopClass, Verdict};
+
+/// Where the model comes from.
+#[derive(Debug, Clone)]
+enum ModelSource {
+    Path(PathBuf),
+    Static(&'static [u8], String),
+}
+
+/// Builds a [`Runtime`].
+#[derive(Debug, Clone)]
+pub struct RuntimeBuilder {
+    source: Option<ModelSource>,
+    device: DeviceRequest,
+    budget: Duration,
+    top_k: usize,
+    taps: Vec<String>,
+    optimize: bool,
+}
+
+impl Default for RuntimeBuilder {
+    fn default() -> Self {
+        RuntimeBuilder {
+            source: None,
+            device: DeviceRequest::Auto,
+            budget: Duration::from_millis(200),
+            top_k: 5,
+            taps: Vec::new(),
+            optimize: true,
+        }
+    }
+}
+
+impl RuntimeBuilder {
+    /// Loads the model from a file (memory-mapped).
+    pub fn model(mut self, path: impl Into<PathBuf>) -> Self {
+        self.source = Some(ModelSource::Path(path.into()));
+        self
+    }
+
+    /// Loads the model from bytes compiled into the binary.
+    pub fn model_bytes(mut self, bytes: &'static [u8], label: impl Into<String>) -> Self {
+        self.source = Some(ModelSource::Static(bytes, label.into()));
+        self
+    }
+
+    /// Device preference.
+    pub fn device(mut self, device: DeviceRequest) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Per-frame latency budget.
+    pub fn budget(mut self, budget: Duration) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// How many classes reports list.
+    pub fn top_k(mut self, k: usize) -> Self {
+        self.top_k = k;
+        self
+    }
+
+    /// Intermediate values to keep available (they survive fusion).
+    pub fn taps(mut self, taps: impl IntoIterator<Item = String>) -> Self {
+        self.taps.extend(taps);
+        self
+    }
+
+    /// Run the load-time graph passes (on by default; off runs the graph as imported).
+    pub fn optimize(mut self, on: bool) -> Self {
+        self.optimize = on;
+        self
+    }
+
+    /// Opens the model, picks the device, loads weights and plans the graph.
+    pub fn build(self) -> Result<Runtime> {
+        let file = match self.source {
+            Some(ModelSource::Path(p)) => ModelFile::open(&p)?,
+            Some(ModelSource::Static(b, label)) => ModelFile::from_static(b, label)?,
+            None => {
+                return Err(Error::InvalidGraph {
+                    file: "(none)".into(),
+                    reason: "no model given to the runtime builder".into(),
+                })
+            }
+        };
+        let choice = device::select(self.device)?;
+        let model = LoadedModel::load(Arc::new(file), &choice, &self.taps, self.optimize)?;
+        Ok(Runtime {
+            model,
+            device: choice,
+            budget: self.budget,
+            top_k: self.top_k,
+        })
+    }
+}
+
+/// A model file loaded for one device: the graph as stored, the planned executor, labels.
+pub struct LoadedModel {
+    /// The mapped file.
+    pub file: Arc<ModelFile>,
+    /// The graph as stored in the file.
+    pub stored: Graph,
+    /// The planned executor (graph after passes).
+    pub exec: Executor,
+    /// What the passes did.
+    pub passes: PassReport,
+    /// Class labels, when the file has them.
+    pub labels: Option<Vec<String>>,
+    /// Variant name from the provenance (`base` when none).
+    pub variant: String,
+}
+
+impl LoadedModel {
+    /// Loads `file` on `choice`'s device; `taps` are protected from fusion.
+    pub fn load(
+        file: Arc<ModelFile>,
+        choice: &DeviceChoice,
+        taps: &[String],
+        run_passes: bool,
+    ) -> Result<Self> {
+        let stored = Graph::from_model_file(&file)?;
+        let mut weights = load_weights(&file, &stored.tensor_names(), &choice.device)?;
+        let mut graph = stored.clone();
+        let passes = if run_passes {
+            let protected: HashSet<String> = taps.iter().cloned().collect();
+            optimize(&mut graph, &mut weights, &protected)?
+        } else {
+            PassReport::default()
+        };
+        let exec = Executor::new(graph, weights, choice.device.clone())?;
+        let labels = match file.metadata().get(META_LABELS) {
+            Some(json) => Some(serde_json::from_str::<Vec<String>>(json).map_err(|e| {
+                Error::InvalidGraph {
+                    file: file.label().to_string(),
+                    reason: format!("'{META_LABELS}' is not a JSON array of strings: {e}"),
+                }
+            })?),
+            None => None,
+        };
+        let variant = file
+            .metadata()
+            .get(META_PROVENANCE)
+            .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
+            .and_then(|p| p.get("variant").and_then(|v| v.as_str()).map(String::from))
+            .unwrap_or_else(|| "base".into());
+        Ok(LoadedModel {
+            file,
+            stored,
+            exec,
+            passes,
+            labels,
+            variant,
+        })
+    }
+}
+
+/// A loaded model ready to answer frames.
+pub struct Runtime {
+    model: LoadedModel,
+    device: DeviceChoice,
+    budget: Duration,
+    top_k: usize,
+}
+
+impl Runtime {
+    /// Starts building a runtime.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder::default()
+    }
+
+    /// The loaded model.
+    pub fn model(&self) -> &LoadedModel {
+        &self.model
+    }
+
+    /// The device in use and why it was chosen.
+    pub fn device(&self) -> &DeviceChoice {
+        &self.device
+    }
+
+    /// The per-frame budget.
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+
+    /// Runs already-prepared tensors (one per graph input, by name).
+    pub fn run_tensors(&self, feeds: &[(String, Tensor)], taps: &[String]) -> Result<RunOutputs> {
+        self.model.exec.run(feeds, taps)
+    }
+
+    /// Decodes, preprocesses and runs one frame. Always returns a report: a frame that fails
+    /// gets verdict `error` with the reason, so a bad frame never loses the others.
+    pub fn infer(&self, frame: &Frame) -> FrameReport {
+        let mut timer = FrameTimer::start(self.budget);
+        let mut report = FrameReport {
+            frame: frame.id,
+            source: frame.source.clone(),
+            model: self.model.stored.name.clone(),
+            variant: self.model.variant.clone(),
+            device: self.device.name.clone(),
+            budget_ms: timer.budget_ms(),
+            total_ms: 0.0,
+            verdict: Verdict::Ok,
+            stages: Default::default(),
+            top: Vec::new(),
+            outputs: Vec::new(),
+            explain: None,
+            degraded: Vec::new(),
+            error: None,
+        };
+        if let Err(e) = self.infer_into(frame, &mut timer, &mut report) {
+            report.verdict = Verdict::Error;
+            report.error = Some(e.to_string());
+            report.stages = timer.stages.clone();
+            report.total_ms = timer.total_ms();
+            return report;
+        }
+        report.stages = timer.stages.clone();
+        report.total_ms = timer.total_ms();
+        report.verdict = timer.verdict();
+        report
+    }
+
+    fn infer_into(&self, frame: &Frame, timer: &mut FrameTimer, report: &mut FrameReport) -> Result<()> {
+        let img = frame.decode()?;
+        timer.mark(Stage::Decode);
+        let graph = self.model.exec.graph();
+        let input = graph.inputs.first().ok_or_else(|| Error::InvalidGraph {
+            file: self.model.file.label().to_string(),
+            reason: "the model has no inputs".into(),
+        })?;
+        if graph.inputs.len() != 1 {
+            return Err(Error::BadInput {
+                name: input.name.clone(),
+                reason: format!(
+                    "the model has {} inputs; frames feed single-input models (use --input-tensor)",
+                    graph.inputs.len()
+                ),
+            });
+        }
+        let tensor = image_to_tensor(&img, input, &self.device.device).map_err(|reason| Error::Frame {
+            frame: frame.id,
+            source_name: frame.source.clone(),
+            reason,
+        })?;
+        timer.mark(Stage::Preprocess);
+        let out = self.model.exec.run(&[(input.name.clone(), tensor)], &[])?;
+        // Reading results back synchronises the device, so inference time is real time.
+        let first = out.outputs.first().map(|(_, t)| t.clone());
+        let host = match &first {
+            Some(t) => Some(t.to_device(&candle_core::Device::Cpu)?),
+            None => None,
+        };
+        timer.mark(Stage::Infer);
+        let meaning = graph.outputs.first().map(|o| o.meaning);
+        match (meaning, host) {
+            (Some(m @ (OutputMeaning::Logits | OutputMeaning::Probabilities)), Some(t)) => {
+                report.top = self.top_k(&t, m == OutputMeaning::Logits)?;
+            }
+            _ => {
+                report.outputs = out
+                    .outputs
+                    .iter()
+                    .map(|(name, t)| OutputSummary {
+                        name: name.clone(),
+                        shape: t.dims().to_vec(),
+                    })
+                    .collect();
+            }
+        }
+        timer.mark(Stage::Post);
+        Ok(())
+    }
+
+    fn top_k(&self, t: &Tensor, logits: bool) -> Result<Vec<TopClass>> {
+        let flat = t.flatten_all()?.to_dtype(CDType::F32)?;
+        let scores = if logits {
+            candle_nn::ops::softmax(&flat, 0)?
+        } else {
+            flat
+        };
+        let v = scores.to_vec1::<f32>()?;
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
+        Ok(idx
+            .into_iter()
+            .take(self.top_k)
+            .map(|class| TopClass {
+                class,
+                label: self
+                    .model
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(class).cloned()),
+                score: v[class],
+            })
+            .collect())
+    }
+}

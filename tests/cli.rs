@@ -1,0 +1,130 @@
+//! The binary as a user runs it.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+}
+
+#[test]
+fn demo_runs_offline_and_writes_one_report_per_photo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["demo", "--device", "cpu", "--out"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("chelsea.png") && stdout.contains("infer"), "{stdout}");
+    let lines = std::fs::read_to_string(tmp.path().join("demo.jsonl")).unwrap();
+    let reports: Vec<serde_json::Value> =
+        lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(reports.len(), 3);
+    for r in &reports {
+        for key in ["frame", "source", "model", "device", "budget_ms", "total_ms", "verdict", "stages", "top", "degraded"] {
+            assert!(r.get(key).is_some(), "report lacks '{key}': {r}");
+        }
+        assert_eq!(r["device"], "cpu");
+        assert_eq!(r["top"].as_array().unwrap().len(), 3);
+    }
+    // Chelsea is a tabby cat: ImageNet classes 281-285 are the domestic cats.
+    let chelsea = reports[0]["top"][0]["class"].as_u64().unwrap();
+    assert!((281..=285).contains(&chelsea), "chelsea top-1 = {chelsea}");
+}
+
+#[test]
+fn inspect_json_reports_sizes_and_costs() {
+    let out = bin()
+        .args(["inspect", "--json"])
+        .arg(root().join("models/mobilenet_v2.safetensors"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // torchvision's MobileNetV2: 3,504,872 parameters, ~0.30 GMACs.
+    assert_eq!(j["params"].as_u64().unwrap(), 3_504_872);
+    let macs = j["macs"].as_u64().unwrap();
+    assert!((290_000_000..320_000_000).contains(&macs), "macs {macs}");
+    assert!(j["weight_bytes"].as_u64().unwrap() > 6_000_000);
+    assert!(j["peak_activation_bytes"].as_u64().unwrap() > 1_000_000);
+    assert!(j["provenance"]["source_sha256"].is_string());
+}
+
+#[test]
+fn import_then_run_input_tensor_dumps_outputs_matching_onnxruntime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("sq.safetensors");
+    let st = bin()
+        .arg("import")
+        .arg(fixture("squeezenet/model.onnx"))
+        .arg("-o")
+        .arg(&model)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let dumped = tmp.path().join("out.safetensors");
+    let out = bin()
+        .args(["run", "--device", "cpu", "--model"])
+        .arg(&model)
+        .arg("--input-tensor")
+        .arg(fixture("squeezenet/input.safetensors"))
+        .arg("--dump-outputs")
+        .arg(&dumped)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = read_tensors(&dumped);
+    let want = read_tensors(&fixture("squeezenet/expected.safetensors"));
+    assert_eq!(got.len(), want.len());
+    for (name, w) in &want {
+        let g = &got.iter().find(|(n, _)| n == name).expect("output by ONNX name").1;
+        assert!(max_abs_diff(g, w) <= 1e-3);
+    }
+}
+
+#[test]
+fn run_over_a_folder_with_a_corrupt_image_reports_every_frame() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("frames");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(root().join("models/samples/coffee.png"), dir.join("a.png")).unwrap();
+    std::fs::write(dir.join("b.png"), b"\x89PNG\r\n\x1a\n garbage").unwrap();
+    std::fs::copy(root().join("models/samples/chelsea.png"), dir.join("c.png")).unwrap();
+    let jsonl = tmp.path().join("r.jsonl");
+    let out = bin()
+        .args(["run", "--device", "cpu", "--budget", "5s", "--model"])
+        .arg(root().join("models/mobilenet_v2.safetensors"))
+        .arg("--input")
+        .arg(&dir)
+        .arg("--jsonl")
+        .arg(&jsonl)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reports: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(reports.len(), 3);
+    assert_eq!(reports[0]["verdict"], "ok");
+    assert_eq!(reports[1]["verdict"], "error");
+    assert!(reports[1]["error"].as_str().unwrap().contains("b.png"));
+    assert_eq!(reports[2]["verdict"], "ok");
+}
+
+#[test]
+fn unknown_op_import_fails_with_a_message_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.onnx");
+    std::fs::write(&bad, b"definitely not onnx").unwrap();
+    let out = bin().arg("import").arg(&bad).arg("-o").arg(tmp.path().join("x.safetensors")).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.onnx") && !err.contains("panicked"), "{err}");
+}
