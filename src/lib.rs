@@ -11,6 +11,7 @@ pub mod error;
 pub mod exec;
 pub mod graph;
 pub mod import;
+pub mod kernels;
 pub mod model;
 pub mod pipeline;
 pub mod report;

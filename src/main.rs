@@ -24,13 +24,23 @@ use edgeinfer::Runtime;
 /// needs no network, no Python and no files next to the binary.
 const DEFAULT_MODEL: &[u8] = include_bytes!("../models/mobilenet_v2.safetensors");
 const SAMPLES: &[(&str, &[u8])] = &[
-    ("chelsea.png", include_bytes!("../models/samples/chelsea.png")),
+    (
+        "chelsea.png",
+        include_bytes!("../models/samples/chelsea.png"),
+    ),
     ("coffee.png", include_bytes!("../models/samples/coffee.png")),
-    ("astronaut.png", include_bytes!("../models/samples/astronaut.png")),
+    (
+        "astronaut.png",
+        include_bytes!("../models/samples/astronaut.png"),
+    ),
 ];
 
 #[derive(Parser)]
-#[command(name = "edgeinfer", version, about = "Vision models on edge terminals, inside a per-frame latency budget")]
+#[command(
+    name = "edgeinfer",
+    version,
+    about = "Vision models on edge terminals, inside a per-frame latency budget"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -311,7 +321,9 @@ fn import(a: ImportArgs) -> Result<()> {
             .split(',')
             .map(|d| d.trim().parse::<usize>())
             .collect::<Result<_, _>>()
-            .with_context(|| format!("--input-shape '{spec}': dimensions must be positive integers"))?;
+            .with_context(|| {
+                format!("--input-shape '{spec}': dimensions must be positive integers")
+            })?;
         opts.input_shapes.insert(name.to_string(), dims);
     }
     for spec in &a.freeze {
@@ -326,15 +338,22 @@ fn import(a: ImportArgs) -> Result<()> {
             .insert(name.to_string(), view.to_candle(&candle_core::Device::Cpu)?);
     }
     if let Some(p) = &a.labels {
-        let text = std::fs::read_to_string(p).with_context(|| format!("reading labels {}", p.display()))?;
-        opts.labels = Some(text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect());
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("reading labels {}", p.display()))?;
+        opts.labels = Some(
+            text.lines()
+                .map(|l| l.trim().to_string())
+                .filter(|l| !l.is_empty())
+                .collect(),
+        );
     }
     let custom_pre = a.mean.is_some()
         || a.std.is_some()
         || a.resize_shorter.is_some()
         || a.color.is_some()
         || a.layout.is_some();
-    let mut imported = import_onnx(&a.onnx, &opts).with_context(|| format!("importing {}", a.onnx.display()))?;
+    let mut imported =
+        import_onnx(&a.onnx, &opts).with_context(|| format!("importing {}", a.onnx.display()))?;
     if custom_pre {
         let input = imported
             .graph
@@ -375,7 +394,9 @@ fn import(a: ImportArgs) -> Result<()> {
         .write(&a.output)
         .with_context(|| format!("writing {}", a.output.display()))?;
     let file = ModelFile::open(&a.output)?;
-    let s = stats(&imported.graph, |n| file.get(n).map(|v| (v.info.shape.clone(), v.info.dtype)));
+    let s = stats(&imported.graph, |n| {
+        file.get(n).map(|v| (v.info.shape.clone(), v.info.dtype))
+    });
     eprintln!(
         "imported {} -> {}: {} nodes ({} folded at import), {} params, {:.1} MB, {:.3} GMACs",
         a.onnx.display(),
@@ -406,9 +427,19 @@ fn inspect(a: InspectArgs) -> Result<()> {
             let base = n.rsplit_once("::").map(|(b, _)| b)?;
             let node = planned.nodes.iter().find(|x| x.name == base)?;
             let idx = node.inputs.iter().position(|i| i == n)?;
-            let orig = stored.nodes.iter().find(|x| x.name == base)?.inputs.get(idx)?;
+            let orig = stored
+                .nodes
+                .iter()
+                .find(|x| x.name == base)?
+                .inputs
+                .get(idx)?;
             weight(orig).or_else(|| {
-                let w = stored.nodes.iter().find(|x| x.name == base)?.inputs.get(1)?;
+                let w = stored
+                    .nodes
+                    .iter()
+                    .find(|x| x.name == base)?
+                    .inputs
+                    .get(1)?;
                 weight(w).map(|(s, d)| (vec![s[0]], d))
             })
         })
@@ -444,7 +475,11 @@ fn inspect(a: InspectArgs) -> Result<()> {
         return Ok(());
     }
     println!("model        {} ({})", stored.name, a.model.display());
-    println!("file         {:.2} MB, {} tensors", file.file_size() as f64 / 1e6, file.len());
+    println!(
+        "file         {:.2} MB, {} tensors",
+        file.file_size() as f64 / 1e6,
+        file.len()
+    );
     for i in &stored.inputs {
         println!("input        {} {:?} {}", i.name, i.shape, i.dtype.as_str());
         if let Some(p) = &i.preprocess {
@@ -455,14 +490,22 @@ fn inspect(a: InspectArgs) -> Result<()> {
         }
     }
     for o in &stored.outputs {
-        let shape = stored.values.get(&o.name).map(|v| v.shape.clone()).unwrap_or_default();
+        let shape = stored
+            .values
+            .get(&o.name)
+            .map(|v| v.shape.clone())
+            .unwrap_or_default();
         println!("output       {} {:?} ({:?})", o.name, shape, o.meaning);
     }
     if let Some(l) = &rt.model().labels {
         println!("labels       {}", l.len());
     }
     println!("params       {}", before.params);
-    println!("weights      {:.2} MB {:?}", before.weight_bytes as f64 / 1e6, before.weight_dtypes);
+    println!(
+        "weights      {:.2} MB {:?}",
+        before.weight_bytes as f64 / 1e6,
+        before.weight_dtypes
+    );
     println!("MACs         {:.3} G", before.macs as f64 / 1e9);
     println!(
         "peak activations {:.2} MB (stored graph) -> {:.2} MB (optimised)",
@@ -486,7 +529,12 @@ fn inspect(a: InspectArgs) -> Result<()> {
                 .and_then(|o| planned.values.get(o))
                 .map(|v| format!("{:?}", v.shape))
                 .unwrap_or_default();
-            println!("  {:<40} {:<22} {}", truncate(&n.name, 40), n.op.name(), shape);
+            println!(
+                "  {:<40} {:<22} {}",
+                truncate(&n.name, 40),
+                n.op.name(),
+                shape
+            );
         }
     }
     Ok(())
@@ -533,7 +581,12 @@ fn run(a: RunArgs) -> Result<()> {
         if r.verdict != Verdict::Error {
             totals.push(r.total_ms);
         } else {
-            eprintln!("frame {} ({}): {}", r.frame, r.source, r.error.as_deref().unwrap_or(""));
+            eprintln!(
+                "frame {} ({}): {}",
+                r.frame,
+                r.source,
+                r.error.as_deref().unwrap_or("")
+            );
         }
         sink.write(&r)?;
     }
@@ -550,7 +603,8 @@ fn run(a: RunArgs) -> Result<()> {
 }
 
 fn run_tensors(rt: &Runtime, path: &Path, dump: Option<&Path>, repeat: usize) -> Result<()> {
-    let file = ModelFile::open(path).with_context(|| format!("reading input tensors {}", path.display()))?;
+    let file = ModelFile::open(path)
+        .with_context(|| format!("reading input tensors {}", path.display()))?;
     let graph = rt.model().exec.graph();
     let mut feeds = Vec::new();
     let by_name: HashMap<&str, _> = file.tensors().map(|t| (t.name.as_str(), t)).collect();
@@ -564,17 +618,19 @@ fn run_tensors(rt: &Runtime, path: &Path, dump: Option<&Path>, repeat: usize) ->
             )
         })?;
         let view = file.get(&info.name).context("tensor vanished")?;
-        let t = view.to_candle(&candle_core::Device::Cpu)?;
-        let want = edgeinfer_dtype(input.dtype);
-        if t.dtype() != want {
+        if view.info.dtype != input.dtype {
             bail!(
-                "input '{}': {} holds {:?}, the model expects {:?}",
+                "input '{}': {} holds {}, the model expects {}",
                 input.name,
                 path.display(),
-                t.dtype(),
-                want
+                view.info.dtype,
+                input.dtype
             );
         }
+        // The file's element type is the graph's; candle may hold it wider (I8 as I16).
+        let t = view
+            .to_candle(&candle_core::Device::Cpu)?
+            .to_dtype(edgeinfer_dtype(input.dtype))?;
         feeds.push((input.name.clone(), t));
     }
     if repeat > 1 {
@@ -606,19 +662,28 @@ fn run_tensors(rt: &Runtime, path: &Path, dump: Option<&Path>, repeat: usize) ->
     let mut w = ModelWriter::new();
     for (name, t) in &out.outputs {
         let host = t.to_device(&candle_core::Device::Cpu)?;
-        let is_bool = graph.values.get(name).is_some_and(|v| v.dtype == DType::Bool);
-        if is_bool {
-            // candle holds bools as u8; keep ONNX's element type in the dump.
-            let bytes = host.flatten_all()?.to_dtype(candle_core::DType::U8)?.to_vec1::<u8>()?;
-            w.add_tensor(name.clone(), DType::Bool, host.dims().to_vec(), bytes)?;
-        } else {
-            w.add_candle(name.clone(), &host)?;
+        // candle holds bools as u8; keep ONNX's element type in the dump.
+        match graph.values.get(name).map(|v| v.dtype) {
+            Some(DType::Bool) => {
+                let bytes = host
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::U8)?
+                    .to_vec1::<u8>()?;
+                w.add_tensor(name.clone(), DType::Bool, host.dims().to_vec(), bytes)?;
+            }
+            _ => w.add_candle(name.clone(), &host)?,
         }
     }
     let ms = started.elapsed().as_secs_f64() * 1e3;
-    eprintln!("ran {} outputs in {ms:.1} ms on {}", out.outputs.len(), rt.device().name);
+    eprintln!(
+        "ran {} outputs in {ms:.1} ms on {}",
+        out.outputs.len(),
+        rt.device().name
+    );
     match dump {
-        Some(p) => w.write(p).with_context(|| format!("writing {}", p.display()))?,
+        Some(p) => w
+            .write(p)
+            .with_context(|| format!("writing {}", p.display()))?,
         None => {
             for (name, t) in &out.outputs {
                 println!("{name}: {:?} {:?}", t.dims(), t.dtype());

@@ -243,7 +243,12 @@ impl Runtime {
         report
     }
 
-    fn infer_into(&self, frame: &Frame, timer: &mut FrameTimer, report: &mut FrameReport) -> Result<()> {
+    fn infer_into(
+        &self,
+        frame: &Frame,
+        timer: &mut FrameTimer,
+        report: &mut FrameReport,
+    ) -> Result<()> {
         let img = frame.decode()?;
         timer.mark(Stage::Decode);
         let graph = self.model.exec.graph();
@@ -260,11 +265,12 @@ impl Runtime {
                 ),
             });
         }
-        let tensor = image_to_tensor(&img, input, &self.device.device).map_err(|reason| Error::Frame {
-            frame: frame.id,
-            source_name: frame.source.clone(),
-            reason,
-        })?;
+        let tensor =
+            image_to_tensor(&img, input, &self.device.device).map_err(|reason| Error::Frame {
+                frame: frame.id,
+                source_name: frame.source.clone(),
+                reason,
+            })?;
         timer.mark(Stage::Preprocess);
         let out = self.model.exec.run(&[(input.name.clone(), tensor)], &[])?;
         // Reading results back synchronises the device, so inference time is real time.

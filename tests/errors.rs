@@ -66,9 +66,14 @@ fn one_node_model(op: &str, node_name: &str, opset: i64) -> Vec<u8> {
 #[test]
 fn unsupported_op_is_an_error_naming_op_node_and_opset() {
     let bytes = one_node_model("NonMaxSuppressionX", "nms_1", 17);
-    let err = import_onnx_bytes(&bytes, "t.onnx", std::path::Path::new("."), &ImportOptions::default())
-        .err()
-        .expect("import must fail");
+    let err = import_onnx_bytes(
+        &bytes,
+        "t.onnx",
+        std::path::Path::new("."),
+        &ImportOptions::default(),
+    )
+    .err()
+    .expect("import must fail");
     assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
     let msg = err.to_string();
     for needle in ["NonMaxSuppressionX", "nms_1", "17", "unsupported"] {
@@ -79,16 +84,26 @@ fn unsupported_op_is_an_error_naming_op_node_and_opset() {
 #[test]
 fn supported_op_imports_and_runs() {
     let bytes = one_node_model("Relu", "relu_1", 17);
-    let imported =
-        import_onnx_bytes(&bytes, "t.onnx", std::path::Path::new("."), &ImportOptions::default()).unwrap();
+    let imported = import_onnx_bytes(
+        &bytes,
+        "t.onnx",
+        std::path::Path::new("."),
+        &ImportOptions::default(),
+    )
+    .unwrap();
     assert_eq!(imported.graph.nodes.len(), 1);
 }
 
 #[test]
 fn garbage_onnx_is_a_read_error() {
-    let err = import_onnx_bytes(b"\xff\xff\xff not protobuf", "junk.onnx", std::path::Path::new("."), &ImportOptions::default())
-        .err()
-        .expect("must fail");
+    let err = import_onnx_bytes(
+        b"\xff\xff\xff not protobuf",
+        "junk.onnx",
+        std::path::Path::new("."),
+        &ImportOptions::default(),
+    )
+    .err()
+    .expect("must fail");
     assert!(err.to_string().contains("junk.onnx"), "{err}");
 }
 
@@ -106,9 +121,15 @@ fn missing_weight_is_rejected_naming_it() {
     let mut w = ModelWriter::new();
     w.set_metadata("edgeinfer.format", "1");
     w.set_metadata("edgeinfer.graph", graph.to_string());
-    w.add_tensor("other", DType::F32, vec![1], vec![0; 4]).unwrap();
+    w.add_tensor("other", DType::F32, vec![1], vec![0; 4])
+        .unwrap();
     w.write(&path).unwrap();
-    let err = Runtime::builder().model(&path).device(DeviceRequest::Cpu).build().err().expect("must fail");
+    let err = Runtime::builder()
+        .model(&path)
+        .device(DeviceRequest::Cpu)
+        .build()
+        .err()
+        .expect("must fail");
     assert!(err.to_string().contains("w_missing"), "{err}");
 }
 
@@ -121,10 +142,18 @@ fn truncated_model_file_is_rejected_naming_a_tensor() {
     let cut = &bytes[..8 + header + (bytes.len() - 8 - header) / 2];
     let path = tmp.path().join("cut.safetensors");
     std::fs::write(&path, cut).unwrap();
-    let err = Runtime::builder().model(&path).device(DeviceRequest::Cpu).build().err().expect("must fail");
+    let err = Runtime::builder()
+        .model(&path)
+        .device(DeviceRequest::Cpu)
+        .build()
+        .err()
+        .expect("must fail");
     let msg = err.to_string();
     assert!(msg.contains("cut.safetensors"), "{msg}");
-    assert!(msg.contains("features") || msg.contains("classifier") || msg.contains("onnx::"), "no tensor named: {msg}");
+    assert!(
+        msg.contains("features") || msg.contains("classifier") || msg.contains("onnx::"),
+        "no tensor named: {msg}"
+    );
     // Shorter than the length prefix.
     std::fs::write(&path, &bytes[..5]).unwrap();
     assert!(Runtime::builder().model(&path).build().is_err());
@@ -137,7 +166,11 @@ fn model_file_without_graph_is_rejected() {
     let mut w = ModelWriter::new();
     w.add_tensor("a", DType::F32, vec![2], vec![0; 8]).unwrap();
     w.write(&path).unwrap();
-    let err = Runtime::builder().model(&path).build().err().expect("must fail");
+    let err = Runtime::builder()
+        .model(&path)
+        .build()
+        .err()
+        .expect("must fail");
     assert!(err.to_string().contains("edgeinfer.format"), "{err}");
 }
 
@@ -150,7 +183,11 @@ fn corrupt_png_gets_an_error_report_and_the_next_frame_still_runs() {
         .unwrap();
     let mut png = std::fs::read(root().join("models/samples/chelsea.png")).unwrap();
     png.truncate(png.len() / 3);
-    let bad = Frame { id: 0, source: "bad.png".into(), data: FrameData::Encoded(Arc::from(png)) };
+    let bad = Frame {
+        id: 0,
+        source: "bad.png".into(),
+        data: FrameData::Encoded(Arc::from(png)),
+    };
     let r = rt.infer(&bad);
     assert_eq!(r.verdict, Verdict::Error);
     let msg = r.error.unwrap();
@@ -168,10 +205,20 @@ fn wrong_input_shape_is_a_clear_error() {
         .device(DeviceRequest::Cpu)
         .build()
         .unwrap();
-    let t = candle_core::Tensor::zeros((1, 3, 100, 100), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-    let err = rt.run_tensors(&[("input".into(), t)], &[]).expect_err("must fail");
+    let t = candle_core::Tensor::zeros(
+        (1, 3, 100, 100),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let err = rt
+        .run_tensors(&[("input".into(), t)], &[])
+        .expect_err("must fail");
     let msg = err.to_string();
-    assert!(msg.contains("input") && msg.contains("[1, 3, 224, 224]"), "{msg}");
+    assert!(
+        msg.contains("input") && msg.contains("[1, 3, 224, 224]"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -13,7 +13,11 @@ const TOL: f32 = 1e-3;
 
 fn check_fixture(dir: &str, optimize: bool) -> f32 {
     let tmp = tempfile::tempdir().unwrap();
-    let model = import_to(tmp.path(), &fixture(&format!("{dir}/model.onnx")), DType::F32);
+    let model = import_to(
+        tmp.path(),
+        &fixture(&format!("{dir}/model.onnx")),
+        DType::F32,
+    );
     let rt = Runtime::builder()
         .model(&model)
         .device(DeviceRequest::Cpu)
@@ -32,8 +36,15 @@ fn check_fixture(dir: &str, optimize: bool) -> f32 {
             .unwrap_or_else(|| panic!("{dir}: no output '{name}'"))
             .1;
         let d = max_abs_diff(got, want);
-        assert!(d <= TOL, "{dir}: output '{name}' differs from ONNX Runtime by {d} (> {TOL})");
-        assert_eq!(argmax(got), argmax(want), "{dir}: top-1 differs from ONNX Runtime");
+        assert!(
+            d <= TOL,
+            "{dir}: output '{name}' differs from ONNX Runtime by {d} (> {TOL})"
+        );
+        assert_eq!(
+            argmax(got),
+            argmax(want),
+            "{dir}: top-1 differs from ONNX Runtime"
+        );
         worst = worst.max(d);
     }
     worst
@@ -80,7 +91,11 @@ fn embedded_mobilenet_v2_matches_onnxruntime_logits() {
         let expected = read_tensors(&fixture(&format!("mobilenet_v2/{p}.expected.safetensors")));
         let out = rt.run_tensors(&input, &[]).unwrap();
         let (name, got) = &out.outputs[0];
-        let want = &expected.iter().find(|(n, _)| n == name).expect("logits in fixture").1;
+        let want = &expected
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("logits in fixture")
+            .1;
         let d = max_abs_diff(got, want);
         eprintln!("mobilenet_v2 {p}: max |diff| = {d:e}");
         assert!(d <= TOL, "{p}: logits differ from ONNX Runtime by {d}");
@@ -99,7 +114,14 @@ fn embedded_mobilenet_v2_top1_from_photos_equals_pytorch() {
         let frame = Frame::from_path(i as u64, root().join(format!("models/samples/{p}.png")));
         let report = rt.infer(&frame);
         assert!(report.error.is_none(), "{p}: {:?}", report.error);
-        let torch_top1 = expected[p]["torch_top1"].as_u64().expect("torch_top1 in expected.json") as usize;
-        assert_eq!(report.top[0].class, torch_top1, "{p}: our top-1 {:?}", report.top[0]);
+        let torch_top1 = expected["photos"][p]["torch_top1"]["index"]
+            .as_u64()
+            .expect("photos.<name>.torch_top1.index in expected.json")
+            as usize;
+        assert_eq!(
+            report.top[0].class, torch_top1,
+            "{p}: our top-1 {:?}",
+            report.top[0]
+        );
     }
 }

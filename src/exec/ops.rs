@@ -7,6 +7,7 @@ use crate::graph::{
     Activation, BinaryKind, Op, PadMode, PoolKind, ReduceKind, ResizeMode, SliceRange, UnaryKind,
     VariadicKind,
 };
+use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
 
 fn bail<T>(msg: String) -> Result<T> {
     Err(candle_core::Error::Msg(msg))
@@ -15,7 +16,11 @@ fn bail<T>(msg: String) -> Result<T> {
 fn input<'a>(inputs: &'a [Tensor], i: usize, op: &str) -> Result<&'a Tensor> {
     match inputs.get(i) {
         Some(t) => Ok(t),
-        None => bail(format!("{op} expects at least {} inputs, got {}", i + 1, inputs.len())),
+        None => bail(format!(
+            "{op} expects at least {} inputs, got {}",
+            i + 1,
+            inputs.len()
+        )),
     }
 }
 
@@ -57,7 +62,9 @@ pub fn eval(op: &Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         Op::BatchNormalization { epsilon } => {
             let x = x()?;
             let rank = x.rank();
-            let p = |i| -> Result<Tensor> { channel_param(input(inputs, i, "BatchNormalization")?, rank) };
+            let p = |i| -> Result<Tensor> {
+                channel_param(input(inputs, i, "BatchNormalization")?, rank)
+            };
             let (scale, bias, mean, var) = (p(1)?, p(2)?, p(3)?, p(4)?);
             let inv = (var + *epsilon as f64)?.sqrt()?.recip()?;
             let y = x.broadcast_sub(&mean)?.broadcast_mul(&(inv * scale)?)?;
@@ -121,7 +128,11 @@ pub fn eval(op: &Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
                 y = (y * *alpha as f64)?;
             }
             if let Some(c) = inputs.get(2) {
-                let c = if *beta != 1.0 { (c * *beta as f64)? } else { c.clone() };
+                let c = if *beta != 1.0 {
+                    (c * *beta as f64)?
+                } else {
+                    c.clone()
+                };
                 y = y.broadcast_add(&c)?;
             }
             one(apply_activation(y, activation.as_ref())?)
@@ -133,7 +144,15 @@ pub fn eval(op: &Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
             pads,
             ceil_pads,
             count_include_pad,
-        } => one(pool(x()?, *kind, kernel, strides, pads, ceil_pads, *count_include_pad)?),
+        } => one(pool(
+            x()?,
+            *kind,
+            kernel,
+            strides,
+            pads,
+            ceil_pads,
+            *count_include_pad,
+        )?),
         Op::GlobalPool { kind } => {
             let x = x()?;
             let mut y = x.clone();
@@ -162,11 +181,12 @@ pub fn eval(op: &Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         Op::Resize {
             mode,
             sizes,
-            scales,
-            offsets,
+            pre,
+            div,
+            post,
             nearest_mode,
             exclude_outside: _,
-        } => one(resize(x()?, *mode, sizes, scales, offsets, nearest_mode)?),
+        } => one(resize(x()?, *mode, sizes, [pre, div, post], nearest_mode)?),
         Op::Pad { mode, pads, value } => one(pad(x()?, *mode, pads, *value)?),
         Op::Reduce {
             kind,
@@ -363,7 +383,11 @@ fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (m, k) = (a2.dims()[a2.rank() - 2], a2.dims()[a2.rank() - 1]);
         let (k2, n) = (b2.dims()[b2.rank() - 2], b2.dims()[b2.rank() - 1]);
         if k != k2 {
-            return bail(format!("MatMul inner dimensions differ: {:?} x {:?}", a.dims(), b.dims()));
+            return bail(format!(
+                "MatMul inner dimensions differ: {:?} x {:?}",
+                a.dims(),
+                b.dims()
+            ));
         }
         let batch = broadcast_shape(&[&a2.dims()[..a2.rank() - 2], &b2.dims()[..b2.rank() - 2]])?;
         let bsz: usize = batch.iter().product();
@@ -426,7 +450,7 @@ fn subsample(x: &Tensor, axis: usize, step: usize) -> Result<Tensor> {
     }
     let n = x.dims()[axis].div_ceil(step);
     let idx: Vec<u32> = (0..n).map(|i| (i * step) as u32).collect();
-    x.index_select(&Tensor::from_vec(idx, n, x.device())?, axis)
+    take(x, idx, axis)
 }
 
 fn conv(
@@ -439,6 +463,9 @@ fn conv(
     group: usize,
 ) -> Result<Tensor> {
     let spatial = w.rank().saturating_sub(2);
+    if let Some(y) = depthwise_cpu(x, w, bias, strides, pads, dilations, group)? {
+        return Ok(y);
+    }
     let xp = pad_spatial(x, pads, 0.0)?;
     let y = match spatial {
         1 => xp.conv1d(w, 0, strides[0], dilations[0], group)?,
@@ -459,6 +486,80 @@ fn conv(
         Some(b) => y.broadcast_add(&channel_param(b, y.rank())?),
         None => Ok(y),
     }
+}
+
+/// Runs a 2-D depthwise f32 convolution on the CPU with our own kernel; `None` when the
+/// convolution is not one (other shapes, dtypes and devices take candle's path).
+fn depthwise_cpu(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    strides: &[usize],
+    pads: &[usize],
+    dilations: &[usize],
+    group: usize,
+) -> Result<Option<Tensor>> {
+    let (xd, wd) = (x.dims(), w.dims());
+    let depthwise = xd.len() == 4
+        && wd.len() == 4
+        && group > 1
+        && xd[1] == group
+        && wd[0] == group
+        && wd[1] == 1
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && x.device().is_cpu()
+        && strides.len() == 2
+        && dilations.len() == 2
+        && pads.len() == 4;
+    if !depthwise {
+        return Ok(None);
+    }
+    let shape = DepthwiseShape {
+        n: xd[0],
+        c: xd[1],
+        h: xd[2],
+        w: xd[3],
+        kh: wd[2],
+        kw: wd[3],
+        stride: (strides[0], strides[1]),
+        dilation: (dilations[0], dilations[1]),
+        pad_begin: (pads[0], pads[1]),
+        pad_end: (pads[2], pads[3]),
+    };
+    let Some((oh, ow)) = shape.out_hw() else {
+        return bail(format!(
+            "Conv input {xd:?} is smaller than its kernel {wd:?}"
+        ));
+    };
+    if bias.is_some_and(|b| b.dtype() != DType::F32 || b.elem_count() != shape.c) {
+        return Ok(None);
+    }
+    let y = with_f32(x, |xs| {
+        with_f32(w, |ws| match bias {
+            Some(b) => with_f32(b, |bs| depthwise_conv2d(&shape, xs, ws, Some(bs))),
+            None => Ok(depthwise_conv2d(&shape, xs, ws, None)),
+        })
+    })???;
+    Ok(Some(Tensor::from_vec(
+        y,
+        (shape.n, shape.c, oh, ow),
+        x.device(),
+    )?))
+}
+
+/// Calls `f` with a CPU f32 tensor's elements in row-major order, borrowed when the tensor is
+/// contiguous (weights, most activations), copied otherwise.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -503,7 +604,9 @@ fn conv_transpose(
         let (b, e) = (pads[i], pads[i + 2]);
         let len = y.dims()[axis];
         if b + e > len {
-            return bail(format!("ConvTranspose pads {pads:?} exceed the output size {len}"));
+            return bail(format!(
+                "ConvTranspose pads {pads:?} exceed the output size {len}"
+            ));
         }
         y = y.narrow(axis, b, len - b - e)?;
     }
@@ -558,8 +661,7 @@ fn pool(
             let mask = Tensor::ones((1, 1, h, w), x4.dtype(), x4.device())?;
             let mask = pad_spatial(&mask, &p, if count_include_pad { 1.0 } else { 0.0 })?;
             let mask = pad_spatial(&mask, &c, 0.0)?;
-            let counts =
-                (mask.avg_pool2d_with_stride((k[0], k[1]), (s[0], s[1]))? * area)?;
+            let counts = (mask.avg_pool2d_with_stride((k[0], k[1]), (s[0], s[1]))? * area)?;
             sums.broadcast_div(&counts)?
         }
     };
@@ -579,8 +681,7 @@ fn slice(x: &Tensor, ranges: &[SliceRange]) -> Result<Tensor> {
             let idx: Vec<u32> = (0..r.count)
                 .map(|i| (r.start as i64 + i as i64 * r.step) as u32)
                 .collect();
-            let n = idx.len();
-            y = y.index_select(&Tensor::from_vec(idx, n, y.device())?, r.axis)?;
+            y = take(&y, idx, r.axis)?;
         }
     }
     Ok(y)
@@ -590,18 +691,17 @@ fn resize(
     x: &Tensor,
     mode: ResizeMode,
     sizes: &[usize],
-    scales: &[f32],
-    offsets: &[f32],
+    [pre, div, post]: [&[f64]; 3],
     nearest_mode: &str,
 ) -> Result<Tensor> {
     let mut y = x.clone();
     for axis in 0..sizes.len() {
         let (n_in, n_out) = (y.dims()[axis], sizes[axis]);
-        let (s, o) = (scales[axis] as f64, offsets[axis] as f64);
-        if n_in == n_out && s == 1.0 && o == 0.0 {
+        let (p, d, q) = (pre[axis], div[axis], post[axis]);
+        if n_in == n_out && p == 0.0 && d == 1.0 && q == 0.0 {
             continue;
         }
-        let src: Vec<f64> = (0..n_out).map(|i| i as f64 * s + o).collect();
+        let src: Vec<f64> = (0..n_out).map(|i| (i as f64 + p) / d + q).collect();
         let last = (n_in - 1) as f64;
         match mode {
             ResizeMode::Nearest => {
@@ -618,7 +718,7 @@ fn resize(
                         r.clamp(0.0, last) as u32
                     })
                     .collect();
-                y = y.index_select(&Tensor::from_vec(idx, n_out, y.device())?, axis)?;
+                y = take(&y, idx, axis)?;
             }
             ResizeMode::Linear => {
                 let mut i0 = Vec::with_capacity(n_out);
@@ -632,8 +732,8 @@ fn resize(
                     wt.push(c - f);
                 }
                 let dev = y.device().clone();
-                let a = y.index_select(&Tensor::from_vec(i0, n_out, &dev)?, axis)?;
-                let b = y.index_select(&Tensor::from_vec(i1, n_out, &dev)?, axis)?;
+                let a = take(&y, i0, axis)?;
+                let b = take(&y, i1, axis)?;
                 let mut wshape = vec![1usize; y.rank()];
                 wshape[axis] = n_out;
                 let w = Tensor::from_vec(wt, wshape, &dev)?.to_dtype(y.dtype())?;
@@ -692,8 +792,7 @@ fn pad(x: &Tensor, mode: PadMode, pads: &[i64], value: f32) -> Result<Tensor> {
                     })
                     .collect();
                 let idx = idx?;
-                let len = idx.len();
-                y.index_select(&Tensor::from_vec(idx, len, y.device())?, axis)?
+                take(&y, idx, axis)?
             }
         };
     }
@@ -703,17 +802,21 @@ fn pad(x: &Tensor, mode: PadMode, pads: &[i64], value: f32) -> Result<Tensor> {
 fn gather(data: &Tensor, indices: &Tensor, axis: usize) -> Result<Tensor> {
     let dim = data.dims()[axis] as i64;
     let idx_shape = indices.dims().to_vec();
-    let raw = indices.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+    let raw = indices
+        .flatten_all()?
+        .to_dtype(DType::I64)?
+        .to_vec1::<i64>()?;
     let mut fixed = Vec::with_capacity(raw.len());
     for &i in &raw {
         let j = if i < 0 { i + dim } else { i };
         if j < 0 || j >= dim {
-            return bail(format!("Gather index {i} out of range for axis of size {dim}"));
+            return bail(format!(
+                "Gather index {i} out of range for axis of size {dim}"
+            ));
         }
         fixed.push(j as u32);
     }
-    let n = fixed.len();
-    let picked = data.index_select(&Tensor::from_vec(fixed, n, data.device())?, axis)?;
+    let picked = take(data, fixed, axis)?;
     let mut shape = data.dims()[..axis].to_vec();
     shape.extend(&idx_shape);
     shape.extend(&data.dims()[axis + 1..]);
@@ -740,4 +843,12 @@ fn cast(x: &Tensor, to: crate::model::DType) -> Result<Tensor> {
 /// A zero tensor standing in for a dynamic value during shape inference at import.
 pub fn probe(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
     Tensor::zeros(shape, dtype, device)
+}
+
+/// Picks `idx` along `axis`. candle's CPU index-select wants a contiguous source, and slices and
+/// transposes hand us strided views.
+fn take(x: &Tensor, idx: Vec<u32>, axis: usize) -> Result<Tensor> {
+    let n = idx.len();
+    let idx = Tensor::from_vec(idx, n, x.device())?;
+    x.contiguous()?.index_select(&idx, axis)
 }

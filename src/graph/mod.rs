@@ -230,12 +230,12 @@ pub enum Op {
         mode: ResizeMode,
         /// Output shape (all axes).
         sizes: Vec<usize>,
-        /// Per axis: source coordinate = out · scale + offset (coordinate transform resolved).
-        #[serde(default)]
-        scales: Vec<f32>,
-        /// Per axis offsets, see `scales`.
-        #[serde(default)]
-        offsets: Vec<f32>,
+        /// Per axis: source coordinate = (out + pre) / div + post (coordinate transform resolved).
+        pre: Vec<f64>,
+        /// Per axis divisor, see `pre`.
+        div: Vec<f64>,
+        /// Per axis offset, see `pre`.
+        post: Vec<f64>,
         /// Nearest rounding: "round_prefer_floor", "round_prefer_ceil", "floor", "ceil".
         #[serde(default)]
         nearest_mode: String,
@@ -533,10 +533,7 @@ impl Graph {
         }
         for output in &self.outputs {
             if !defined.contains(output.name.as_str()) {
-                return Err(format!(
-                    "graph output '{}' is never produced",
-                    output.name
-                ));
+                return Err(format!("graph output '{}' is never produced", output.name));
             }
         }
         Ok(())
@@ -548,7 +545,11 @@ impl Graph {
             .inputs
             .iter()
             .map(|i| i.name.as_str())
-            .chain(self.nodes.iter().flat_map(|n| n.outputs.iter().map(|s| s.as_str())))
+            .chain(
+                self.nodes
+                    .iter()
+                    .flat_map(|n| n.outputs.iter().map(|s| s.as_str())),
+            )
             .collect();
         let mut seen = HashSet::new();
         let mut names = Vec::new();

@@ -115,10 +115,16 @@ fn fold_batchnorm(
             .iter()
             .map(|n| weights.get(n).cloned())
             .collect();
-        let producer = graph
-            .nodes
-            .iter()
-            .position(|n| n.outputs.first() == Some(x) && matches!(n.op, Op::Conv { activation: None, .. }));
+        let producer = graph.nodes.iter().position(|n| {
+            n.outputs.first() == Some(x)
+                && matches!(
+                    n.op,
+                    Op::Conv {
+                        activation: None,
+                        ..
+                    }
+                )
+        });
         let (Some(params), Some(p)) = (params, producer) else {
             i += 1;
             continue;
@@ -167,7 +173,10 @@ fn fuse_activations(graph: &mut Graph, protected: &HashSet<String>) -> usize {
             continue;
         };
         let x = graph.nodes[i].inputs[0].clone();
-        let producer = graph.nodes.iter().position(|n| n.outputs.len() == 1 && n.outputs[0] == x);
+        let producer = graph
+            .nodes
+            .iter()
+            .position(|n| n.outputs.len() == 1 && n.outputs[0] == x);
         let ok = producer.is_some()
             && sole_consumer(graph, &x) == Some(i)
             && !is_output(graph, &x)
@@ -180,7 +189,11 @@ fn fuse_activations(graph: &mut Graph, protected: &HashSet<String>) -> usize {
             Op::Conv { activation: a, .. }
             | Op::Binary { activation: a, .. }
             | Op::MatMul { activation: a }
-            | Op::Gemm { activation: a, .. } if a.is_none() => a,
+            | Op::Gemm { activation: a, .. }
+                if a.is_none() =>
+            {
+                a
+            }
             _ => {
                 i += 1;
                 continue;

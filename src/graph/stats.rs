@@ -98,7 +98,11 @@ fn value_bytes(graph: &Graph, name: &str) -> usize {
         .values
         .get(name)
         .map(|v| {
-            let size = if v.dtype.is_float() { 4 } else { v.dtype.size() };
+            let size = if v.dtype.is_float() {
+                4
+            } else {
+                v.dtype.size()
+            };
             v.shape.iter().product::<usize>() * size
         })
         .unwrap_or(0)
@@ -113,13 +117,24 @@ pub fn peak_activation_bytes(graph: &Graph) -> usize {
         }
     }
     let keep = |name: &str| graph.outputs.iter().any(|o| o.name == name);
-    let mut live: usize = graph.inputs.iter().map(|i| value_bytes(graph, &i.name)).sum();
+    let mut live: usize = graph
+        .inputs
+        .iter()
+        .map(|i| value_bytes(graph, &i.name))
+        .sum();
     let mut peak = live;
     for (i, n) in graph.nodes.iter().enumerate() {
-        live += n.outputs.iter().map(|o| value_bytes(graph, o)).sum::<usize>();
+        live += n
+            .outputs
+            .iter()
+            .map(|o| value_bytes(graph, o))
+            .sum::<usize>();
         peak = peak.max(live);
         for x in n.inputs.iter().chain(n.outputs.iter()) {
-            if last.get(x.as_str()).copied().unwrap_or(i) == i && !keep(x) && graph.values.contains_key(x) {
+            if last.get(x.as_str()).copied().unwrap_or(i) == i
+                && !keep(x)
+                && graph.values.contains_key(x)
+            {
                 live = live.saturating_sub(value_bytes(graph, x));
                 last.insert(x.as_str(), usize::MAX);
             }

@@ -232,7 +232,8 @@ pub fn import_onnx_bytes(
             continue; // an initializer listed as input (old exporters): a weight, not a feed
         }
         if let Some(t) = opts.frozen_inputs.get(&vi.name) {
-            cx.vals.insert(vi.name.clone(), Val::Const(t.to_device(&Device::Cpu)?));
+            cx.vals
+                .insert(vi.name.clone(), Val::Const(t.to_device(&Device::Cpu)?));
             continue;
         }
         let (shape, dtype) = cx.input_type(vi, opts)?;
@@ -303,7 +304,11 @@ pub fn import_onnx_bytes(
     let produced: HashSet<&str> = inputs
         .iter()
         .map(|i| i.name.as_str())
-        .chain(nodes.iter().flat_map(|n| n.outputs.iter().map(String::as_str)))
+        .chain(
+            nodes
+                .iter()
+                .flat_map(|n| n.outputs.iter().map(String::as_str)),
+        )
         .collect();
     let mut stored = HashSet::new();
     for n in &nodes {
@@ -595,8 +600,12 @@ impl Importer {
             path: self.label.clone(),
             reason: format!("tensor '{what}': {reason}"),
         };
-        let dtype = onnx_dtype(t.data_type)
-            .ok_or_else(|| bad(format!("unsupported: element type {} (ONNX code)", t.data_type)))?;
+        let dtype = onnx_dtype(t.data_type).ok_or_else(|| {
+            bad(format!(
+                "unsupported: element type {} (ONNX code)",
+                t.data_type
+            ))
+        })?;
         let mut shape = Vec::with_capacity(t.dims.len());
         for &d in &t.dims {
             if d < 0 {
@@ -791,7 +800,10 @@ impl Importer {
 
     /// The i-th input's name, if present and non-empty.
     fn opt_input<'n>(&self, node: &'n NodeProto, i: usize) -> Option<&'n str> {
-        node.input.get(i).map(String::as_str).filter(|s| !s.is_empty())
+        node.input
+            .get(i)
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
     }
 
     fn req_input<'n>(&self, node: &'n NodeProto, i: usize) -> Result<&'n str> {
@@ -884,7 +896,10 @@ impl Importer {
         })?;
         // Bool-ness survives data movement; comparisons and casts create it.
         let makes_bool = match &op {
-            Op::Binary { kind: BinaryKind::Equal, .. } => true,
+            Op::Binary {
+                kind: BinaryKind::Equal,
+                ..
+            } => true,
             Op::Cast { to } => *to == DType::Bool,
             Op::Reshape { .. }
             | Op::Identity
@@ -899,12 +914,17 @@ impl Importer {
             _ => false,
         };
         if makes_bool {
-            self.bools.extend(outputs.iter().filter(|o| !o.is_empty()).cloned());
+            self.bools
+                .extend(outputs.iter().filter(|o| !o.is_empty()).cloned());
         }
         if results.len() < outputs.iter().filter(|o| !o.is_empty()).count() {
             return Err(self.invalid(
                 node,
-                format!("{} outputs requested, {} produced", outputs.len(), results.len()),
+                format!(
+                    "{} outputs requested, {} produced",
+                    outputs.len(),
+                    results.len()
+                ),
             ));
         }
         for (name, t) in outputs.iter().zip(results) {
@@ -966,7 +986,9 @@ impl Importer {
             "Conv" => (self.conv_op(node, &a)?, data_inputs(3)),
             "ConvTranspose" => (self.conv_transpose_op(node, &a)?, data_inputs(3)),
             "BatchNormalization" => {
-                if a.int("training_mode", 0) != 0 || node.output.iter().skip(1).any(|o| !o.is_empty()) {
+                if a.int("training_mode", 0) != 0
+                    || node.output.iter().skip(1).any(|o| !o.is_empty())
+                {
                     return Err(self.unsupported(node, "training-mode BatchNormalization"));
                 }
                 (
@@ -1004,7 +1026,10 @@ impl Importer {
                     )
                 } else {
                     let first = |v: Option<Vec<f64>>| v.and_then(|v| v.first().map(|&x| x as f32));
-                    (first(self.const_floats(node, 1)?), first(self.const_floats(node, 2)?))
+                    (
+                        first(self.const_floats(node, 1)?),
+                        first(self.const_floats(node, 2)?),
+                    )
                 };
                 (act(Activation::Clip { min, max }), data_inputs(1))
             }
@@ -1080,8 +1105,14 @@ impl Importer {
             }),
             "Flatten" => {
                 let shape = self.shape_of(node, 0)?;
-                let axis = normalize_axis(a.int("axis", 1), shape.len() + 1)
-                    .ok_or_else(|| self.invalid(node, "axis out of range"))?;
+                // Flatten's axis lies in [-r, r]: a negative one counts from r, not r + 1.
+                let r = shape.len() as i64;
+                let axis = a.int("axis", 1);
+                let axis = if axis < 0 { axis + r } else { axis };
+                if !(0..=r).contains(&axis) {
+                    return Err(self.invalid(node, "axis out of range"));
+                }
+                let axis = axis as usize;
                 let outer: usize = shape[..axis].iter().product();
                 let inner: usize = shape[axis..].iter().product();
                 (
@@ -1167,7 +1198,10 @@ impl Importer {
                     if axes.contains(&i) {
                         out.push(1);
                     } else {
-                        out.push(*it.next().ok_or_else(|| self.invalid(node, "duplicate axes"))?);
+                        out.push(
+                            *it.next()
+                                .ok_or_else(|| self.invalid(node, "duplicate axes"))?,
+                        );
                     }
                 }
                 (Op::Reshape { shape: out }, data_inputs(1))
@@ -1318,9 +1352,7 @@ impl Importer {
             other => {
                 return Err(self.unsupported(
                     node,
-                    format!(
-                        "op '{other}' (supported ops: run `edgeinfer ops`; README lists them)"
-                    ),
+                    format!("op '{other}' (supported ops: run `edgeinfer ops`; README lists them)"),
                 ))
             }
         };
@@ -1358,11 +1390,18 @@ impl Importer {
                 Some(v) if v.len() == len && v.iter().all(|&x| x >= 0) => {
                     Ok(v.iter().map(|&x| x as usize).collect())
                 }
-                Some(v) => Err(self.invalid(node, format!("{k}={v:?} does not fit {spatial} spatial axes"))),
+                Some(v) => Err(self.invalid(
+                    node,
+                    format!("{k}={v:?} does not fit {spatial} spatial axes"),
+                )),
                 None => Ok(vec![default; len]),
             }
         };
-        Ok((get("strides", 1, spatial)?, get("pads", 0, spatial * 2)?, get("dilations", 1, spatial)?))
+        Ok((
+            get("strides", 1, spatial)?,
+            get("pads", 0, spatial * 2)?,
+            get("dilations", 1, spatial)?,
+        ))
     }
 
     fn conv_op(&self, node: &NodeProto, a: &Attrs) -> Result<Op> {
@@ -1370,7 +1409,9 @@ impl Importer {
         let w = self.shape_of(node, 1)?;
         let spatial = w.len().saturating_sub(2);
         if !(1..=2).contains(&spatial) {
-            return Err(self.unsupported(node, format!("{spatial}-D convolution (1-D and 2-D run)")));
+            return Err(
+                self.unsupported(node, format!("{spatial}-D convolution (1-D and 2-D run)"))
+            );
         }
         let (strides, pads, dilations) = self.spatial_attrs(node, a, spatial)?;
         let pads = auto_pads(a, &x[2..], &w[2..], &strides, &dilations, pads)
@@ -1398,8 +1439,15 @@ impl Importer {
             .unwrap_or_else(|| vec![0; spatial]);
         let auto = a.string("auto_pad", "NOTSET");
         let target: Option<Vec<usize>> = match a.ints("output_shape") {
-            Some(s) => Some(s[s.len().saturating_sub(spatial)..].iter().map(|&d| d.max(0) as usize).collect()),
-            None if auto.starts_with("SAME") => Some((0..spatial).map(|i| x[2 + i] * strides[i]).collect()),
+            Some(s) => Some(
+                s[s.len().saturating_sub(spatial)..]
+                    .iter()
+                    .map(|&d| d.max(0) as usize)
+                    .collect(),
+            ),
+            None if auto.starts_with("SAME") => {
+                Some((0..spatial).map(|i| x[2 + i] * strides[i]).collect())
+            }
             None => None,
         };
         if auto == "VALID" {
@@ -1407,7 +1455,10 @@ impl Importer {
         }
         if let Some(target) = target {
             for i in 0..spatial {
-                let full = strides[i] * (x[2 + i] - 1) + output_padding[i] + (w[2 + i] - 1) * dilations[i] + 1;
+                let full = strides[i] * (x[2 + i] - 1)
+                    + output_padding[i]
+                    + (w[2 + i] - 1) * dilations[i]
+                    + 1;
                 if full < target[i] {
                     // The missing cells are zero-extension at the end, like output_padding.
                     output_padding[i] += target[i] - full;
@@ -1514,7 +1565,10 @@ impl Importer {
             }
         };
         if sizes.iter().sum::<usize>() != dim {
-            return Err(self.invalid(node, format!("split sizes {sizes:?} do not add up to {dim}")));
+            return Err(self.invalid(
+                node,
+                format!("split sizes {sizes:?} do not add up to {dim}"),
+            ));
         }
         Ok(Op::Split { axis, sizes })
     }
@@ -1593,7 +1647,11 @@ impl Importer {
         }
         let coord = a.string(
             "coordinate_transformation_mode",
-            if self.opset < 11 { "asymmetric" } else { "half_pixel" },
+            if self.opset < 11 {
+                "asymmetric"
+            } else {
+                "half_pixel"
+            },
         );
         let axes: Vec<usize> = match a.ints("axes") {
             Some(ax) => ax
@@ -1610,7 +1668,10 @@ impl Importer {
         };
         let mut sizes = shape.clone();
         let mut factor = vec![1f64; rank];
-        match (scales_in.filter(|v| !v.is_empty()), sizes_in.filter(|v| !v.is_empty())) {
+        match (
+            scales_in.filter(|v| !v.is_empty()),
+            sizes_in.filter(|v| !v.is_empty()),
+        ) {
             (Some(sc), _) => {
                 if sc.len() != axes.len() {
                     return Err(self.invalid(node, "scales do not match the axes"));
@@ -1631,51 +1692,48 @@ impl Importer {
             }
             (None, None) => return Err(self.invalid(node, "neither scales nor sizes")),
         }
-        let mut scales = vec![1f32; rank];
-        let mut offsets = vec![0f32; rank];
+        // Source coordinate = (out + pre) / div + post, kept in f64 and in this divided form so
+        // that exact halves (e.g. (3 + 0.5) / 3.5 - 0.5) stay exact and round as ONNX rounds them.
+        let mut pre = vec![0f64; rank];
+        let mut div = vec![1f64; rank];
+        let mut post = vec![0f64; rank];
         for ax in 0..rank {
-            let (n_in, n_out, r) = (shape[ax] as f64, sizes[ax] as f64, factor[ax]);
+            let (n_in, r) = (shape[ax] as f64, factor[ax]);
             if sizes[ax] == shape[ax] && r == 1.0 {
                 continue;
             }
-            let (s, o) = match coord.as_str() {
-                "half_pixel" => (1.0 / r, 0.5 / r - 0.5),
-                "pytorch_half_pixel" => {
-                    if n_out > 1.0 {
-                        (1.0 / r, 0.5 / r - 0.5)
-                    } else {
-                        (0.0, 0.0)
-                    }
+            // ONNX measures the resized length as n_in · scale, fractional when scales are given.
+            let len = n_in * r;
+            let (p, d, q) = match coord.as_str() {
+                "half_pixel" => (0.5, r, -0.5),
+                "pytorch_half_pixel" if sizes[ax] > 1 => (0.5, r, -0.5),
+                "pytorch_half_pixel" => (0.0, 1.0, 0.0),
+                "align_corners" if len > 1.0 && n_in > 1.0 => {
+                    (0.0, (len - 1.0) / (n_in - 1.0), 0.0)
                 }
-                "align_corners" => {
-                    if n_out > 1.0 {
-                        ((n_in - 1.0) / (n_out - 1.0), 0.0)
-                    } else {
-                        (0.0, 0.0)
-                    }
-                }
-                "asymmetric" => (1.0 / r, 0.0),
-                "tf_half_pixel_for_nn" => (1.0 / r, 0.5 / r),
+                "align_corners" => (0.0, 1.0, 0.0),
+                "asymmetric" => (0.0, r, 0.0),
+                "tf_half_pixel_for_nn" => (0.5, r, 0.0),
                 "half_pixel_symmetric" => {
-                    let adj = n_out / (r * n_in);
-                    let off = n_in / 2.0 * (1.0 - adj);
-                    (1.0 / r, off + 0.5 / r - 0.5)
+                    let adj = sizes[ax] as f64 / len;
+                    (0.5, r, n_in / 2.0 * (1.0 - adj) - 0.5)
                 }
                 other => {
-                    return Err(self.unsupported(
-                        node,
-                        format!("coordinate_transformation_mode '{other}'"),
-                    ))
+                    return Err(
+                        self.unsupported(node, format!("coordinate_transformation_mode '{other}'"))
+                    )
                 }
             };
-            scales[ax] = s as f32;
-            offsets[ax] = o as f32;
+            pre[ax] = p;
+            div[ax] = d;
+            post[ax] = q;
         }
         Ok(Op::Resize {
             mode,
             sizes,
-            scales,
-            offsets,
+            pre,
+            div,
+            post,
             nearest_mode: a.string("nearest_mode", "round_prefer_floor"),
             exclude_outside: a.int("exclude_outside", 0) != 0,
         })
@@ -1735,16 +1793,42 @@ impl Importer {
             .ok_or_else(|| self.invalid(node, "axis out of range"))?;
         let x = self.req_input(node, 0)?.to_string();
         if self.opset >= 13 || axis + 1 == rank {
-            return self.emit(node, Op::Softmax { axis }, vec![x], vec![out0.to_string()], "");
+            return self.emit(
+                node,
+                Op::Softmax { axis },
+                vec![x],
+                vec![out0.to_string()],
+                "",
+            );
         }
         // Before opset 13 Softmax normalises the flattened [outer, inner] matrix.
         let outer: usize = shape[..axis].iter().product();
         let inner: usize = shape[axis..].iter().product();
         let flat = self.fresh(out0);
         let soft = self.fresh(out0);
-        self.emit(node, Op::Reshape { shape: vec![outer, inner] }, vec![x], vec![flat.clone()], "/flatten")?;
-        self.emit(node, Op::Softmax { axis: 1 }, vec![flat], vec![soft.clone()], "")?;
-        self.emit(node, Op::Reshape { shape }, vec![soft], vec![out0.to_string()], "/unflatten")
+        self.emit(
+            node,
+            Op::Reshape {
+                shape: vec![outer, inner],
+            },
+            vec![x],
+            vec![flat.clone()],
+            "/flatten",
+        )?;
+        self.emit(
+            node,
+            Op::Softmax { axis: 1 },
+            vec![flat],
+            vec![soft.clone()],
+            "",
+        )?;
+        self.emit(
+            node,
+            Op::Reshape { shape },
+            vec![soft],
+            vec![out0.to_string()],
+            "/unflatten",
+        )
     }
 }
 
@@ -1796,7 +1880,11 @@ fn node_label(node: &NodeProto) -> String {
 }
 
 /// Resolves ONNX Reshape's 0 (copy) and -1 (infer) against the input shape.
-fn resolve_reshape(input: &[usize], target: &[i64], allowzero: bool) -> std::result::Result<Vec<usize>, String> {
+fn resolve_reshape(
+    input: &[usize],
+    target: &[i64],
+    allowzero: bool,
+) -> std::result::Result<Vec<usize>, String> {
     let total: usize = input.iter().product();
     let mut out = Vec::with_capacity(target.len());
     let mut infer = None;
@@ -1825,7 +1913,9 @@ fn resolve_reshape(input: &[usize], target: &[i64], allowzero: bool) -> std::res
         out[i] = total / known;
     }
     if out.iter().product::<usize>() != total {
-        return Err(format!("cannot reshape {input:?} ({total} elements) to {target:?}"));
+        return Err(format!(
+            "cannot reshape {input:?} ({total} elements) to {target:?}"
+        ));
     }
     Ok(out)
 }

@@ -83,7 +83,10 @@ pub fn frames_from_paths(paths: &[PathBuf]) -> Result<Vec<Frame>> {
         } else {
             return Err(Error::Io {
                 path: p.display().to_string(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
             });
         }
     }

@@ -12,10 +12,12 @@ pub fn image_to_tensor(
     input: &InputSpec,
     device: &Device,
 ) -> Result<Tensor, String> {
-    let pre = input
-        .preprocess
-        .as_ref()
-        .ok_or_else(|| format!("input '{}' has no image preprocessing in the model file", input.name))?;
+    let pre = input.preprocess.as_ref().ok_or_else(|| {
+        format!(
+            "input '{}' has no image preprocessing in the model file",
+            input.name
+        )
+    })?;
     let nhwc = match pre.layout.as_str() {
         "NCHW" => false,
         "NHWC" => true,
@@ -52,7 +54,11 @@ pub fn image_to_tensor(
     let mut data = vec![0f32; plane * c];
     for (p, px) in pixels.chunks_exact(c).enumerate() {
         for k in 0..c {
-            let src = if pre.color == ColorOrder::Bgr { c - 1 - k } else { k };
+            let src = if pre.color == ColorOrder::Bgr {
+                c - 1 - k
+            } else {
+                k
+            };
             let v = (px[src] as f32 * pre.scale - pre.mean[k]) / pre.std[k];
             let dst = if nhwc { p * c + k } else { k * plane + p };
             data[dst] = v;
@@ -67,9 +73,15 @@ fn fit(img: &DynamicImage, pre: &Preprocess, w: u32, h: u32) -> DynamicImage {
         Some(short) => {
             let (iw, ih) = (img.width(), img.height());
             let (nw, nh) = if iw <= ih {
-                (short, ((ih as u64 * short as u64) / iw as u64).max(1) as u32)
+                (
+                    short,
+                    ((ih as u64 * short as u64) / iw as u64).max(1) as u32,
+                )
             } else {
-                (((iw as u64 * short as u64) / ih as u64).max(1) as u32, short)
+                (
+                    ((iw as u64 * short as u64) / ih as u64).max(1) as u32,
+                    short,
+                )
             };
             let resized = img.resize_exact(nw.max(w), nh.max(h), FilterType::Triangle);
             let x = (resized.width() - w) / 2;
