@@ -84,10 +84,33 @@ fn fit(img: &DynamicImage, pre: &Preprocess, w: u32, h: u32) -> DynamicImage {
                 )
             };
             let resized = img.resize_exact(nw.max(w), nh.max(h), FilterType::Triangle);
-            let x = (resized.width() - w) / 2;
-            let y = (resized.height() - h) / 2;
+            let x = centre_offset(resized.width() - w);
+            let y = centre_offset(resized.height() - h);
             resized.crop_imm(x, y, w, h)
         }
         None => img.resize_exact(w, h, FilterType::Triangle),
+    }
+}
+
+/// torchvision's CenterCrop offset, `round(spare / 2)` with Python's round-half-to-even, so an
+/// odd spare of 2k + 1 starts the crop at whichever of k and k + 1 is even.
+fn centre_offset(spare: u32) -> u32 {
+    let k = spare / 2;
+    if spare % 2 == 1 && k % 2 == 1 {
+        k + 1
+    } else {
+        k
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::centre_offset;
+
+    #[test]
+    fn centre_offset_rounds_half_to_even_like_python() {
+        // Python: [round(s / 2) for s in range(8)] == [0, 0, 1, 2, 2, 2, 3, 4]
+        let got: Vec<u32> = (0..8).map(centre_offset).collect();
+        assert_eq!(got, [0, 0, 1, 2, 2, 2, 3, 4]);
     }
 }
