@@ -630,7 +630,7 @@ fn run_tensors(rt: &Runtime, path: &Path, dump: Option<&Path>, repeat: usize) ->
         // The file's element type is the graph's; candle may hold it wider (I8 as I16).
         let t = view
             .to_candle(&candle_core::Device::Cpu)?
-            .to_dtype(edgeinfer_dtype(input.dtype))?;
+            .to_dtype(input.dtype.compute_dtype())?;
         feeds.push((input.name.clone(), t));
     }
     if repeat > 1 {
@@ -691,18 +691,4 @@ fn run_tensors(rt: &Runtime, path: &Path, dump: Option<&Path>, repeat: usize) ->
         }
     }
     Ok(())
-}
-
-fn edgeinfer_dtype(d: DType) -> candle_core::DType {
-    use candle_core::DType as C;
-    match d {
-        DType::Bool | DType::U8 => C::U8,
-        DType::I8 | DType::I16 => C::I16,
-        DType::I32 => C::I32,
-        DType::I64 => C::I64,
-        DType::F16 => C::F16,
-        DType::BF16 => C::BF16,
-        DType::F32 => C::F32,
-        DType::F64 => C::F64,
-    }
 }

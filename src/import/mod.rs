@@ -240,7 +240,7 @@ pub fn import_onnx_bytes(
         if dtype == DType::Bool {
             cx.bools.insert(vi.name.clone());
         }
-        let p = probe(&shape, to_candle_dtype(dtype), &cx.device)?;
+        let p = probe(&shape, dtype.compute_dtype(), &cx.device)?;
         cx.vals.insert(vi.name.clone(), Val::Dyn(p));
         inputs.push(InputSpec {
             name: vi.name.clone(),
@@ -475,19 +475,6 @@ impl<'a> Attrs<'a> {
             .get(k)
             .map(|a| String::from_utf8_lossy(&a.s).into_owned())
             .unwrap_or_else(|| default.to_string())
-    }
-}
-
-fn to_candle_dtype(d: DType) -> CDType {
-    match d {
-        DType::Bool | DType::U8 => CDType::U8,
-        DType::I8 | DType::I16 => CDType::I16,
-        DType::I32 => CDType::I32,
-        DType::I64 => CDType::I64,
-        DType::F16 => CDType::F16,
-        DType::BF16 => CDType::BF16,
-        DType::F32 => CDType::F32,
-        DType::F64 => CDType::F64,
     }
 }
 

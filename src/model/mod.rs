@@ -69,6 +69,22 @@ impl DType {
         DType::F64,
     ];
 
+    /// The candle dtype that holds values of this element type while the graph runs: bool as
+    /// u8 (0/1), int8 widened to i16 (candle has no i8); the rest as they are.
+    pub fn compute_dtype(self) -> candle_core::DType {
+        use candle_core::DType as C;
+        match self {
+            DType::Bool | DType::U8 => C::U8,
+            DType::I8 | DType::I16 => C::I16,
+            DType::I32 => C::I32,
+            DType::I64 => C::I64,
+            DType::F16 => C::F16,
+            DType::BF16 => C::BF16,
+            DType::F32 => C::F32,
+            DType::F64 => C::F64,
+        }
+    }
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
