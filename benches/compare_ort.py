@@ -2,14 +2,23 @@
 
 What it measures
 ----------------
-For each model (MobileNetV2 with ImageNet weights, a randomly initialised ResNet-18) and each
-thread count T, batch 1, fp32:
+For each model and each thread count T, batch 1, fp32:
+
+  * mobilenet_v2: torchvision MobileNetV2 with ImageNet weights (models/mobilenet_v2.onnx);
+  * resnet18, resnet50: torchvision ``resnet18()`` / ``resnet50()``, random init after
+    ``torch.manual_seed(0)``, eval;
+  * vit_tiny: timm ``vit_tiny_patch16_224`` (pretrained=False), random init after
+    ``torch.manual_seed(0)``, eval (timm's default fused attention, which the legacy exporter
+    writes as MatMul / Softmax);
+
+measured as:
 
   * ONNX Runtime: an in-process ``InferenceSession`` (CPUExecutionProvider,
     intra_op_num_threads=T, inter_op_num_threads=1, ORT_ENABLE_ALL), 5 warm-up runs, then
     ``--runs`` timed ``session.run`` calls (time.perf_counter).
   * edgeinfer: ``edgeinfer run --device cpu --repeat N --input-tensor ... --dump-outputs ...``
-    with RAYON_NUM_THREADS=T (candle's CPU thread pool follows it). The binary times its own
+    with RAYON_NUM_THREADS=T (candle's CPU thread pool follows it), plus the words of
+    ``--edgeinfer-args`` (e.g. ``--edgeinfer-args="--kernels candle"``). The binary times its own
     runs (after one warm-up of its own) and prints median / p95 / min; this script parses them.
 
 Only inference is timed on both sides: no process start, model load or import.
@@ -17,22 +26,30 @@ Per model and thread count the two are measured back to back (ORT, then edgeinfe
 noise hits both alike. Both sides report the median and the p95 with the same nearest-rank rule
 (sorted[round((n-1)*q)], ties rounded up, as edgeinfer does). Each row also gives the largest
 |edgeinfer - ORT| over the ``logits`` of the same input: a check that both ran the same model.
+When thread counts 1 and T > 1 were both run, a line per model after the table gives each
+runtime's T-thread over 1-thread speed-up (ratio of medians).
 
-The table is printed and written, with the onnxruntime / torch versions, the CPU, the load
-average and the exact command line, to ``--out``. The exit status is non-zero only on errors
-(missing binary, failed import or run, unparsable output), never because of the numbers.
+The table is printed and written, with the onnxruntime / torch versions, the edgeinfer extra
+arguments, the CPU, the load average and the exact command line, to ``--out``. The exit status
+is non-zero only on errors (missing binary, failed import or run, unparsable output), never
+because of the numbers.
+
+Python packages: benches/peers/setup.sh creates a venv (default target/bench-venv) with the
+pinned versions of benches/peers/requirements.txt; /work/venv has them too.
 
 Run (from the repository root, after ``cargo build --release``)::
 
-    /work/venv/bin/python benches/compare_ort.py
+    /work/venv/bin/python benches/compare_ort.py     # all four models, 1 and 2 threads, 30 runs
     /work/venv/bin/python benches/compare_ort.py --models resnet18 --threads 1 --runs 50
+    /work/venv/bin/python benches/compare_ort.py --edgeinfer-args="--no-optimize"
     /work/venv/bin/python benches/compare_ort.py --ort-only      # ONNX Runtime's half alone
 
-Inputs it creates under ``--work-dir`` (default target/bench/, not committed): resnet18.onnx
-(exported here: torchvision ``resnet18()`` after ``torch.manual_seed(0)``, eval, opset 17,
-legacy exporter), MODEL.safetensors (``edgeinfer import``), MODEL.input.safetensors (seeded
-standard-normal input, key ``input``) and MODEL.edgeinfer_tT.safetensors (edgeinfer's outputs).
-models/mobilenet_v2.onnx is regenerated with models/make_fixtures.py when missing.
+Inputs it creates under ``--work-dir`` (default target/bench/, not committed): resnet18.onnx,
+resnet50.onnx and vit_tiny.onnx (exported here: opset 17, legacy TorchScript exporter, static
+input [1,3,224,224] ``input``, output ``logits``), MODEL.safetensors (``edgeinfer import``),
+MODEL.input.safetensors (seeded standard-normal input, key ``input``) and
+MODEL.edgeinfer_tT.safetensors (edgeinfer's outputs). models/mobilenet_v2.onnx is regenerated
+with models/make_fixtures.py when missing.
 """
 
 from __future__ import annotations
@@ -52,11 +69,11 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-MODELS = ("mobilenet_v2", "resnet18")
+MODELS = ("mobilenet_v2", "resnet18", "resnet50", "vit_tiny")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 INPUT_SHAPE = (1, 3, 224, 224)
-INPUT_SEEDS = {"mobilenet_v2": 1000, "resnet18": 1001}
+INPUT_SEEDS = {"mobilenet_v2": 1000, "resnet18": 1001, "resnet50": 1002, "vit_tiny": 1003}
 ORT_WARMUP = 5
 LATENCY_RE = re.compile(
     r"latency over (\d+) runs on (\S+): median ([0-9.]+) ms, p95 ([0-9.]+) ms, min ([0-9.]+) ms"
@@ -92,19 +109,17 @@ def mobilenet_v2_onnx(work_dir: Path) -> Path:
     return path
 
 
-def resnet18_onnx(work_dir: Path) -> Path:
-    """Export torchvision's resnet18 (seeded random init, no download) to work_dir."""
-    import torch
-    import torchvision
-
-    path = work_dir / "resnet18.onnx"
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=1000).eval()
-    example = torch.zeros(INPUT_SHAPE)
+def export_legacy(model, path: Path) -> Path:
+    """Export an eval-mode torch module with the legacy (TorchScript) exporter: opset 17, static
+    input INPUT_SHAPE named INPUT_NAME, output OUTPUT_NAME."""
     import warnings
 
+    import torch
+
+    example = torch.zeros(INPUT_SHAPE)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        # the legacy exporter's deprecation notice; timm's shape asserts traced as constants
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
             (example,),
@@ -117,10 +132,37 @@ def resnet18_onnx(work_dir: Path) -> Path:
             output_names=[OUTPUT_NAME],
             training=torch.onnx.TrainingMode.EVAL,
         )
+    if not path.is_file():
+        raise BenchError(f"torch.onnx.export did not write {path}")
     return path
 
 
-MODEL_SOURCES = {"mobilenet_v2": mobilenet_v2_onnx, "resnet18": resnet18_onnx}
+def torchvision_onnx(arch: str, work_dir: Path) -> Path:
+    """Export torchvision's ARCH (seeded random init, no download) to work_dir/ARCH.onnx."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=1000).eval()
+    return export_legacy(model, work_dir / f"{arch}.onnx")
+
+
+def vit_tiny_onnx(work_dir: Path) -> Path:
+    """Export timm's vit_tiny_patch16_224 (seeded random init, no download) to work_dir."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    return export_legacy(model, work_dir / "vit_tiny.onnx")
+
+
+MODEL_SOURCES = {
+    "mobilenet_v2": mobilenet_v2_onnx,
+    "resnet18": lambda work_dir: torchvision_onnx("resnet18", work_dir),
+    "resnet50": lambda work_dir: torchvision_onnx("resnet50", work_dir),
+    "vit_tiny": vit_tiny_onnx,
+}
 
 
 def write_input(name: str, work_dir: Path) -> tuple[Path, np.ndarray]:
@@ -178,14 +220,14 @@ def edgeinfer_import(binary: Path, onnx_path: Path, out: Path) -> None:
 
 
 def time_edgeinfer(binary: Path, model: Path, inp: Path, dump: Path, threads: int,
-                   runs: int) -> tuple[float, float, np.ndarray]:
+                   runs: int, extra_args: list[str]) -> tuple[float, float, np.ndarray]:
     from safetensors.numpy import load_file
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     if dump.exists():
         dump.unlink()
     cmd = [str(binary), "run", "--model", str(model), "--input-tensor", str(inp),
-           "--device", "cpu", "--repeat", str(runs), "--dump-outputs", str(dump)]
+           "--device", "cpu", "--repeat", str(runs), "--dump-outputs", str(dump), *extra_args]
     stdout = run_checked(cmd, env=env)
     m = LATENCY_RE.search(stdout)
     if not m:
@@ -220,6 +262,27 @@ def table(rows: list[Row]) -> str:
             f"{fmt(r.max_abs_diff, '.2e')} |"
         )
     return "\n".join(lines)
+
+
+def speedups(rows: list[Row]) -> list[str]:
+    """Per model and thread count T > 1: median(1 thread) / median(T threads) of each runtime,
+    when both were run."""
+    lines = []
+    models = list(dict.fromkeys(r.model for r in rows))
+    for name in models:
+        by_t = {r.threads: r for r in rows if r.model == name}
+        one = by_t.get(1)
+        if one is None:
+            continue
+        for t in sorted(by_t):
+            if t == 1:
+                continue
+            r = by_t[t]
+            ort = f"ORT {one.ort_median / r.ort_median:.2f}x"
+            ei = ("edgeinfer -" if r.ei_median is None or one.ei_median is None
+                  else f"edgeinfer {one.ei_median / r.ei_median:.2f}x")
+            lines.append(f"{name}: {t}-thread / 1-thread speed-up (ratio of medians): {ort}, {ei}")
+    return lines
 
 
 def cpu_model() -> str:
@@ -258,16 +321,20 @@ def write_report(path: Path, rows: list[Row], args, binary: Path | None, load_be
     import torch
 
     command = shlex.join([sys.executable, *sys.argv])
+    ups = speedups(rows)
     text = "\n".join([
         "# edgeinfer vs ONNX Runtime, CPU, batch 1, fp32",
         "",
         table(rows),
         "",
+        *([*(f"- {line}" for line in ups), ""] if ups else []),
         f"- runs: {args.runs} timed per cell (ORT: {ORT_WARMUP} warm-up runs first; edgeinfer: its own "
         "--repeat warm-up of 1); median and p95 by nearest rank",
         f"- ORT: onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, intra_op_num_threads=threads, "
         "inter_op_num_threads=1, ORT_ENABLE_ALL",
-        (f"- edgeinfer: {edgeinfer_version(binary)} ({binary}), --device cpu, RAYON_NUM_THREADS=threads"
+        (f"- edgeinfer: {edgeinfer_version(binary)} ({binary}), --device cpu, RAYON_NUM_THREADS=threads; "
+         f"extra run arguments (--edgeinfer-args): "
+         f"{'`' + shlex.join(args.edgeinfer_args) + '`' if args.edgeinfer_args else 'none'}"
          if binary else "- edgeinfer: not run (--ort-only)"),
         f"- torch {torch.__version__}, numpy {np.__version__}, Python {platform.python_version()}",
         f"- CPU: {cpu_model()}",
@@ -298,7 +365,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=lambda s: parse_list(s, MODELS), default=list(MODELS),
-                    help="comma-separated, from: " + ",".join(MODELS) + " (default: both)")
+                    help="comma-separated, from: " + ",".join(MODELS) + " (default: all four)")
     ap.add_argument("--threads", type=lambda s: parse_list(s, cast=int), default=[1, 2],
                     help="comma-separated thread counts (default: 1,2)")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per cell (default: 30)")
@@ -308,6 +375,10 @@ def main() -> int:
                     help="exported models, inputs and outputs (default: target/bench/)")
     ap.add_argument("--out", type=Path, default=None,
                     help="markdown report (default: WORK_DIR/compare_ort.md)")
+    ap.add_argument("--edgeinfer-args", type=shlex.split, default=[], metavar='"ARGS"',
+                    help="extra words appended to every `edgeinfer run` command line, split like a "
+                         "shell would (e.g. --edgeinfer-args=\"--kernels candle\"; use the = form "
+                         "when the value is a single word starting with -)")
     ap.add_argument("--ort-only", action="store_true",
                     help="measure ONNX Runtime alone (no edgeinfer binary needed)")
     args = ap.parse_args()
@@ -339,7 +410,7 @@ def main() -> int:
             if binary is not None:
                 dump = work / f"{name}.edgeinfer_t{t}.safetensors"
                 row.ei_median, row.ei_p95, y_ei = time_edgeinfer(binary, model_path, inp_path, dump, t,
-                                                                 args.runs)
+                                                                 args.runs, args.edgeinfer_args)
                 if y_ei.shape != y_ort.shape:
                     raise BenchError(f"{name}: edgeinfer logits {y_ei.shape} vs ORT {y_ort.shape}")
                 row.max_abs_diff = float(np.max(np.abs(y_ei.astype(np.float64) - y_ort)))
@@ -348,6 +419,10 @@ def main() -> int:
                   f"{fmt(row.ei_median)}/{fmt(row.ei_p95)} ms (median/p95)", file=sys.stderr, flush=True)
 
     print(table(rows))
+    ups = speedups(rows)
+    if ups:
+        print()
+        print("\n".join(ups))
     write_report(out_path, rows, args, binary, load_before)
     print(f"\nwritten to {out_path}", file=sys.stderr)
     return 0

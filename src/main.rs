@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use edgeinfer::budget::parse_budget;
 use edgeinfer::device::DeviceRequest;
+use edgeinfer::exec::Kernels;
 use edgeinfer::graph::stats::stats;
 use edgeinfer::graph::{ColorOrder, Graph, Preprocess, META_PROVENANCE};
 use edgeinfer::import::{import_onnx, ImportOptions, SUPPORTED_OPS};
@@ -60,6 +61,27 @@ enum Command {
     Ops,
 }
 
+/// How the CPU runs a frame.
+#[derive(Args, Debug, Clone)]
+struct CpuArgs {
+    /// CPU kernels: native (ours, default) or candle (the reference ops).
+    #[arg(long, default_value = "native")]
+    kernels: Kernels,
+    /// Threads per frame (default: RAYON_NUM_THREADS, else one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl CpuArgs {
+    fn apply(&self, b: edgeinfer::runtime::RuntimeBuilder) -> edgeinfer::runtime::RuntimeBuilder {
+        let b = b.kernels(self.kernels);
+        match self.threads {
+            Some(n) => b.threads(n),
+            None => b,
+        }
+    }
+}
+
 #[derive(Args)]
 struct DemoArgs {
     /// Folder for the JSON lines report.
@@ -71,6 +93,8 @@ struct DemoArgs {
     /// Per-frame budget (e.g. 200ms).
     #[arg(long, default_value = "200ms", value_parser = parse_budget)]
     budget: Duration,
+    #[command(flatten)]
+    cpu: CpuArgs,
 }
 
 #[derive(Args)]
@@ -158,6 +182,8 @@ struct RunArgs {
     /// median, p95 and min latency.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    #[command(flatten)]
+    cpu: CpuArgs,
 }
 
 fn main() {
@@ -188,7 +214,9 @@ fn main() {
 }
 
 fn demo(a: DemoArgs) -> Result<()> {
-    let rt = Runtime::builder()
+    let rt = a
+        .cpu
+        .apply(Runtime::builder())
         .model_bytes(DEFAULT_MODEL, "embedded:mobilenet_v2.safetensors")
         .device(a.device)
         .budget(a.budget)
@@ -549,7 +577,9 @@ fn run(a: RunArgs) -> Result<()> {
     if a.input.is_empty() && a.input_tensor.is_none() {
         bail!("give --input (images) or --input-tensor (a safetensors file)");
     }
-    let rt = Runtime::builder()
+    let rt = a
+        .cpu
+        .apply(Runtime::builder())
         .model(&a.model)
         .device(a.device)
         .budget(a.budget)

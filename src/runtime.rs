@@ -11,7 +11,7 @@ use candle_core::{DType as CDType, Tensor};
 use crate::budget::{FrameTimer, Stage};
 use crate::device::{self, DeviceChoice, DeviceRequest};
 use crate::error::{Error, Result};
-use crate::exec::{load_weights, Executor, RunOutputs};
+use crate::exec::{load_weights, ExecOptions, Executor, Kernels, RunOutputs};
 use crate::graph::passes::{optimize, PassReport};
 use crate::graph::{Graph, OutputMeaning, META_LABELS, META_PROVENANCE};
 use crate::model::ModelFile;
@@ -35,6 +35,7 @@ pub struct RuntimeBuilder {
     top_k: usize,
     taps: Vec<String>,
     optimize: bool,
+    exec: ExecOptions,
 }
 
 impl Default for RuntimeBuilder {
@@ -46,6 +47,7 @@ impl Default for RuntimeBuilder {
             top_k: 5,
             taps: Vec::new(),
             optimize: true,
+            exec: ExecOptions::default(),
         }
     }
 }
@@ -93,6 +95,18 @@ impl RuntimeBuilder {
         self
     }
 
+    /// CPU kernels: our own (default) or candle's reference ops.
+    pub fn kernels(mut self, kernels: Kernels) -> Self {
+        self.exec.kernels = kernels;
+        self
+    }
+
+    /// Threads per frame (default: rayon's, i.e. `RAYON_NUM_THREADS` or one per core).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.exec.threads = Some(threads);
+        self
+    }
+
     /// Opens the model, picks the device, loads weights and plans the graph.
     pub fn build(self) -> Result<Runtime> {
         let file = match self.source {
@@ -106,7 +120,13 @@ impl RuntimeBuilder {
             }
         };
         let choice = device::select(self.device)?;
-        let model = LoadedModel::load(Arc::new(file), &choice, &self.taps, self.optimize)?;
+        let model = LoadedModel::load(
+            Arc::new(file),
+            &choice,
+            &self.taps,
+            self.optimize,
+            self.exec,
+        )?;
         Ok(Runtime {
             model,
             device: choice,
@@ -139,6 +159,7 @@ impl LoadedModel {
         choice: &DeviceChoice,
         taps: &[String],
         run_passes: bool,
+        exec: ExecOptions,
     ) -> Result<Self> {
         let stored = Graph::from_model_file(&file)?;
         let mut weights = load_weights(&file, &stored.tensor_names(), &choice.device)?;
@@ -149,7 +170,7 @@ impl LoadedModel {
         } else {
             PassReport::default()
         };
-        let exec = Executor::new(graph, weights, choice.device.clone())?;
+        let exec = Executor::new(graph, weights, choice.device.clone(), exec)?;
         let labels = match file.metadata().get(META_LABELS) {
             Some(json) => Some(serde_json::from_str::<Vec<String>>(json).map_err(|e| {
                 Error::InvalidGraph {

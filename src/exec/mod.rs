@@ -4,11 +4,15 @@
 //! each value is dropped right after its last consumer, so peak memory follows the graph's
 //! liveness rather than its size. Named values can be kept ("taps") for the explain layer.
 
+pub mod native;
 pub mod ops;
 
 use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType as CDType, Device, Tensor};
+
+pub use native::Kernels;
+use native::Prepared;
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op};
@@ -28,9 +32,22 @@ struct Step {
     free_after: Vec<usize>,
 }
 
+/// How the executor runs on the CPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// Our kernels or candle's ops.
+    pub kernels: Kernels,
+    /// Threads for one frame; `None`: rayon's default (`RAYON_NUM_THREADS`, else one per core).
+    pub threads: Option<usize>,
+}
+
 /// A graph planned for one device, with its weights resident there.
 pub struct Executor {
     device: Device,
+    /// Per step: the node prepared for a native kernel (CPU only).
+    prepared: Vec<Option<Prepared>>,
+    pool: Option<rayon::ThreadPool>,
+    options: ExecOptions,
     graph: Graph,
     weights: Vec<Tensor>,
     steps: Vec<Step>,
@@ -73,7 +90,12 @@ pub fn load_weights(
 
 impl Executor {
     /// Plans `graph` with `weights` (every tensor the graph names) on `device`.
-    pub fn new(graph: Graph, weights: HashMap<String, Tensor>, device: Device) -> Result<Self> {
+    pub fn new(
+        graph: Graph,
+        weights: HashMap<String, Tensor>,
+        device: Device,
+        options: ExecOptions,
+    ) -> Result<Self> {
         let bad = |reason: String| Error::InvalidGraph {
             file: graph.name.clone(),
             reason,
@@ -130,8 +152,34 @@ impl Executor {
             };
             outputs.push((o.name.clone(), r));
         }
+        let native = device.is_cpu() && options.kernels == Kernels::Native;
+        let prepared = steps
+            .iter()
+            .map(|step| {
+                let node = &graph.nodes[step.node];
+                let constant = |i: usize| match step.inputs.get(i) {
+                    Some(Ref::Weight(w)) => weight_vec.get(*w),
+                    _ => None,
+                };
+                native
+                    .then(|| native::prepare(&node.op, step.inputs.len(), constant))
+                    .flatten()
+            })
+            .collect();
+        let pool = match options.threads {
+            Some(n) => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n.max(1))
+                    .build()
+                    .map_err(|e| bad(format!("cannot start {n} threads: {e}")))?,
+            ),
+            None => None,
+        };
         let mut exec = Executor {
             device,
+            prepared,
+            pool,
+            options,
             graph,
             weights: weight_vec,
             steps,
@@ -190,9 +238,26 @@ impl Executor {
         self.slots.contains_key(name)
     }
 
+    /// The options it was planned with.
+    pub fn options(&self) -> ExecOptions {
+        self.options
+    }
+
+    /// How many nodes run on our own kernels (the rest run candle's ops).
+    pub fn native_nodes(&self) -> usize {
+        self.prepared.iter().filter(|p| p.is_some()).count()
+    }
+
     /// Runs one inference. `feeds` holds one tensor per graph input, by name; `taps` names
     /// intermediate values to return.
     pub fn run(&self, feeds: &[(String, Tensor)], taps: &[String]) -> Result<RunOutputs> {
+        match &self.pool {
+            Some(pool) => pool.install(|| self.run_here(feeds, taps)),
+            None => self.run_here(feeds, taps),
+        }
+    }
+
+    fn run_here(&self, feeds: &[(String, Tensor)], taps: &[String]) -> Result<RunOutputs> {
         let mut values: Vec<Option<Tensor>> = vec![None; self.slots.len()];
         for (name, slot) in &self.inputs {
             let t = feeds
@@ -243,7 +308,7 @@ impl Executor {
         }
         let mut tapped = HashMap::new();
         let mut args: Vec<Tensor> = Vec::with_capacity(8);
-        for step in &self.steps {
+        for (si, step) in self.steps.iter().enumerate() {
             let node = &self.graph.nodes[step.node];
             args.clear();
             for r in &step.inputs {
@@ -256,11 +321,19 @@ impl Executor {
                 };
                 args.push(t.clone());
             }
-            let results = ops::eval(&node.op, &args).map_err(|source| Error::Exec {
+            let exec_err = |source| Error::Exec {
                 node: node.name.clone(),
                 op: node.op.name(),
                 source: Box::new(source),
-            })?;
+            };
+            let native = match &self.prepared[si] {
+                Some(p) => native::run(p, &args).map_err(exec_err)?,
+                None => None,
+            };
+            let results = match native {
+                Some(t) => vec![t],
+                None => ops::eval(&node.op, &args).map_err(exec_err)?,
+            };
             for (slot, t) in step.outputs.iter().zip(results) {
                 values[*slot] = Some(t);
             }

@@ -7,7 +7,6 @@ use crate::graph::{
     Activation, BinaryKind, Op, PadMode, PoolKind, ReduceKind, ResizeMode, SliceRange, UnaryKind,
     VariadicKind,
 };
-use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
 
 fn bail<T>(msg: String) -> Result<T> {
     Err(candle_core::Error::Msg(msg))
@@ -35,9 +34,14 @@ pub fn eval(op: &Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
             dilations,
             group,
             activation,
+            residual,
         } => {
             let w = input(inputs, 1, "Conv")?;
-            let y = conv(x()?, w, inputs.get(2), strides, pads, dilations, *group)?;
+            let (bias, res) = conv_extra_inputs(inputs, *residual);
+            let mut y = conv(x()?, w, bias, strides, pads, dilations, *group)?;
+            if let Some(r) = res {
+                y = y.broadcast_add(r)?;
+            }
             one(apply_activation(y, activation.as_ref())?)
         }
         Op::ConvTranspose {
@@ -453,6 +457,17 @@ fn subsample(x: &Tensor, axis: usize, step: usize) -> Result<Tensor> {
     take(x, idx, axis)
 }
 
+/// A Conv node's optional bias and fused residual: inputs are X, W, [B], [R].
+pub fn conv_extra_inputs(inputs: &[Tensor], residual: bool) -> (Option<&Tensor>, Option<&Tensor>) {
+    let extra = inputs.get(2..).unwrap_or(&[]);
+    match (residual, extra) {
+        (true, [b, r]) => (Some(b), Some(r)),
+        (true, [r]) => (None, Some(r)),
+        (_, [b, ..]) => (Some(b), None),
+        _ => (None, None),
+    }
+}
+
 fn conv(
     x: &Tensor,
     w: &Tensor,
@@ -463,9 +478,6 @@ fn conv(
     group: usize,
 ) -> Result<Tensor> {
     let spatial = w.rank().saturating_sub(2);
-    if let Some(y) = depthwise_cpu(x, w, bias, strides, pads, dilations, group)? {
-        return Ok(y);
-    }
     let xp = pad_spatial(x, pads, 0.0)?;
     let y = match spatial {
         1 => xp.conv1d(w, 0, strides[0], dilations[0], group)?,
@@ -486,80 +498,6 @@ fn conv(
         Some(b) => y.broadcast_add(&channel_param(b, y.rank())?),
         None => Ok(y),
     }
-}
-
-/// Runs a 2-D depthwise f32 convolution on the CPU with our own kernel; `None` when the
-/// convolution is not one (other shapes, dtypes and devices take candle's path).
-fn depthwise_cpu(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    strides: &[usize],
-    pads: &[usize],
-    dilations: &[usize],
-    group: usize,
-) -> Result<Option<Tensor>> {
-    let (xd, wd) = (x.dims(), w.dims());
-    let depthwise = xd.len() == 4
-        && wd.len() == 4
-        && group > 1
-        && xd[1] == group
-        && wd[0] == group
-        && wd[1] == 1
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && x.device().is_cpu()
-        && strides.len() == 2
-        && dilations.len() == 2
-        && pads.len() == 4;
-    if !depthwise {
-        return Ok(None);
-    }
-    let shape = DepthwiseShape {
-        n: xd[0],
-        c: xd[1],
-        h: xd[2],
-        w: xd[3],
-        kh: wd[2],
-        kw: wd[3],
-        stride: (strides[0], strides[1]),
-        dilation: (dilations[0], dilations[1]),
-        pad_begin: (pads[0], pads[1]),
-        pad_end: (pads[2], pads[3]),
-    };
-    let Some((oh, ow)) = shape.out_hw() else {
-        return bail(format!(
-            "Conv input {xd:?} is smaller than its kernel {wd:?}"
-        ));
-    };
-    if bias.is_some_and(|b| b.dtype() != DType::F32 || b.elem_count() != shape.c) {
-        return Ok(None);
-    }
-    let y = with_f32(x, |xs| {
-        with_f32(w, |ws| match bias {
-            Some(b) => with_f32(b, |bs| depthwise_conv2d(&shape, xs, ws, Some(bs))),
-            None => Ok(depthwise_conv2d(&shape, xs, ws, None)),
-        })
-    })???;
-    Ok(Some(Tensor::from_vec(
-        y,
-        (shape.n, shape.c, oh, ow),
-        x.device(),
-    )?))
-}
-
-/// Calls `f` with a CPU f32 tensor's elements in row-major order, borrowed when the tensor is
-/// contiguous (weights, most activations), copied otherwise.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    {
-        let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
-            (&*storage, layout.contiguous_offsets())
-        {
-            return Ok(f(&v[a..b]));
-        }
-    }
-    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
 }
 
 #[allow(clippy::too_many_arguments)]

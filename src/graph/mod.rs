@@ -106,6 +106,10 @@ pub enum Op {
         /// Fused activation applied to the output.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         activation: Option<Activation>,
+        /// A fused residual add: the last input, shaped like the output, is added before the
+        /// activation (set by the load-time passes, never stored by import).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        residual: bool,
     },
     /// Transposed 2-D convolution. Inputs: X, W, optional B.
     ConvTranspose {
@@ -592,7 +596,11 @@ impl Op {
             None => base.to_string(),
         };
         match self {
-            Op::Conv { activation, .. } => act("Conv", activation),
+            Op::Conv {
+                activation,
+                residual,
+                ..
+            } => act(if *residual { "Conv+Add" } else { "Conv" }, activation),
             Op::ConvTranspose { .. } => "ConvTranspose".into(),
             Op::BatchNormalization { .. } => "BatchNormalization".into(),
             Op::Activation { activation } => activation.name().into(),

@@ -8,13 +8,15 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::graph::{Graph, Op};
+use crate::graph::{BinaryKind, Graph, Op};
 
 /// What the passes changed.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PassReport {
     /// BatchNormalization nodes folded into the preceding convolution.
     pub batchnorm_folded: usize,
+    /// Residual adds fused into the convolution producing one of their inputs.
+    pub residuals_fused: usize,
     /// Activations fused into their producer.
     pub activations_fused: usize,
     /// Identity nodes removed.
@@ -34,6 +36,7 @@ pub fn optimize(
         ..Default::default()
     };
     report.batchnorm_folded = fold_batchnorm(graph, weights, protected)?;
+    report.residuals_fused = fuse_residual_adds(graph, protected);
     report.activations_fused = fuse_activations(graph, protected);
     report.dead_removed = remove_dead(graph, protected);
     weights.retain(|name, _| graph.nodes.iter().any(|n| n.inputs.contains(name)));
@@ -121,6 +124,7 @@ fn fold_batchnorm(
                     n.op,
                     Op::Conv {
                         activation: None,
+                        residual: false,
                         ..
                     }
                 )
@@ -162,6 +166,70 @@ fn fold_batchnorm(
         folded += 1;
     }
     Ok(folded)
+}
+
+/// `Add(Conv(x), r)` → `Conv(x) + r` in the conv's epilogue, when the conv output feeds only
+/// the add, `r` has the output's shape and is ready before the conv runs (a ResNet shortcut).
+fn fuse_residual_adds(graph: &mut Graph, protected: &HashSet<String>) -> usize {
+    let mut fused = 0;
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let node = &graph.nodes[i];
+        let is_add = matches!(
+            node.op,
+            Op::Binary {
+                kind: BinaryKind::Add,
+                activation: None
+            }
+        ) && node.inputs.len() == 2
+            && node.outputs.len() == 1;
+        if !is_add {
+            i += 1;
+            continue;
+        }
+        let shape = |v: &str| graph.values.get(v).map(|info| &info.shape);
+        let same_shape = shape(&node.inputs[0]).is_some()
+            && shape(&node.inputs[0]) == shape(&node.inputs[1])
+            && shape(&node.inputs[0]) == shape(&node.outputs[0]);
+        let candidate = (0..2).find_map(|side| {
+            let (x, r) = (&node.inputs[side], &node.inputs[1 - side]);
+            let p = graph.nodes[..i].iter().position(|n| {
+                n.outputs.len() == 1
+                    && &n.outputs[0] == x
+                    && matches!(
+                        n.op,
+                        Op::Conv {
+                            activation: None,
+                            residual: false,
+                            ..
+                        }
+                    )
+            })?;
+            // r must exist before the conv runs: a graph input or an earlier node's output.
+            let ready = graph.inputs.iter().any(|inp| &inp.name == r)
+                || graph.nodes[..p].iter().any(|n| n.outputs.contains(r));
+            let ok = ready
+                && sole_consumer(graph, x) == Some(i)
+                && !is_output(graph, x)
+                && !protected.contains(x);
+            ok.then(|| (p, x.clone(), r.clone()))
+        });
+        let Some((p, x, r)) = candidate.filter(|_| same_shape) else {
+            i += 1;
+            continue;
+        };
+        let out = graph.nodes[i].outputs.clone();
+        let conv = &mut graph.nodes[p];
+        if let Op::Conv { residual, .. } = &mut conv.op {
+            *residual = true;
+        }
+        conv.inputs.push(r);
+        conv.outputs = out;
+        graph.values.remove(&x);
+        graph.nodes.remove(i);
+        fused += 1;
+    }
+    fused
 }
 
 fn fuse_activations(graph: &mut Graph, protected: &HashSet<String>) -> usize {

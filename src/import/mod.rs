@@ -1409,6 +1409,7 @@ impl Importer {
             dilations,
             group: a.int("group", 1).max(1) as usize,
             activation: None,
+            residual: false,
         })
     }
 

@@ -1,4 +1,8 @@
-//! Our own CPU kernels for the shapes where candle's generic path is slow. Each one is checked
-//! against the candle reference in its tests.
+//! Our own CPU kernels for the shapes where candle's generic path is slow: a packed GEMM with
+//! a fused epilogue (convolutions, linear layers), depthwise convolution, and the activations
+//! those epilogues apply. Each is checked against the candle reference in its tests.
 
+pub mod act;
+pub mod conv;
 pub mod depthwise;
+pub mod gemm;

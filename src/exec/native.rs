@@ -1,0 +1,343 @@
+//! The native CPU path: nodes that our own kernels ([`crate::kernels`]) run, prepared once at
+//! load (weights packed for the micro-kernel), with candle's op as the fallback for anything a
+//! kernel does not cover. Every kernel is tested against the candle path.
+
+use std::str::FromStr;
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::graph::{Activation, Op};
+use crate::kernels::act::apply_activation;
+use crate::kernels::conv::PackedConv;
+use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
+use crate::kernels::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA};
+
+/// Which kernels run on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// Our own kernels where they exist, candle's ops elsewhere (the default).
+    #[default]
+    Native,
+    /// candle's ops only: the reference path.
+    Candle,
+}
+
+impl FromStr for Kernels {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "native" => Ok(Kernels::Native),
+            "candle" => Ok(Kernels::Candle),
+            other => Err(format!(
+                "unknown kernels '{other}' (expected native or candle)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kernels::Native => "native",
+            Kernels::Candle => "candle",
+        })
+    }
+}
+
+/// A node prepared for a native kernel.
+pub(crate) enum Prepared {
+    /// Dense or grouped convolution as a packed GEMM.
+    Conv {
+        conv: PackedConv,
+        activation: Option<Activation>,
+        residual: bool,
+    },
+    /// Depthwise convolution (one filter per channel).
+    Depthwise {
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        dilation: (usize, usize),
+        pads: [usize; 4],
+        activation: Option<Activation>,
+        residual: bool,
+    },
+    /// `x · W (+ bias)` with a constant `W` (`[k, n]`, or `[n, k]` transposed), over the
+    /// last axis of `x`.
+    Linear {
+        w: PackedA,
+        bias: Option<Vec<f32>>,
+        activation: Option<Activation>,
+    },
+}
+
+fn host_f32(t: &Tensor) -> Option<Vec<f32>> {
+    (t.dtype() == DType::F32 && t.device().is_cpu())
+        .then(|| t.flatten_all().and_then(|f| f.to_vec1::<f32>()).ok())
+        .flatten()
+}
+
+/// Prepares `op` (with `n_inputs` inputs) when a native kernel covers it. `constant(i)` is the
+/// node's i-th input when it is a weight (known at load), `None` when it is computed per frame.
+pub(crate) fn prepare<'a>(
+    op: &Op,
+    n_inputs: usize,
+    constant: impl Fn(usize) -> Option<&'a Tensor>,
+) -> Option<Prepared> {
+    match op {
+        Op::Conv {
+            strides,
+            pads,
+            dilations,
+            group,
+            activation,
+            residual,
+        } => {
+            let w = constant(1)?;
+            // Inputs are X, W, [B], [R]: a bias must be a weight to be packed.
+            let has_bias = n_inputs == 3 + usize::from(*residual);
+            let bias = if has_bias {
+                Some(host_f32(constant(2)?)?)
+            } else {
+                None
+            };
+            let wshape = w.dims().to_vec();
+            let weight = host_f32(w)?;
+            if wshape.len() != 4 || strides.len() != 2 || pads.len() != 4 || dilations.len() != 2 {
+                return None;
+            }
+            if *group > 1 && wshape[0] == *group && wshape[1] == 1 {
+                return Some(Prepared::Depthwise {
+                    weight,
+                    bias,
+                    kernel: (wshape[2], wshape[3]),
+                    stride: (strides[0], strides[1]),
+                    dilation: (dilations[0], dilations[1]),
+                    pads: [pads[0], pads[1], pads[2], pads[3]],
+                    activation: *activation,
+                    residual: *residual,
+                });
+            }
+            let conv = PackedConv::new(
+                &weight,
+                &wshape,
+                bias.as_deref(),
+                strides,
+                pads,
+                dilations,
+                *group,
+            )
+            .ok()?;
+            Some(Prepared::Conv {
+                conv,
+                activation: *activation,
+                residual: *residual,
+            })
+        }
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_a: false,
+            trans_b,
+            activation,
+        } if *alpha == 1.0 && (*beta == 1.0 || n_inputs == 2) => {
+            let w = constant(1)?;
+            if w.rank() != 2 {
+                return None;
+            }
+            let (k, n) = if *trans_b {
+                (w.dims()[1], w.dims()[0])
+            } else {
+                (w.dims()[0], w.dims()[1])
+            };
+            let data = host_f32(w)?;
+            // A = Wᵀ (`n × k`): rows are output features.
+            let packed = if *trans_b {
+                PackedA::pack(&data, n, k, k, 1)
+            } else {
+                PackedA::pack(&data, n, k, 1, n)
+            };
+            let bias = match (n_inputs, constant(2)) {
+                (2, _) => None,
+                (3, Some(b)) if b.elem_count() == n => Some(host_f32(b)?),
+                _ => return None,
+            };
+            Some(Prepared::Linear {
+                w: packed,
+                bias,
+                activation: *activation,
+            })
+        }
+        Op::MatMul { activation } => {
+            let w = constant(1)?;
+            if w.rank() != 2 {
+                return None;
+            }
+            let (k, n) = (w.dims()[0], w.dims()[1]);
+            Some(Prepared::Linear {
+                w: PackedA::pack(&host_f32(w)?, n, k, 1, n),
+                bias: None,
+                activation: *activation,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Calls `f` with a CPU f32 tensor's elements, borrowed when contiguous, copied otherwise;
+/// `None` for other dtypes and devices.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
+    if t.dtype() != DType::F32 || !t.device().is_cpu() {
+        return Ok(None);
+    }
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(Some(f(&v[a..b])));
+        }
+    }
+    Ok(Some(f(&t.flatten_all()?.to_vec1::<f32>()?)))
+}
+
+fn bail<T>(msg: String) -> Result<T> {
+    Err(candle_core::Error::Msg(msg))
+}
+
+/// Runs a prepared node; `Ok(None)` when this frame's inputs do not suit the kernel (then the
+/// caller runs candle's op).
+pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
+    let Some(x) = args.first() else {
+        return bail("native kernel called without inputs".into());
+    };
+    match p {
+        Prepared::Conv {
+            conv,
+            activation,
+            residual,
+        } => {
+            let dims = x.dims();
+            if dims.len() != 4 {
+                return Ok(None);
+            }
+            let (n, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
+            let Some((oh, ow)) = conv.out_hw(h, w) else {
+                return bail(format!("Conv input {dims:?} is smaller than its kernel"));
+            };
+            let out_shape = (n, conv.cout(), oh, ow);
+            let mut out = vec![0f32; n * conv.cout() * oh * ow];
+            let res = if *residual { args.last() } else { None };
+            let done = with_f32(x, |xs| match res {
+                Some(r) if r.dims() == [n, conv.cout(), oh, ow] => with_f32(r, |rs| {
+                    conv.run(xs, (n, c, h, w), Some(rs), *activation, &mut out)
+                }),
+                Some(_) => Ok(None),
+                None => Ok(Some(conv.run(
+                    xs,
+                    (n, c, h, w),
+                    None,
+                    *activation,
+                    &mut out,
+                ))),
+            })?;
+            match done.transpose()?.flatten() {
+                Some(Ok(())) => Ok(Some(Tensor::from_vec(out, out_shape, x.device())?)),
+                Some(Err(e)) => bail(format!("Conv: {}", e.0)),
+                None => Ok(None),
+            }
+        }
+        Prepared::Depthwise {
+            weight,
+            bias,
+            kernel,
+            stride,
+            dilation,
+            pads,
+            activation,
+            residual,
+        } => {
+            let dims = x.dims();
+            if dims.len() != 4 || weight.len() != dims[1] * kernel.0 * kernel.1 {
+                return Ok(None);
+            }
+            let shape = DepthwiseShape {
+                n: dims[0],
+                c: dims[1],
+                h: dims[2],
+                w: dims[3],
+                kh: kernel.0,
+                kw: kernel.1,
+                stride: *stride,
+                dilation: *dilation,
+                pad_begin: (pads[0], pads[1]),
+                pad_end: (pads[2], pads[3]),
+            };
+            let Some((oh, ow)) = shape.out_hw() else {
+                return bail(format!("Conv input {dims:?} is smaller than its kernel"));
+            };
+            let Some(mut y) = with_f32(x, |xs| {
+                depthwise_conv2d(&shape, xs, weight, bias.as_deref())
+            })?
+            else {
+                return Ok(None);
+            };
+            if *residual {
+                let r = &args[args.len() - 1];
+                if r.dims() != [shape.n, shape.c, oh, ow]
+                    || with_f32(r, |rs| y.iter_mut().zip(rs).for_each(|(a, b)| *a += b))?.is_none()
+                {
+                    return Ok(None);
+                }
+            }
+            apply_activation(*activation, &mut y);
+            Ok(Some(Tensor::from_vec(
+                y,
+                (shape.n, shape.c, oh, ow),
+                x.device(),
+            )?))
+        }
+        Prepared::Linear {
+            w,
+            bias,
+            activation,
+        } => {
+            let dims = x.dims();
+            let (k, n) = (w.k(), w.m());
+            if dims.last() != Some(&k) {
+                return Ok(None);
+            }
+            let rows = x.elem_count() / k.max(1);
+            let mut out = vec![0f32; rows * n];
+            let epi = Epilogue {
+                bias: bias.as_deref(),
+                residual: None,
+                activation: *activation,
+            };
+            // yᵀ = W ᵀ · xᵀ: B[k, r] = x[r, k], C[j, r] = y[r, j].
+            let done = with_f32(x, |xs| {
+                gemm(
+                    w,
+                    &MatrixB {
+                        data: xs,
+                        rs: 1,
+                        cs: k,
+                    },
+                    rows,
+                    &mut out,
+                    Layout { rs: 1, cs: n },
+                    &epi,
+                )
+            })?;
+            if done.is_none() {
+                return Ok(None);
+            }
+            let mut shape = dims.to_vec();
+            if let Some(last) = shape.last_mut() {
+                *last = n;
+            }
+            Ok(Some(Tensor::from_vec(out, shape, x.device())?))
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! 2-D convolution as a GEMM over packed weights: `out[co, p] = W[co, (ci, ky, kx)] · cols[(ci,
+//! ky, kx), p]`, where the column matrix is never built whole: [`Im2col`] packs the `KC × NC`
+//! block the GEMM asks for straight from the NCHW input. Bias (folded BatchNorm), a residual
+//! add and the activation run in the GEMM's epilogue, so the output is written once.
+
+use super::gemm::{gemm, BSource, Epilogue, Layout, MatrixB, PackedA};
+use crate::graph::Activation;
+
+/// A convolution's fixed parameters with its weights packed for the GEMM micro-kernel.
+#[derive(Debug, Clone)]
+pub struct PackedConv {
+    /// One packed weight matrix per group, `cout/group × cin/group·kh·kw`.
+    groups: Vec<PackedA>,
+    bias: Option<Vec<f32>>,
+    cout: usize,
+    cin_g: usize,
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    dilation: (usize, usize),
+    pad_begin: (usize, usize),
+    pad_end: (usize, usize),
+}
+
+/// Why a convolution cannot take the native path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotSupported(pub String);
+
+impl PackedConv {
+    /// Packs `weight` (`[cout, cin/group, kh, kw]`, row-major) and `bias` (`[cout]`).
+    /// `strides`, `dilations` are per spatial axis (y, x); `pads` are begins then ends.
+    pub fn new(
+        weight: &[f32],
+        wshape: &[usize],
+        bias: Option<&[f32]>,
+        strides: &[usize],
+        pads: &[usize],
+        dilations: &[usize],
+        group: usize,
+    ) -> Result<PackedConv, NotSupported> {
+        let bad = |s: String| Err(NotSupported(s));
+        if wshape.len() != 4 || strides.len() != 2 || dilations.len() != 2 || pads.len() != 4 {
+            return bad(format!("not a 2-D convolution (weight {wshape:?})"));
+        }
+        let (cout, cin_g, kh, kw) = (wshape[0], wshape[1], wshape[2], wshape[3]);
+        if group == 0 || cout % group != 0 || weight.len() != cout * cin_g * kh * kw {
+            return bad(format!(
+                "weight {wshape:?} does not split into {group} groups"
+            ));
+        }
+        if strides.contains(&0) || dilations.contains(&0) || kh == 0 || kw == 0 {
+            return bad("zero stride, dilation or kernel size".into());
+        }
+        if let Some(b) = bias {
+            if b.len() != cout {
+                return bad(format!("bias of {} values for {cout} channels", b.len()));
+            }
+        }
+        let cout_g = cout / group;
+        let k = cin_g * kh * kw;
+        let groups = (0..group)
+            .map(|g| {
+                PackedA::pack(
+                    &weight[g * cout_g * k..(g + 1) * cout_g * k],
+                    cout_g,
+                    k,
+                    k,
+                    1,
+                )
+            })
+            .collect();
+        Ok(PackedConv {
+            groups,
+            bias: bias.map(<[f32]>::to_vec),
+            cout,
+            cin_g,
+            kernel: (kh, kw),
+            stride: (strides[0], strides[1]),
+            dilation: (dilations[0], dilations[1]),
+            pad_begin: (pads[0], pads[1]),
+            pad_end: (pads[2], pads[3]),
+        })
+    }
+
+    /// Output channels.
+    pub fn cout(&self) -> usize {
+        self.cout
+    }
+
+    /// Output height and width for an `h × w` input, `None` when the kernel does not fit.
+    pub fn out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let span = |k: usize, d: usize| d * (k - 1) + 1;
+        let oh = (h + self.pad_begin.0 + self.pad_end.0)
+            .checked_sub(span(self.kernel.0, self.dilation.0))?
+            / self.stride.0
+            + 1;
+        let ow = (w + self.pad_begin.1 + self.pad_end.1)
+            .checked_sub(span(self.kernel.1, self.dilation.1))?
+            / self.stride.1
+            + 1;
+        Some((oh, ow))
+    }
+
+    /// Runs on `x` (`[n, cin, h, w]`), writing `out` (`[n, cout, oh, ow]`); `residual`, laid
+    /// out like `out`, is added before the activation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        x: &[f32],
+        (n, cin, h, w): (usize, usize, usize, usize),
+        residual: Option<&[f32]>,
+        activation: Option<Activation>,
+        out: &mut [f32],
+    ) -> Result<(), NotSupported> {
+        let group = self.groups.len();
+        if cin != self.cin_g * group || x.len() != n * cin * h * w {
+            return Err(NotSupported(format!(
+                "input [{n}, {cin}, {h}, {w}] for a convolution of {} input channels",
+                self.cin_g * group
+            )));
+        }
+        let (oh, ow) = self
+            .out_hw(h, w)
+            .ok_or_else(|| NotSupported(format!("input {h}×{w} is smaller than the kernel")))?;
+        let plane = oh * ow;
+        if out.len() != n * self.cout * plane || residual.is_some_and(|r| r.len() != out.len()) {
+            return Err(NotSupported("output or residual of the wrong size".into()));
+        }
+        let cout_g = self.cout / group;
+        let pointwise = self.kernel == (1, 1)
+            && self.stride == (1, 1)
+            && self.pad_begin == (0, 0)
+            && self.pad_end == (0, 0);
+        for img in 0..n {
+            for (g, a) in self.groups.iter().enumerate() {
+                let xg = &x[(img * cin + g * self.cin_g) * h * w
+                    ..(img * cin + (g + 1) * self.cin_g) * h * w];
+                let c0 = (img * self.cout + g * cout_g) * plane;
+                let c1 = c0 + cout_g * plane;
+                let epi = Epilogue {
+                    bias: self
+                        .bias
+                        .as_deref()
+                        .map(|b| &b[g * cout_g..(g + 1) * cout_g]),
+                    residual: residual.map(|r| &r[c0..c1]),
+                    activation,
+                };
+                let layout = Layout { rs: plane, cs: 1 };
+                if pointwise {
+                    let b = MatrixB {
+                        data: xg,
+                        rs: h * w,
+                        cs: 1,
+                    };
+                    gemm(a, &b, plane, &mut out[c0..c1], layout, &epi);
+                } else {
+                    let b = Im2col {
+                        conv: self,
+                        x: xg,
+                        h,
+                        w,
+                        ow,
+                    };
+                    gemm(a, &b, plane, &mut out[c0..c1], layout, &epi);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The column matrix of one image and group, packed on demand.
+struct Im2col<'a> {
+    conv: &'a PackedConv,
+    x: &'a [f32],
+    h: usize,
+    w: usize,
+    ow: usize,
+}
+
+impl BSource for Im2col<'_> {
+    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
+        let c = self.conv;
+        let (kh, kw) = c.kernel;
+        let (sy, sx) = c.stride;
+        let (h, w, ow) = (self.h as isize, self.w as isize, self.ow);
+        // Per row k of the block: where its channel plane starts and the kernel tap's offsets.
+        let taps: Vec<(usize, isize, isize)> = (k0..k0 + kc)
+            .map(|k| {
+                let (ci, r) = (k / (kh * kw), k % (kh * kw));
+                let (ky, kx) = (r / kw, r % kw);
+                (
+                    ci * self.h * self.w,
+                    (ky * c.dilation.0) as isize - c.pad_begin.0 as isize,
+                    (kx * c.dilation.1) as isize - c.pad_begin.1 as isize,
+                )
+            })
+            .collect();
+        let mut segs: Vec<(usize, usize, usize, usize)> = Vec::new();
+        for p in 0..nc.div_ceil(nr) {
+            // The panel's columns as runs within one output row: (oy, ox0, len, column offset).
+            segs.clear();
+            let (mut col, end) = (p * nr, (p * nr + nr).min(nc));
+            while col < end {
+                let q = n0 + col;
+                let (oy, ox) = (q / ow, q % ow);
+                let len = (ow - ox).min(end - col);
+                segs.push((oy, ox, len, col - p * nr));
+                col += len;
+            }
+            let panel = &mut dst[p * kc * nr..(p + 1) * kc * nr];
+            for (kk, &(plane, dy, dx)) in taps.iter().enumerate() {
+                let row = &mut panel[kk * nr..(kk + 1) * nr];
+                row[end - p * nr..].fill(0.0);
+                for &(oy, ox0, len, at) in &segs {
+                    let out = &mut row[at..at + len];
+                    let iy = (oy * sy) as isize + dy;
+                    if iy < 0 || iy >= h {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src =
+                        &self.x[plane + iy as usize * self.w..plane + (iy as usize + 1) * self.w];
+                    let ix0 = (ox0 * sx) as isize + dx;
+                    if sx == 1 {
+                        // Valid outputs are those with 0 ≤ ix0 + j < w.
+                        let lo = (-ix0).clamp(0, len as isize) as usize;
+                        let hi = (w - ix0).clamp(lo as isize, len as isize) as usize;
+                        out[..lo].fill(0.0);
+                        if hi > lo {
+                            let s0 = (ix0 + lo as isize) as usize;
+                            out[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
+                        }
+                        out[hi..].fill(0.0);
+                    } else {
+                        for (j, v) in out.iter_mut().enumerate() {
+                            let ix = ix0 + (j * sx) as isize;
+                            *v = if ix >= 0 && ix < w {
+                                src[ix as usize]
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    struct Case {
+        n: usize,
+        cin: usize,
+        cout: usize,
+        hw: (usize, usize),
+        k: (usize, usize),
+        stride: usize,
+        pads: [usize; 4],
+        dil: usize,
+        group: usize,
+    }
+
+    fn check(c: &Case) {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (c.n, c.cin, c.hw.0, c.hw.1), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (c.cout, c.cin / c.group, c.k.0, c.k.1), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, c.cout, &dev).unwrap();
+        let conv = PackedConv::new(
+            &w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            w.dims(),
+            Some(&b.to_vec1::<f32>().unwrap()),
+            &[c.stride, c.stride],
+            &c.pads,
+            &[c.dil, c.dil],
+            c.group,
+        )
+        .unwrap();
+        let xp = x
+            .pad_with_zeros(2, c.pads[0], c.pads[2])
+            .unwrap()
+            .pad_with_zeros(3, c.pads[1], c.pads[3])
+            .unwrap();
+        let want = xp
+            .conv2d(&w, 0, c.stride, c.dil, c.group)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, c.cout, 1, 1)).unwrap())
+            .unwrap();
+        let res = Tensor::randn(0f32, 1.0, want.dims(), &dev).unwrap();
+        let want = (want + &res).unwrap().relu().unwrap();
+        let (oh, ow) = conv.out_hw(c.hw.0, c.hw.1).unwrap();
+        assert_eq!(want.dims(), &[c.n, c.cout, oh, ow]);
+        let mut got = vec![f32::NAN; want.elem_count()];
+        conv.run(
+            &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            (c.n, c.cin, c.hw.0, c.hw.1),
+            Some(&res.flatten_all().unwrap().to_vec1::<f32>().unwrap()),
+            Some(Activation::Relu),
+            &mut got,
+        )
+        .unwrap();
+        let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+        let scale = ((c.cin / c.group) * c.k.0 * c.k.1) as f32;
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 2e-5 * scale.sqrt().max(1.0) * 4.0, "max err {err}");
+    }
+
+    #[test]
+    fn matches_candle_over_strides_pads_groups_and_odd_channels() {
+        let mut cases = Vec::new();
+        for &(k, stride, pad, dil) in &[
+            (3, 1, 1, 1),
+            (3, 2, 1, 1),
+            (1, 1, 0, 1),
+            (1, 2, 0, 1),
+            (7, 2, 3, 1),
+            (3, 1, 2, 2),
+            (5, 1, 0, 1),
+        ] {
+            for &(cin, cout, group) in &[(3, 64, 1), (13, 37, 1), (8, 12, 2), (6, 9, 3)] {
+                for &hw in &[(5, 7), (12, 12), (1, 9)] {
+                    let span = dil * (k - 1) + 1;
+                    if hw.0 + 2 * pad >= span && hw.1 + 2 * pad >= span {
+                        cases.push(Case {
+                            n: 1,
+                            cin,
+                            cout,
+                            hw,
+                            k: (k, k),
+                            stride,
+                            pads: [pad; 4],
+                            dil,
+                            group,
+                        });
+                    }
+                }
+            }
+        }
+        cases.push(Case {
+            n: 2,
+            cin: 5,
+            cout: 7,
+            hw: (9, 6),
+            k: (3, 3),
+            stride: 2,
+            pads: [0, 1, 1, 0],
+            dil: 1,
+            group: 1,
+        });
+        cases.push(Case {
+            n: 1,
+            cin: 300,
+            cout: 40,
+            hw: (14, 14),
+            k: (3, 3),
+            stride: 1,
+            pads: [1; 4],
+            dil: 1,
+            group: 1,
+        });
+        for c in &cases {
+            check(c);
+        }
+    }
+
+    #[test]
+    fn wrong_input_size_is_an_error_not_a_panic() {
+        let conv = PackedConv::new(
+            &[0.0; 2 * 3 * 9],
+            &[2, 3, 3, 3],
+            None,
+            &[1, 1],
+            &[0; 4],
+            &[1, 1],
+            1,
+        )
+        .unwrap();
+        let mut out = vec![0.0; 2 * 9];
+        assert!(conv
+            .run(&[0.0; 10], (1, 3, 5, 5), None, None, &mut out)
+            .is_err());
+        assert!(conv
+            .run(&[0.0; 3 * 2 * 2], (1, 3, 2, 2), None, None, &mut out)
+            .is_err());
+    }
+}

@@ -1,0 +1,621 @@
+//! Single-precision GEMM with pre-packed left operand and a fused epilogue:
+//!
+//! `C[m, n] = act(Σ_k A[m, k] · B[k, n] + bias[m] + R[m, n])`
+//!
+//! A is the constant operand (conv or linear weights, rows = output channels), packed once at
+//! load into panels of `MR` rows per `KC`-deep block. B is the activation operand, described by
+//! a [`BSource`] that packs a `KC × NC` block into `NR`-column panels on demand (a strided
+//! matrix, or im2col of a convolution input, which never materialises the whole column matrix).
+//! The micro-kernel keeps an `MR × NR` tile of C in registers; the epilogue (bias, residual,
+//! activation) runs on the tile as it is stored, so a conv writes its final output once.
+//!
+//! Micro-kernels: AVX-512F (8 × 32) and AVX2+FMA (6 × 16) on x86-64, chosen at run time, and a
+//! portable one (4 × 16) the compiler vectorises for whatever the target has (NEON on aarch64).
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::act::apply_activation;
+use crate::graph::Activation;
+
+/// Depth of one packed block of A and B: A's micro-panel (`KC × MR`) stays in L1 while the
+/// B panels stream past it.
+pub const KC: usize = 256;
+/// Largest `MR × NR` of any micro-kernel (the size of a tile buffer).
+const TILE_MAX: usize = 16 * 32;
+
+/// Which micro-kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F, 8 × 32 tiles.
+    Avx512,
+    /// AVX2 + FMA, 6 × 16 tiles.
+    Avx2,
+    /// Plain Rust, 4 × 16 tiles, vectorised by the compiler.
+    Portable,
+}
+
+impl Isa {
+    /// The best micro-kernel this CPU runs (detected once).
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            if std::env::var("EDGEINFER_ISA").is_ok_and(|v| v == "portable") {
+                return Isa::Portable;
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+                if std::env::var("EDGEINFER_ISA").is_ok_and(|v| v == "avx2") && avx2 {
+                    return Isa::Avx2;
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    return Isa::Avx512;
+                }
+                if avx2 {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Portable
+        })
+    }
+
+    /// Rows of C per micro-tile.
+    pub fn mr(self) -> usize {
+        match self {
+            Isa::Avx512 => 8,
+            Isa::Avx2 => 6,
+            Isa::Portable => 4,
+        }
+    }
+
+    /// Columns of C per micro-tile.
+    pub fn nr(self) -> usize {
+        match self {
+            Isa::Avx512 => 32,
+            Isa::Avx2 => 16,
+            Isa::Portable => 16,
+        }
+    }
+}
+
+/// The constant left operand, packed for one [`Isa`]: for each `KC` block of k, for each panel
+/// of `MR` rows, `kc × MR` values (k-major), rows past `m` zero.
+#[derive(Debug, Clone)]
+pub struct PackedA {
+    isa: Isa,
+    m: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl PackedA {
+    /// Packs `A[i, j] = a[i * rs + j * cs]` for `i < m`, `j < k`.
+    pub fn pack(a: &[f32], m: usize, k: usize, rs: usize, cs: usize) -> PackedA {
+        Self::pack_for(Isa::detect(), a, m, k, rs, cs)
+    }
+
+    /// As [`PackedA::pack`], for a given micro-kernel.
+    pub fn pack_for(isa: Isa, a: &[f32], m: usize, k: usize, rs: usize, cs: usize) -> PackedA {
+        let mr = isa.mr();
+        let panels = m.div_ceil(mr);
+        let mut data = vec![0f32; panels * mr * k];
+        let mut at = 0;
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            for p in 0..panels {
+                for kk in 0..kc {
+                    for r in 0..mr {
+                        let i = p * mr + r;
+                        if i < m {
+                            data[at] = a[i * rs + (k0 + kk) * cs];
+                        }
+                        at += 1;
+                    }
+                }
+            }
+        }
+        PackedA { isa, m, k, data }
+    }
+
+    /// Rows (output channels).
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    /// Depth.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The micro-kernel this packing is for.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Start of the panel `p` of the block starting at `k0`.
+    fn panel(&self, k0: usize, p: usize) -> &[f32] {
+        let mr = self.isa.mr();
+        let panels = self.m.div_ceil(mr);
+        let kc = KC.min(self.k - k0);
+        let start = k0 * panels * mr + p * kc * mr;
+        &self.data[start..start + kc * mr]
+    }
+}
+
+/// The right operand: something that can write a block of B into packed panels.
+pub trait BSource: Sync {
+    /// Writes `B[k0 .. k0 + kc, n0 .. n0 + nc]` into `dst` as `nc.div_ceil(nr)` panels of
+    /// `kc × nr` values (k-major), columns past `nc` zero.
+    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, dst: &mut [f32]);
+}
+
+/// A strided matrix `B[k, n] = data[k * rs + n * cs]`.
+pub struct MatrixB<'a> {
+    /// Elements.
+    pub data: &'a [f32],
+    /// Step between rows (k).
+    pub rs: usize,
+    /// Step between columns (n).
+    pub cs: usize,
+}
+
+impl BSource for MatrixB<'_> {
+    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
+        for p in 0..nc.div_ceil(nr) {
+            let cols = nr.min(nc - p * nr);
+            let panel = &mut dst[p * kc * nr..(p + 1) * kc * nr];
+            for kk in 0..kc {
+                let row = &mut panel[kk * nr..(kk + 1) * nr];
+                let base = (k0 + kk) * self.rs + (n0 + p * nr) * self.cs;
+                if self.cs == 1 {
+                    row[..cols].copy_from_slice(&self.data[base..base + cols]);
+                } else {
+                    for (j, v) in row[..cols].iter_mut().enumerate() {
+                        *v = self.data[base + j * self.cs];
+                    }
+                }
+                row[cols..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// What happens to each element of C as it is stored.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// Added per row (output channel).
+    pub bias: Option<&'a [f32]>,
+    /// Added per element, laid out like C (a residual connection).
+    pub residual: Option<&'a [f32]>,
+    /// Applied last.
+    pub activation: Option<Activation>,
+}
+
+/// Where C lives: `C[i, j] = c[i * rs + j * cs]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    /// Step between rows.
+    pub rs: usize,
+    /// Step between columns.
+    pub cs: usize,
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: work items write disjoint (row range × column range) regions of C.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// A method, so closures capture the whole (Sync) wrapper rather than the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+thread_local! {
+    static PACK_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `C = epilogue(A · B)` for `n` columns. `c` and `epi.residual` must hold every element the
+/// layout addresses; panics otherwise (callers size them from the same shapes).
+pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layout, epi: &Epilogue) {
+    let (m, k) = (a.m, a.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = (m - 1) * layout.rs + (n - 1) * layout.cs;
+    assert!(
+        c.len() > last,
+        "gemm: C holds {} elements, needs {}",
+        c.len(),
+        last + 1
+    );
+    if let Some(r) = epi.residual {
+        assert!(
+            r.len() > last,
+            "gemm: residual holds {} elements, needs {}",
+            r.len(),
+            last + 1
+        );
+    }
+    if let Some(bias) = epi.bias {
+        assert!(
+            bias.len() >= m,
+            "gemm: bias holds {} values for {m} rows",
+            bias.len()
+        );
+    }
+    if k == 0 {
+        // No products: C is the epilogue of zero.
+        for i in 0..m {
+            let mut row: Vec<f32> = (0..n)
+                .map(|j| {
+                    epi.bias.map_or(0.0, |b| b[i])
+                        + epi
+                            .residual
+                            .map_or(0.0, |r| r[i * layout.rs + j * layout.cs])
+                })
+                .collect();
+            apply_activation(epi.activation, &mut row);
+            for (j, v) in row.into_iter().enumerate() {
+                c[i * layout.rs + j * layout.cs] = v;
+            }
+        }
+        return;
+    }
+    let (mr, nr) = (a.isa.mr(), a.isa.nr());
+    // Work items: column chunks of NC, and row chunks when there are too few column chunks
+    // to keep every thread busy (the 7 × 7 maps at the end of a ResNet).
+    let threads = rayon::current_num_threads().max(1);
+    let nc_max = nr * 8;
+    let n_chunks = n.div_ceil(nc_max);
+    let m_panels = m.div_ceil(mr);
+    let want = 2 * threads;
+    let m_parts = if n_chunks >= want {
+        1
+    } else {
+        want.div_ceil(n_chunks).min(m_panels)
+    };
+    let panels_per_part = m_panels.div_ceil(m_parts);
+    let items: Vec<(usize, usize)> = (0..n_chunks)
+        .flat_map(|nj| (0..m_panels.div_ceil(panels_per_part)).map(move |mi| (mi, nj)))
+        .collect();
+    let cptr = SendPtr(c.as_mut_ptr());
+    let run = |&(mi, nj): &(usize, usize)| {
+        let p0 = mi * panels_per_part;
+        let p1 = (p0 + panels_per_part).min(m_panels);
+        let n0 = nj * nc_max;
+        let nc = nc_max.min(n - n0);
+        PACK_B.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let need = KC * nc.div_ceil(nr) * nr;
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                b.pack(k0, kc, n0, nc, nr, &mut buf[..kc * nc.div_ceil(nr) * nr]);
+                let first = k0 == 0;
+                let final_block = k0 + kc == k;
+                for np in 0..nc.div_ceil(nr) {
+                    let bp = &buf[np * kc * nr..(np + 1) * kc * nr];
+                    let cols = nr.min(nc - np * nr);
+                    for p in p0..p1 {
+                        let ap = a.panel(k0, p);
+                        let mut tile = [0f32; TILE_MAX];
+                        micro(a.isa, kc, ap, bp, &mut tile);
+                        let rows = mr.min(m - p * mr);
+                        // SAFETY: rows p*mr.. and columns n0+np*nr.. belong to this item only.
+                        unsafe {
+                            store(
+                                &tile[..mr * nr],
+                                nr,
+                                cptr.get(),
+                                layout,
+                                (p * mr, n0 + np * nr),
+                                (rows, cols),
+                                first,
+                                final_block,
+                                epi,
+                            );
+                        }
+                    }
+                }
+            }
+        });
+    };
+    if items.len() == 1 || threads == 1 {
+        items.iter().for_each(run);
+    } else {
+        items.par_iter().for_each(run);
+    }
+}
+
+/// Adds the tile into C (or stores it, for the first k block) and, after the last k block,
+/// applies the epilogue.
+///
+/// # Safety
+/// `c` must address every element of the `rows × cols` block at `(i0, j0)` under `layout`, and
+/// no other thread may touch that block.
+#[allow(clippy::too_many_arguments)]
+unsafe fn store(
+    tile: &[f32],
+    nr: usize,
+    c: *mut f32,
+    layout: Layout,
+    (i0, j0): (usize, usize),
+    (rows, cols): (usize, usize),
+    first: bool,
+    final_block: bool,
+    epi: &Epilogue,
+) {
+    let mut row = [0f32; 32];
+    for r in 0..rows {
+        let i = i0 + r;
+        let vals = &mut row[..cols];
+        vals.copy_from_slice(&tile[r * nr..r * nr + cols]);
+        let base = i * layout.rs + j0 * layout.cs;
+        if !first {
+            for (j, v) in vals.iter_mut().enumerate() {
+                *v += *c.add(base + j * layout.cs);
+            }
+        }
+        if final_block {
+            if let Some(b) = epi.bias {
+                let bi = b[i];
+                vals.iter_mut().for_each(|v| *v += bi);
+            }
+            if let Some(res) = epi.residual {
+                if layout.cs == 1 {
+                    for (v, r) in vals.iter_mut().zip(&res[base..base + cols]) {
+                        *v += r;
+                    }
+                } else {
+                    for (j, v) in vals.iter_mut().enumerate() {
+                        *v += res[base + j * layout.cs];
+                    }
+                }
+            }
+            apply_activation(epi.activation, vals);
+        }
+        if layout.cs == 1 {
+            std::ptr::copy_nonoverlapping(vals.as_ptr(), c.add(base), cols);
+        } else {
+            for (j, v) in vals.iter().enumerate() {
+                *c.add(base + j * layout.cs) = *v;
+            }
+        }
+    }
+}
+
+/// `tile[r * NR + j] = Σ_k a[k * MR + r] · b[k * NR + j]` for the kernel of `isa`.
+fn micro(isa: Isa, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32; TILE_MAX]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Isa::detect only picks Avx512 / Avx2 when the CPU has those features; the
+        // slices hold kc·MR and kc·NR values (asserted by the panel layout).
+        Isa::Avx512 => unsafe { x86::kernel_8x32(kc, a, b, tile) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::kernel_6x16(kc, a, b, tile) },
+        _ => portable::kernel_4x16(kc, a, b, tile),
+    }
+}
+
+mod portable {
+    use super::TILE_MAX;
+
+    pub fn kernel_4x16(kc: usize, a: &[f32], b: &[f32], tile: &mut [f32; TILE_MAX]) {
+        let mut acc = [[0f32; 16]; 4];
+        for (ak, bk) in a.chunks_exact(4).zip(b.chunks_exact(16)).take(kc) {
+            for r in 0..4 {
+                for j in 0..16 {
+                    acc[r][j] += ak[r] * bk[j];
+                }
+            }
+        }
+        for r in 0..4 {
+            tile[r * 16..r * 16 + 16].copy_from_slice(&acc[r]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::TILE_MAX;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must have AVX-512F; `a` holds `kc * 8` and `b` `kc * 32` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel_8x32(kc: usize, a: &[f32], b: &[f32], tile: &mut [f32; TILE_MAX]) {
+        debug_assert!(a.len() >= kc * 8 && b.len() >= kc * 32);
+        let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+        let mut c0 = [_mm512_setzero_ps(); 8];
+        let mut c1 = [_mm512_setzero_ps(); 8];
+        for _ in 0..kc {
+            let b0 = _mm512_loadu_ps(bp);
+            let b1 = _mm512_loadu_ps(bp.add(16));
+            for r in 0..8 {
+                let av = _mm512_set1_ps(*ap.add(r));
+                c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
+                c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+            }
+            ap = ap.add(8);
+            bp = bp.add(32);
+        }
+        let t = tile.as_mut_ptr();
+        for r in 0..8 {
+            _mm512_storeu_ps(t.add(r * 32), c0[r]);
+            _mm512_storeu_ps(t.add(r * 32 + 16), c1[r]);
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `a` holds `kc * 6` and `b` `kc * 16` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel_6x16(kc: usize, a: &[f32], b: &[f32], tile: &mut [f32; TILE_MAX]) {
+        debug_assert!(a.len() >= kc * 6 && b.len() >= kc * 16);
+        let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+        let mut c0 = [_mm256_setzero_ps(); 6];
+        let mut c1 = [_mm256_setzero_ps(); 6];
+        for _ in 0..kc {
+            let b0 = _mm256_loadu_ps(bp);
+            let b1 = _mm256_loadu_ps(bp.add(8));
+            for r in 0..6 {
+                let av = _mm256_broadcast_ss(&*ap.add(r));
+                c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+                c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+            }
+            ap = ap.add(6);
+            bp = bp.add(16);
+        }
+        let t = tile.as_mut_ptr();
+        for r in 0..6 {
+            _mm256_storeu_ps(t.add(r * 16), c0[r]);
+            _mm256_storeu_ps(t.add(r * 16 + 8), c1[r]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for kk in 0..k {
+                    s += a[i * k + kk] as f64 * b[kk * n + j] as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                v.push(Isa::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn matches_naive_over_odd_shapes_and_every_kernel() {
+        for isa in isas() {
+            for &(m, k, n) in &[
+                (1, 1, 1),
+                (7, 3, 5),
+                (13, 300, 37),
+                (64, 576, 300),
+                (33, 257, 65),
+                (5, 600, 1),
+            ] {
+                let a = rand(m * k, 1);
+                let b = rand(k * n, 2);
+                let want = naive(&a, &b, m, k, n);
+                let pa = PackedA::pack_for(isa, &a, m, k, k, 1);
+                let mut c = vec![f32::NAN; m * n];
+                gemm(
+                    &pa,
+                    &MatrixB {
+                        data: &b,
+                        rs: n,
+                        cs: 1,
+                    },
+                    n,
+                    &mut c,
+                    Layout { rs: n, cs: 1 },
+                    &Epilogue::default(),
+                );
+                let err = c
+                    .iter()
+                    .zip(&want)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    err < 1e-4 * (k as f32).sqrt(),
+                    "{isa:?} {m}x{k}x{n}: max err {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn epilogue_and_transposed_layouts() {
+        let (m, k, n) = (10, 40, 23);
+        let a = rand(m * k, 3);
+        let b = rand(k * n, 4);
+        let bias = rand(m, 5);
+        let res = rand(m * n, 6);
+        let mut want = naive(&a, &b, m, k, n);
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (want[i * n + j] + bias[i] + res[i * n + j]).max(0.0);
+            }
+        }
+        for isa in isas() {
+            // A given transposed (column-major), B transposed, C written transposed.
+            let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
+            let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+            let rt: Vec<f32> = (0..n * m).map(|x| res[(x % m) * n + x / m]).collect();
+            let pa = PackedA::pack_for(isa, &at, m, k, 1, m);
+            let mut ct = vec![0f32; m * n];
+            let epi = Epilogue {
+                bias: Some(&bias),
+                residual: Some(&rt),
+                activation: Some(Activation::Relu),
+            };
+            gemm(
+                &pa,
+                &MatrixB {
+                    data: &bt,
+                    rs: 1,
+                    cs: k,
+                },
+                n,
+                &mut ct,
+                Layout { rs: 1, cs: m },
+                &epi,
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    let d = (ct[j * m + i] - want[i * n + j]).abs();
+                    assert!(
+                        d < 1e-4,
+                        "{isa:?} ({i},{j}): {} vs {}",
+                        ct[j * m + i],
+                        want[i * n + j]
+                    );
+                }
+            }
+        }
+    }
+}
