@@ -88,6 +88,13 @@ pub fn load_weights(
     Ok(out)
 }
 
+/// Per-op timing of every run, logged at info level, when `EDGEINFER_PROFILE=1`. Each op is
+/// timed as it returns, so on a GPU the numbers are launch times, not kernel times.
+fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("EDGEINFER_PROFILE").is_ok_and(|v| v == "1"))
+}
+
 impl Executor {
     /// Plans `graph` with `weights` (every tensor the graph names) on `device`.
     pub fn new(
@@ -308,8 +315,11 @@ impl Executor {
         }
         let mut tapped = HashMap::new();
         let mut args: Vec<Tensor> = Vec::with_capacity(8);
+        let profile = profiling();
+        let mut spent: Vec<(String, f64)> = Vec::new();
         for (si, step) in self.steps.iter().enumerate() {
             let node = &self.graph.nodes[step.node];
+            let started = profile.then(std::time::Instant::now);
             args.clear();
             for r in &step.inputs {
                 let t = match r {
@@ -334,6 +344,22 @@ impl Executor {
                 Some(t) => vec![t],
                 None => ops::eval(&node.op, &args).map_err(exec_err)?,
             };
+            if let Some(t0) = started {
+                let kind = format!(
+                    "{}{}",
+                    node.op.name(),
+                    if self.prepared[si].is_some() {
+                        " [native]"
+                    } else {
+                        ""
+                    }
+                );
+                let ms = t0.elapsed().as_secs_f64() * 1e3;
+                match spent.iter_mut().find(|(k, _)| *k == kind) {
+                    Some(e) => e.1 += ms,
+                    None => spent.push((kind, ms)),
+                }
+            }
             for (slot, t) in step.outputs.iter().zip(results) {
                 values[*slot] = Some(t);
             }
@@ -354,6 +380,12 @@ impl Executor {
                     tapped.insert(name.clone(), t.clone());
                 }
             }
+        }
+        if profile {
+            spent.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let total: f64 = spent.iter().map(|(_, ms)| ms).sum();
+            let parts: Vec<String> = spent.iter().map(|(k, ms)| format!("{k} {ms:.2}")).collect();
+            tracing::info!("profile: {total:.2} ms: {}", parts.join(", "));
         }
         let mut outputs = Vec::with_capacity(self.outputs.len());
         for (name, r) in &self.outputs {

@@ -167,6 +167,20 @@ impl BSource for MatrixB<'_> {
         for p in 0..nc.div_ceil(nr) {
             let cols = nr.min(nc - p * nr);
             let panel = &mut dst[p * kc * nr..(p + 1) * kc * nr];
+            if self.rs == 1 && self.cs != 1 {
+                // Columns run along k (xᵀ of a row-major x): read each column contiguously.
+                for j in 0..nr {
+                    if j < cols {
+                        let base = k0 + (n0 + p * nr + j) * self.cs;
+                        for (kk, &v) in self.data[base..base + kc].iter().enumerate() {
+                            panel[kk * nr + j] = v;
+                        }
+                    } else {
+                        (0..kc).for_each(|kk| panel[kk * nr + j] = 0.0);
+                    }
+                }
+                continue;
+            }
             for kk in 0..kc {
                 let row = &mut panel[kk * nr..(kk + 1) * nr];
                 let base = (k0 + kk) * self.rs + (n0 + p * nr) * self.cs;
@@ -306,9 +320,24 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
                     let cols = nr.min(nc - np * nr);
                     for p in p0..p1 {
                         let ap = a.panel(k0, p);
-                        let mut tile = [0f32; TILE_MAX];
-                        micro(a.isa, kc, ap, bp, &mut tile);
                         let rows = mr.min(m - p * mr);
+                        if rows == mr && cols == nr && layout.cs == 1 {
+                            // Whole tile, unit column stride: the kernel adds into C itself.
+                            let (i0, j0) = (p * mr, n0 + np * nr);
+                            // SAFETY: the tile lies inside C (checked against `last` above) and
+                            // belongs to this work item only.
+                            unsafe {
+                                let cp = cptr.get().add(i0 * layout.rs + j0);
+                                micro(a.isa, kc, ap, bp, cp, layout.rs, !first);
+                                if final_block {
+                                    epilogue_in_place(cp, layout.rs, (i0, j0), (mr, nr), epi);
+                                }
+                            }
+                            continue;
+                        }
+                        let mut tile = [0f32; TILE_MAX];
+                        // SAFETY: the tile buffer holds MR × NR values at row stride NR.
+                        unsafe { micro(a.isa, kc, ap, bp, tile.as_mut_ptr(), nr, false) };
                         // SAFETY: rows p*mr.. and columns n0+np*nr.. belong to this item only.
                         unsafe {
                             store(
@@ -392,23 +421,72 @@ unsafe fn store(
     }
 }
 
-/// `tile[r * NR + j] = Σ_k a[k * MR + r] · b[k * NR + j]` for the kernel of `isa`.
-fn micro(isa: Isa, kc: usize, a: &[f32], b: &[f32], tile: &mut [f32; TILE_MAX]) {
+/// `C[r, j] (+)= Σ_k a[k * MR + r] · b[k * NR + j]` for the kernel of `isa`, C at `c` with row
+/// stride `ldc`, added to when `accumulate`.
+///
+/// # Safety
+/// `c` must address `MR` rows of `NR` values at stride `ldc`.
+unsafe fn micro(
+    isa: Isa,
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     match isa {
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: Isa::detect only picks Avx512 / Avx2 when the CPU has those features; the
-        // slices hold kc·MR and kc·NR values (asserted by the panel layout).
-        Isa::Avx512 => unsafe { x86::kernel_8x32(kc, a, b, tile) },
+        // panels hold kc·MR and kc·NR values.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::kernel_6x16(kc, a, b, tile) },
-        _ => portable::kernel_4x16(kc, a, b, tile),
+        Isa::Avx512 => x86::kernel_8x32(kc, a, b, c, ldc, accumulate),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::kernel_6x16(kc, a, b, c, ldc, accumulate),
+        _ => portable::kernel_4x16(kc, a, b, c, ldc, accumulate),
+    }
+}
+
+/// Bias, residual and activation on a whole tile already in C.
+///
+/// # Safety
+/// As for [`micro`]; `epi`'s slices are indexed like C with column stride 1.
+unsafe fn epilogue_in_place(
+    c: *mut f32,
+    ldc: usize,
+    (i0, j0): (usize, usize),
+    (rows, cols): (usize, usize),
+    epi: &Epilogue,
+) {
+    if epi.bias.is_none() && epi.residual.is_none() && epi.activation.is_none() {
+        return;
+    }
+    for r in 0..rows {
+        let row = std::slice::from_raw_parts_mut(c.add(r * ldc), cols);
+        if let Some(b) = epi.bias {
+            let bi = b[i0 + r];
+            row.iter_mut().for_each(|v| *v += bi);
+        }
+        if let Some(res) = epi.residual {
+            let base = (i0 + r) * ldc + j0;
+            row.iter_mut()
+                .zip(&res[base..base + cols])
+                .for_each(|(v, x)| *v += x);
+        }
+        apply_activation(epi.activation, row);
     }
 }
 
 mod portable {
-    use super::TILE_MAX;
-
-    pub fn kernel_4x16(kc: usize, a: &[f32], b: &[f32], tile: &mut [f32; TILE_MAX]) {
+    /// # Safety
+    /// `c` addresses 4 rows of 16 values at stride `ldc`; `a`, `b` hold `kc·4`, `kc·16`.
+    pub unsafe fn kernel_4x16(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
         let mut acc = [[0f32; 16]; 4];
         for (ak, bk) in a.chunks_exact(4).zip(b.chunks_exact(16)).take(kc) {
             for r in 0..4 {
@@ -417,21 +495,33 @@ mod portable {
                 }
             }
         }
-        for r in 0..4 {
-            tile[r * 16..r * 16 + 16].copy_from_slice(&acc[r]);
+        for (r, acc_r) in acc.iter().enumerate() {
+            let row = std::slice::from_raw_parts_mut(c.add(r * ldc), 16);
+            if accumulate {
+                row.iter_mut().zip(acc_r).for_each(|(o, v)| *o += v);
+            } else {
+                row.copy_from_slice(acc_r);
+            }
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::TILE_MAX;
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// The CPU must have AVX-512F; `a` holds `kc * 8` and `b` `kc * 32` values.
+    /// The CPU must have AVX-512F; `a` holds `kc * 8` and `b` `kc * 32` values; `c` addresses
+    /// 8 rows of 32 values at stride `ldc`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel_8x32(kc: usize, a: &[f32], b: &[f32], tile: &mut [f32; TILE_MAX]) {
+    pub unsafe fn kernel_8x32(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
         debug_assert!(a.len() >= kc * 8 && b.len() >= kc * 32);
         let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
         let mut c0 = [_mm512_setzero_ps(); 8];
@@ -447,17 +537,29 @@ mod x86 {
             ap = ap.add(8);
             bp = bp.add(32);
         }
-        let t = tile.as_mut_ptr();
         for r in 0..8 {
-            _mm512_storeu_ps(t.add(r * 32), c0[r]);
-            _mm512_storeu_ps(t.add(r * 32 + 16), c1[r]);
+            let t = c.add(r * ldc);
+            if accumulate {
+                c0[r] = _mm512_add_ps(c0[r], _mm512_loadu_ps(t));
+                c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(t.add(16)));
+            }
+            _mm512_storeu_ps(t, c0[r]);
+            _mm512_storeu_ps(t.add(16), c1[r]);
         }
     }
 
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `a` holds `kc * 6` and `b` `kc * 16` values.
+    /// The CPU must have AVX2 and FMA; `a` holds `kc * 6` and `b` `kc * 16` values; `c`
+    /// addresses 6 rows of 16 values at stride `ldc`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn kernel_6x16(kc: usize, a: &[f32], b: &[f32], tile: &mut [f32; TILE_MAX]) {
+    pub unsafe fn kernel_6x16(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
         debug_assert!(a.len() >= kc * 6 && b.len() >= kc * 16);
         let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
         let mut c0 = [_mm256_setzero_ps(); 6];
@@ -473,10 +575,14 @@ mod x86 {
             ap = ap.add(6);
             bp = bp.add(16);
         }
-        let t = tile.as_mut_ptr();
         for r in 0..6 {
-            _mm256_storeu_ps(t.add(r * 16), c0[r]);
-            _mm256_storeu_ps(t.add(r * 16 + 8), c1[r]);
+            let t = c.add(r * ldc);
+            if accumulate {
+                c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(t));
+                c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(t.add(8)));
+            }
+            _mm256_storeu_ps(t, c0[r]);
+            _mm256_storeu_ps(t.add(8), c1[r]);
         }
     }
 }
