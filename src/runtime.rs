@@ -11,7 +11,7 @@ use candle_core::{DType as CDType, Tensor};
 use crate::budget::{FrameTimer, Stage};
 use crate::device::{self, DeviceChoice, DeviceRequest};
 use crate::error::{Error, Result};
-use crate::exec::{load_weights, ExecOptions, Executor, Kernels, RunOutputs};
+use crate::exec::{load_weights, ExecOptions, Executor, Kernels, RunOutputs, Winograd};
 use crate::graph::passes::{optimize, PassReport};
 use crate::graph::{Graph, OutputMeaning, META_LABELS, META_PROVENANCE};
 use crate::model::ModelFile;
@@ -98,6 +98,12 @@ impl RuntimeBuilder {
     /// CPU kernels: our own (default) or candle's reference ops.
     pub fn kernels(mut self, kernels: Kernels) -> Self {
         self.exec.kernels = kernels;
+        self
+    }
+
+    /// Winograd policy for 3 × 3 stride-1 convolutions (default: measured per layer at load).
+    pub fn winograd(mut self, policy: Winograd) -> Self {
+        self.exec.winograd = policy;
         self
     }
 

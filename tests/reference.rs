@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use edgeinfer::device::DeviceRequest;
-use edgeinfer::exec::Kernels;
+use edgeinfer::exec::{Kernels, Winograd};
 use edgeinfer::model::DType;
 use edgeinfer::pipeline::Frame;
 use edgeinfer::Runtime;
@@ -17,6 +17,10 @@ fn check_fixture(dir: &str, optimize: bool) -> f32 {
 }
 
 fn check_fixture_with(dir: &str, optimize: bool, kernels: Kernels) -> f32 {
+    check_fixture_full(dir, optimize, kernels, Winograd::Auto)
+}
+
+fn check_fixture_full(dir: &str, optimize: bool, kernels: Kernels, winograd: Winograd) -> f32 {
     let tmp = tempfile::tempdir().unwrap();
     let model = import_to(
         tmp.path(),
@@ -28,9 +32,17 @@ fn check_fixture_with(dir: &str, optimize: bool, kernels: Kernels) -> f32 {
         .device(DeviceRequest::Cpu)
         .optimize(optimize)
         .kernels(kernels)
+        .winograd(winograd)
         .build()
         .unwrap();
     let native = rt.model().exec.native_nodes();
+    if winograd == Winograd::Always {
+        let counts = rt.model().exec.kernel_counts();
+        assert!(
+            counts.iter().any(|(k, n)| *k == "winograd" && *n > 0),
+            "{dir}: no Winograd layer: {counts:?}"
+        );
+    }
     match kernels {
         // Every model here has convolutions or linear layers our kernels take.
         Kernels::Native => assert!(native > 0, "{dir}: no node ran on a native kernel"),
@@ -71,6 +83,11 @@ fn resnet18_pruned_matches_onnxruntime() {
 #[test]
 fn resnet18_pruned_matches_onnxruntime_without_passes() {
     check_fixture("resnet18_pruned", false);
+}
+
+#[test]
+fn resnet18_pruned_matches_onnxruntime_with_winograd_everywhere() {
+    check_fixture_full("resnet18_pruned", true, Kernels::Native, Winograd::Always);
 }
 
 #[test]

@@ -11,8 +11,8 @@ use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType as CDType, Device, Tensor};
 
-pub use native::Kernels;
 use native::Prepared;
+pub use native::{Kernels, Winograd};
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op};
@@ -39,6 +39,8 @@ pub struct ExecOptions {
     pub kernels: Kernels,
     /// Threads for one frame; `None`: rayon's default (`RAYON_NUM_THREADS`, else one per core).
     pub threads: Option<usize>,
+    /// Winograd policy for 3 × 3 stride-1 convolutions (native kernels only).
+    pub winograd: Winograd,
 }
 
 /// A graph planned for one device, with its weights resident there.
@@ -159,20 +161,6 @@ impl Executor {
             };
             outputs.push((o.name.clone(), r));
         }
-        let native = device.is_cpu() && options.kernels == Kernels::Native;
-        let prepared = steps
-            .iter()
-            .map(|step| {
-                let node = &graph.nodes[step.node];
-                let constant = |i: usize| match step.inputs.get(i) {
-                    Some(Ref::Weight(w)) => weight_vec.get(*w),
-                    _ => None,
-                };
-                native
-                    .then(|| native::prepare(&node.op, step.inputs.len(), constant))
-                    .flatten()
-            })
-            .collect();
         let pool = match options.threads {
             Some(n) => Some(
                 rayon::ThreadPoolBuilder::new()
@@ -181,6 +169,40 @@ impl Executor {
                     .map_err(|e| bad(format!("cannot start {n} threads: {e}")))?,
             ),
             None => None,
+        };
+        let native = device.is_cpu() && options.kernels == Kernels::Native;
+        // Prepared inside the pool: some choices are timed, and must be timed as they will run.
+        let prepare = || -> Vec<Option<Prepared>> {
+            steps
+                .iter()
+                .map(|step| {
+                    let node = &graph.nodes[step.node];
+                    let constant = |i: usize| match step.inputs.get(i) {
+                        Some(Ref::Weight(w)) => weight_vec.get(*w),
+                        _ => None,
+                    };
+                    let shape = node
+                        .inputs
+                        .first()
+                        .and_then(|v| graph.values.get(v))
+                        .map(|info| info.shape.as_slice());
+                    native
+                        .then(|| {
+                            native::prepare(
+                                &node.op,
+                                step.inputs.len(),
+                                shape,
+                                options.winograd,
+                                constant,
+                            )
+                        })
+                        .flatten()
+                })
+                .collect()
+        };
+        let prepared = match &pool {
+            Some(p) => p.install(prepare),
+            None => prepare(),
         };
         let mut exec = Executor {
             device,
@@ -248,6 +270,18 @@ impl Executor {
     /// The options it was planned with.
     pub fn options(&self) -> ExecOptions {
         self.options
+    }
+
+    /// How many nodes each native kernel runs ("gemm-conv", "winograd", "depthwise", ...).
+    pub fn kernel_counts(&self) -> Vec<(&'static str, usize)> {
+        let mut counts: Vec<(&'static str, usize)> = Vec::new();
+        for name in self.prepared.iter().flatten().map(|p| p.kernel_name()) {
+            match counts.iter_mut().find(|(n, _)| *n == name) {
+                Some(c) => c.1 += 1,
+                None => counts.push((name, 1)),
+            }
+        }
+        counts
     }
 
     /// How many nodes run on our own kernels (the rest run candle's ops).
@@ -345,15 +379,10 @@ impl Executor {
                 None => ops::eval(&node.op, &args).map_err(exec_err)?,
             };
             if let Some(t0) = started {
-                let kind = format!(
-                    "{}{}",
-                    node.op.name(),
-                    if self.prepared[si].is_some() {
-                        " [native]"
-                    } else {
-                        ""
-                    }
-                );
+                let kind = match &self.prepared[si] {
+                    Some(p) => format!("{} [{}]", node.op.name(), p.kernel_name()),
+                    None => node.op.name(),
+                };
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
                 match spent.iter_mut().find(|(k, _)| *k == kind) {
                     Some(e) => e.1 += ms,

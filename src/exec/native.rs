@@ -7,10 +7,22 @@ use std::str::FromStr;
 use candle_core::{DType, Result, Tensor};
 
 use crate::graph::{Activation, Op};
-use crate::kernels::act::apply_activation;
 use crate::kernels::conv::PackedConv;
 use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
 use crate::kernels::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA};
+use crate::kernels::winograd::WinogradConv;
+
+/// When 3 × 3 stride-1 convolutions use Winograd's F(2×2, 3×3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Winograd {
+    /// Per layer, whichever measured faster at load (layers of ≥ 20 M multiply-adds).
+    #[default]
+    Auto,
+    /// Every eligible layer, whatever its size (for tests and comparisons).
+    Always,
+    /// Never.
+    Never,
+}
 
 /// Which kernels run on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,11 +56,80 @@ impl std::fmt::Display for Kernels {
     }
 }
 
+/// How a dense convolution runs.
+pub(crate) enum ConvEngine {
+    /// im2col packed on the fly into the GEMM.
+    Gemm(PackedConv),
+    /// Winograd F(2×2, 3×3), for the 3 × 3 stride-1 layers where it measured faster.
+    Winograd(WinogradConv),
+}
+
+impl ConvEngine {
+    fn cout(&self) -> usize {
+        match self {
+            ConvEngine::Gemm(c) => c.cout(),
+            ConvEngine::Winograd(c) => c.cout(),
+        }
+    }
+
+    fn out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        match self {
+            ConvEngine::Gemm(c) => c.out_hw(h, w),
+            ConvEngine::Winograd(c) => c.out_hw(h, w),
+        }
+    }
+
+    fn run(
+        &self,
+        x: &[f32],
+        dims: (usize, usize, usize, usize),
+        residual: Option<&[f32]>,
+        activation: Option<Activation>,
+        out: &mut [f32],
+    ) -> std::result::Result<(), String> {
+        match self {
+            ConvEngine::Gemm(c) => c.run(x, dims, residual, activation, out).map_err(|e| e.0),
+            ConvEngine::Winograd(c) => {
+                let (n, _, h, w) = dims;
+                c.run(x, (n, h, w), residual, activation, out)
+                    .then_some(())
+                    .ok_or_else(|| format!("input {dims:?} does not fit the Winograd plan"))
+            }
+        }
+    }
+
+    /// Median seconds of a few runs on a zero input of `[1, cin, h, w]`.
+    fn time(&self, cin: usize, h: usize, w: usize) -> f64 {
+        let Some((oh, ow)) = self.out_hw(h, w) else {
+            return f64::INFINITY;
+        };
+        let x = vec![0f32; cin * h * w];
+        let mut out = vec![0f32; self.cout() * oh * ow];
+        let mut times: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                let ok = self.run(&x, (1, cin, h, w), None, None, &mut out).is_ok();
+                if ok {
+                    t.elapsed().as_secs_f64()
+                } else {
+                    f64::INFINITY
+                }
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[2]
+    }
+}
+
+/// Winograd is only tried when a layer has at least this many multiply-adds: below it the
+/// transforms cannot pay for themselves and the load-time measurement is noise.
+const WINOGRAD_MIN_MACS: usize = 20_000_000;
+
 /// A node prepared for a native kernel.
 pub(crate) enum Prepared {
-    /// Dense or grouped convolution as a packed GEMM.
+    /// Dense or grouped convolution.
     Conv {
-        conv: PackedConv,
+        conv: ConvEngine,
         activation: Option<Activation>,
         residual: bool,
     },
@@ -72,17 +153,38 @@ pub(crate) enum Prepared {
     },
 }
 
+impl Prepared {
+    /// Which kernel runs the node (for profiles).
+    pub(crate) fn kernel_name(&self) -> &'static str {
+        match self {
+            Prepared::Conv {
+                conv: ConvEngine::Gemm(_),
+                ..
+            } => "gemm-conv",
+            Prepared::Conv {
+                conv: ConvEngine::Winograd(_),
+                ..
+            } => "winograd",
+            Prepared::Depthwise { .. } => "depthwise",
+            Prepared::Linear { .. } => "linear",
+        }
+    }
+}
+
 fn host_f32(t: &Tensor) -> Option<Vec<f32>> {
     (t.dtype() == DType::F32 && t.device().is_cpu())
         .then(|| t.flatten_all().and_then(|f| f.to_vec1::<f32>()).ok())
         .flatten()
 }
 
-/// Prepares `op` (with `n_inputs` inputs) when a native kernel covers it. `constant(i)` is the
-/// node's i-th input when it is a weight (known at load), `None` when it is computed per frame.
+/// Prepares `op` (with `n_inputs` inputs, the first of static shape `input_shape` when known)
+/// when a native kernel covers it. `constant(i)` is the node's i-th input when it is a weight
+/// (known at load), `None` when it is computed per frame.
 pub(crate) fn prepare<'a>(
     op: &Op,
     n_inputs: usize,
+    input_shape: Option<&[usize]>,
+    winograd: Winograd,
     constant: impl Fn(usize) -> Option<&'a Tensor>,
 ) -> Option<Prepared> {
     match op {
@@ -119,16 +221,44 @@ pub(crate) fn prepare<'a>(
                     residual: *residual,
                 });
             }
-            let conv = PackedConv::new(
-                &weight,
-                &wshape,
-                bias.as_deref(),
-                strides,
-                pads,
-                dilations,
-                *group,
-            )
-            .ok()?;
+            let direct = ConvEngine::Gemm(
+                PackedConv::new(
+                    &weight,
+                    &wshape,
+                    bias.as_deref(),
+                    strides,
+                    pads,
+                    dilations,
+                    *group,
+                )
+                .ok()?,
+            );
+            let conv = match input_shape {
+                Some(&[1, cin, h, w])
+                    if wshape[2..] == [3, 3]
+                        && strides[..] == [1, 1]
+                        && dilations[..] == [1, 1]
+                        && *group == 1
+                        && winograd != Winograd::Never =>
+                {
+                    let pads4 = [pads[0], pads[1], pads[2], pads[3]];
+                    let big = wshape[0] * cin * 9 * h * w >= WINOGRAD_MIN_MACS;
+                    match WinogradConv::new(&weight, wshape[0], cin, bias.as_deref(), &pads4) {
+                        Some(wino) if winograd == Winograd::Always => ConvEngine::Winograd(wino),
+                        // Keep whichever ran faster here, on this CPU and thread count.
+                        Some(wino) if big => {
+                            let wino = ConvEngine::Winograd(wino);
+                            if wino.time(cin, h, w) < 0.9 * direct.time(cin, h, w) {
+                                wino
+                            } else {
+                                direct
+                            }
+                        }
+                        _ => direct,
+                    }
+                }
+                _ => direct,
+            };
             Some(Prepared::Conv {
                 conv,
                 activation: *activation,
@@ -244,7 +374,7 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
             })?;
             match done.transpose()?.flatten() {
                 Some(Ok(())) => Ok(Some(Tensor::from_vec(out, out_shape, x.device())?)),
-                Some(Err(e)) => bail(format!("Conv: {}", e.0)),
+                Some(Err(e)) => bail(format!("Conv: {e}")),
                 None => Ok(None),
             }
         }
@@ -277,21 +407,23 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
             let Some((oh, ow)) = shape.out_hw() else {
                 return bail(format!("Conv input {dims:?} is smaller than its kernel"));
             };
-            let Some(mut y) = with_f32(x, |xs| {
-                depthwise_conv2d(&shape, xs, weight, bias.as_deref())
-            })?
-            else {
+            let res = match residual.then(|| args.last()).flatten() {
+                Some(r) if r.dims() == [shape.n, shape.c, oh, ow] && r.dtype() == DType::F32 => {
+                    Some(r.contiguous()?)
+                }
+                Some(_) => return Ok(None),
+                None => None,
+            };
+            let conv = |xs: &[f32], rs: Option<&[f32]>| {
+                depthwise_conv2d(&shape, xs, weight, bias.as_deref(), rs, *activation)
+            };
+            let y = with_f32(x, |xs| match &res {
+                Some(r) => with_f32(r, |rs| conv(xs, Some(rs))),
+                None => Ok(Some(conv(xs, None))),
+            })?;
+            let Some(y) = y.transpose()?.flatten() else {
                 return Ok(None);
             };
-            if *residual {
-                let r = &args[args.len() - 1];
-                if r.dims() != [shape.n, shape.c, oh, ow]
-                    || with_f32(r, |rs| y.iter_mut().zip(rs).for_each(|(a, b)| *a += b))?.is_none()
-                {
-                    return Ok(None);
-                }
-            }
-            apply_activation(*activation, &mut y);
             Ok(Some(Tensor::from_vec(
                 y,
                 (shape.n, shape.c, oh, ow),

@@ -4,28 +4,60 @@ use crate::graph::Activation;
 
 /// Applies `act` to every value of `v` (nothing when `None`). Matches the candle reference
 /// (`exec::ops::apply_activation`) within f32 rounding; GELU's erf uses a rational
-/// approximation with |error| < 1.2e-7.
+/// approximation with fractional error < 1.2e-7. NaN stays NaN, as in the reference.
 pub fn apply_activation(act: Option<Activation>, v: &mut [f32]) {
     let Some(act) = act else { return };
+    #[cfg(target_arch = "x86_64")]
+    match super::gemm::Isa::detect() {
+        // SAFETY: detect() saw these features on this CPU.
+        super::gemm::Isa::Avx512 => return unsafe { apply_avx512(act, v) },
+        super::gemm::Isa::Avx2 => return unsafe { apply_avx2(act, v) },
+        super::gemm::Isa::Portable => {}
+    }
+    apply_body(act, v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn apply_avx512(act: Activation, v: &mut [f32]) {
+    apply_body(act, v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn apply_avx2(act: Activation, v: &mut [f32]) {
+    apply_body(act, v)
+}
+
+/// Comparisons and `clamp` rather than `f32::max`/`min`, whose NaN rules block vectorisation.
+#[inline(always)]
+fn apply_body(act: Activation, v: &mut [f32]) {
     match act {
-        Activation::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
+        Activation::Relu => v
+            .iter_mut()
+            .for_each(|x| *x = if *x < 0.0 { 0.0 } else { *x }),
         Activation::Clip { min, max } => {
             let (lo, hi) = (
                 min.unwrap_or(f32::NEG_INFINITY),
                 max.unwrap_or(f32::INFINITY),
             );
-            v.iter_mut().for_each(|x| *x = x.max(lo).min(hi));
+            v.iter_mut().for_each(|x| {
+                let y = if *x < lo { lo } else { *x };
+                *x = if y > hi { hi } else { y };
+            });
         }
         Activation::LeakyRelu { alpha } => v
             .iter_mut()
             .for_each(|x| *x = if *x >= 0.0 { *x } else { alpha * *x }),
         Activation::Sigmoid => v.iter_mut().for_each(|x| *x = 1.0 / (1.0 + (-*x).exp())),
-        Activation::HardSigmoid { alpha, beta } => v
-            .iter_mut()
-            .for_each(|x| *x = (alpha * *x + beta).clamp(0.0, 1.0)),
-        Activation::HardSwish => v
-            .iter_mut()
-            .for_each(|x| *x *= (*x / 6.0 + 0.5).clamp(0.0, 1.0)),
+        Activation::HardSigmoid { alpha, beta } => v.iter_mut().for_each(|x| {
+            let y = alpha * *x + beta;
+            *x = y.clamp(0.0, 1.0);
+        }),
+        Activation::HardSwish => v.iter_mut().for_each(|x| {
+            let g = *x / 6.0 + 0.5;
+            *x *= g.clamp(0.0, 1.0);
+        }),
         Activation::Tanh => v.iter_mut().for_each(|x| *x = x.tanh()),
         Activation::Gelu { tanh: false } => v
             .iter_mut()

@@ -232,14 +232,29 @@ impl BSource for Im2col<'_> {
                         }
                         out[hi..].fill(0.0);
                     } else {
-                        for (j, v) in out.iter_mut().enumerate() {
-                            let ix = ix0 + (j * sx) as isize;
-                            *v = if ix >= 0 && ix < w {
-                                src[ix as usize]
-                            } else {
-                                0.0
-                            };
+                        // Valid outputs are those with 0 ≤ ix0 + j·sx < w.
+                        let sxi = sx as isize;
+                        let lo = if ix0 >= 0 {
+                            0
+                        } else {
+                            ((-ix0 + sxi - 1) / sxi) as usize
                         }
+                        .min(len);
+                        let hi = if w > ix0 {
+                            (((w - ix0 - 1) / sxi) + 1) as usize
+                        } else {
+                            0
+                        }
+                        .clamp(lo, len);
+                        out[..lo].fill(0.0);
+                        if hi > lo {
+                            let s0 = (ix0 + lo as isize * sxi) as usize;
+                            for (o, &v) in out[lo..hi].iter_mut().zip(src[s0..].iter().step_by(sx))
+                            {
+                                *o = v;
+                            }
+                        }
+                        out[hi..].fill(0.0);
                     }
                 }
             }

@@ -5,7 +5,13 @@
 //! direct loop over its own plane, channels spread over rayon's pool, padding handled by
 //! clipping the loops rather than by materialising a padded copy.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
+
+use super::act::apply_activation;
+use super::gemm::Isa;
+use crate::graph::Activation;
 
 /// Geometry of one depthwise convolution over an NCHW tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,13 +54,16 @@ impl DepthwiseShape {
     }
 }
 
-/// `y = depthwise_conv(x, weight) + bias`, x `[n, c, h, w]`, weight `[c, 1, kh, kw]`, bias `[c]`,
-/// all contiguous row-major; returns y `[n, c, oh, ow]`. Callers check the lengths.
+/// `y = act(depthwise_conv(x, weight) + bias + residual)`, x `[n, c, h, w]`, weight
+/// `[c, 1, kh, kw]`, bias `[c]`, residual like y, all contiguous row-major; returns y
+/// `[n, c, oh, ow]`. Callers check the lengths.
 pub fn depthwise_conv2d(
     s: &DepthwiseShape,
     x: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    activation: Option<Activation>,
 ) -> Vec<f32> {
     let Some((oh, ow)) = s.out_hw() else {
         return Vec::new();
@@ -62,65 +71,148 @@ pub fn depthwise_conv2d(
     let plane_in = s.h * s.w;
     let plane_out = oh * ow;
     let mut y = vec![0f32; s.n * s.c * plane_out];
-    y.par_chunks_mut(plane_out)
-        .enumerate()
-        .for_each(|(nc, out)| {
-            let ch = nc % s.c;
-            let xin = &x[nc * plane_in..(nc + 1) * plane_in];
-            let k = &weight[ch * s.kh * s.kw..(ch + 1) * s.kh * s.kw];
-            out.fill(bias.map_or(0.0, |b| b[ch]));
-            plane(s, xin, k, out, (oh, ow));
-        });
+    let one = |(nc, out): (usize, &mut [f32])| {
+        let ch = nc % s.c;
+        let xin = &x[nc * plane_in..(nc + 1) * plane_in];
+        let k = &weight[ch * s.kh * s.kw..(ch + 1) * s.kh * s.kw];
+        out.fill(bias.map_or(0.0, |b| b[ch]));
+        plane(s, xin, k, out, (oh, ow));
+        // The plane is still in cache: finish it here rather than in another pass.
+        if let Some(r) = residual {
+            out.iter_mut()
+                .zip(&r[nc * plane_out..(nc + 1) * plane_out])
+                .for_each(|(o, v)| *o += v);
+        }
+        apply_activation(activation, out);
+    };
+    if s.n * s.c * plane_out * s.kh * s.kw < PAR_MIN {
+        y.chunks_mut(plane_out).enumerate().for_each(one);
+    } else {
+        y.par_chunks_mut(plane_out).enumerate().for_each(one);
+    }
     y
 }
 
-/// Accumulates one channel's plane into `out`.
-fn plane(s: &DepthwiseShape, x: &[f32], k: &[f32], out: &mut [f32], (oh, ow): (usize, usize)) {
+/// Below this many multiply-adds a frame runs on one thread.
+const PAR_MIN: usize = 1 << 14;
+
+/// Accumulates one channel's plane into `out`, with the widest vectors the CPU has.
+fn plane(s: &DepthwiseShape, x: &[f32], k: &[f32], out: &mut [f32], ohw: (usize, usize)) {
+    #[cfg(target_arch = "x86_64")]
+    match Isa::detect() {
+        // SAFETY: detect() saw these features on this CPU.
+        Isa::Avx512 => return unsafe { plane_avx512(s, x, k, out, ohw) },
+        Isa::Avx2 => return unsafe { plane_avx2(s, x, k, out, ohw) },
+        Isa::Portable => {}
+    }
+    plane_body(s, x, k, out, ohw)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn plane_avx512(
+    s: &DepthwiseShape,
+    x: &[f32],
+    k: &[f32],
+    out: &mut [f32],
+    ohw: (usize, usize),
+) {
+    plane_body(s, x, k, out, ohw)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn plane_avx2(
+    s: &DepthwiseShape,
+    x: &[f32],
+    k: &[f32],
+    out: &mut [f32],
+    ohw: (usize, usize),
+) {
+    plane_body(s, x, k, out, ohw)
+}
+
+#[inline(always)]
+fn plane_body(s: &DepthwiseShape, x: &[f32], k: &[f32], out: &mut [f32], (oh, ow): (usize, usize)) {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        plane_flat(s, x, k, out, (oh, ow), &mut scratch);
+    });
+}
+
+thread_local! {
+    /// The calling thread's phase planes and row sums, reused across channels and frames.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+const BLOCK: usize = 16;
+
+/// The padded input is split into its stride phases (`P[a][b][i][j] = x_pad[i·sy + a][j·sx + b]`),
+/// so every tap of every output reads `P[phase][oy·ws + ox + shift]`: one flat index over the
+/// whole plane. Each block of 16 flat positions then sums all taps in registers and the plane
+/// needs no border cases; positions with `ox ≥ ow` are computed and dropped (few, for the
+/// small planes where this matters).
+#[inline(always)]
+fn plane_flat(
+    s: &DepthwiseShape,
+    x: &[f32],
+    k: &[f32],
+    out: &mut [f32],
+    (oh, ow): (usize, usize),
+    scratch: &mut Vec<f32>,
+) {
     let (sy, sx) = s.stride;
     let (dy, dx) = s.dilation;
-    let (py, px) = (s.pad_begin.0 as isize, s.pad_begin.1 as isize);
-    // For each kernel column, the output columns whose input column lies inside the row: a
-    // contiguous range, so the inner loop has no bounds tests and vectorises.
-    let ranges: Vec<(usize, usize)> = (0..s.kw)
-        .map(|kx| {
-            let off = (kx * dx) as isize - px;
-            // ix = ox * sx + off must lie in [0, w).
-            let lo = if off >= 0 {
-                0
-            } else {
-                ((-off) as usize).div_ceil(sx)
-            };
-            let hi = if (s.w as isize) > off {
-                (((s.w as isize - off - 1) as usize) / sx + 1).min(ow)
-            } else {
-                0
-            };
-            (lo.min(hi), hi)
-        })
-        .collect();
-    for oy in 0..oh {
-        let row = &mut out[oy * ow..(oy + 1) * ow];
-        for ky in 0..s.kh {
-            let iy = (oy * sy + ky * dy) as isize - py;
-            if iy < 0 || iy >= s.h as isize {
+    let (pt, pl) = s.pad_begin;
+    let hp = s.h + pt + s.pad_end.0;
+    let wp = s.w + pl + s.pad_end.1;
+    // One slack row absorbs the dropped columns' reads past the last row.
+    let (hs, ws) = (hp.div_ceil(sy) + 1, wp.div_ceil(sx));
+    let plane_len = hs * ws;
+    let phases = sy * sx;
+    let ylen = (oh * ws).div_ceil(BLOCK) * BLOCK;
+    let p_len = phases * plane_len + ylen + BLOCK;
+    scratch.clear();
+    scratch.resize(p_len + ylen, 0.0);
+    let (p, y) = scratch.split_at_mut(p_len);
+    for iy in 0..s.h {
+        let (a, i) = ((iy + pt) % sy, (iy + pt) / sy);
+        let xrow = &x[iy * s.w..(iy + 1) * s.w];
+        for b in 0..sx {
+            // Input columns ix with (ix + pl) % sx == b land at j = (ix + pl) / sx.
+            let first = (b + sx - pl % sx) % sx;
+            if first >= s.w {
                 continue;
             }
-            let xrow = &x[iy as usize * s.w..(iy as usize + 1) * s.w];
-            for (kx, &(lo, hi)) in ranges.iter().enumerate() {
-                let wv = k[ky * s.kw + kx];
-                let base = (kx * dx) as isize - px;
-                if sx == 1 {
-                    let start = (lo as isize + base) as usize;
-                    let src = &xrow[start..start + (hi - lo)];
-                    for (o, &v) in row[lo..hi].iter_mut().zip(src) {
-                        *o += wv * v;
-                    }
-                } else {
-                    for (ox, o) in row.iter_mut().enumerate().take(hi).skip(lo) {
-                        *o += wv * xrow[(ox as isize * sx as isize + base) as usize];
-                    }
-                }
+            let j0 = (first + pl) / sx;
+            let dst = &mut p[(a * sx + b) * plane_len + i * ws + j0..];
+            for (d, &v) in dst.iter_mut().zip(xrow[first..].iter().step_by(sx)) {
+                *d = v;
             }
+        }
+    }
+    let taps: Vec<(f32, usize)> = (0..s.kh * s.kw)
+        .map(|t| {
+            let (ry, rx) = ((t / s.kw) * dy, (t % s.kw) * dx);
+            let phase = (ry % sy) * sx + rx % sx;
+            (k[t], phase * plane_len + (ry / sy) * ws + rx / sx)
+        })
+        .collect();
+    for (c, yb) in y.chunks_exact_mut(BLOCK).enumerate() {
+        let base = c * BLOCK;
+        let mut acc = [0f32; BLOCK];
+        for &(wv, off) in &taps {
+            let v = &p[off + base..off + base + BLOCK];
+            for jj in 0..BLOCK {
+                acc[jj] += wv * v[jj];
+            }
+        }
+        yb.copy_from_slice(&acc);
+    }
+    for oy in 0..oh {
+        let dst = &mut out[oy * ow..(oy + 1) * ow];
+        for (o, v) in dst.iter_mut().zip(&y[oy * ws..oy * ws + ow]) {
+            *o += v;
         }
     }
 }
@@ -141,6 +233,8 @@ mod tests {
             &x.flatten_all().unwrap().to_vec1().unwrap(),
             &w.flatten_all().unwrap().to_vec1().unwrap(),
             Some(&b.to_vec1::<f32>().unwrap()),
+            None,
+            None,
         );
         let xp = x
             .pad_with_zeros(2, s.pad_begin.0, s.pad_end.0)

@@ -6,3 +6,5 @@ pub mod act;
 pub mod conv;
 pub mod depthwise;
 pub mod gemm;
+pub mod rowwise;
+pub mod winograd;
