@@ -6,10 +6,11 @@ use std::str::FromStr;
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::graph::{Activation, Op};
+use crate::graph::{Activation, Op, PoolKind};
 use crate::kernels::conv::PackedConv;
 use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
 use crate::kernels::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA};
+use crate::kernels::pool::max_pool2d;
 use crate::kernels::winograd::WinogradConv;
 
 /// When 3 × 3 stride-1 convolutions use Winograd's F(2×2, 3×3).
@@ -144,6 +145,8 @@ pub(crate) enum Prepared {
         activation: Option<Activation>,
         residual: bool,
     },
+    /// 2-D max pooling; the shape's `c`, `n`, `h`, `w` are filled in per frame.
+    MaxPool { window: DepthwiseShape },
     /// `x · W (+ bias)` with a constant `W` (`[k, n]`, or `[n, k]` transposed), over the
     /// last axis of `x`.
     Linear {
@@ -167,6 +170,7 @@ impl Prepared {
             } => "winograd",
             Prepared::Depthwise { .. } => "depthwise",
             Prepared::Linear { .. } => "linear",
+            Prepared::MaxPool { .. } => "maxpool",
         }
     }
 }
@@ -299,15 +303,45 @@ pub(crate) fn prepare<'a>(
                 activation: *activation,
             })
         }
+        Op::Pool {
+            kind: PoolKind::Max,
+            kernel,
+            strides,
+            pads,
+            ..
+        } if kernel.len() == 2 && strides.len() == 2 && pads.len() == 4 => {
+            Some(Prepared::MaxPool {
+                window: DepthwiseShape {
+                    n: 0,
+                    c: 0,
+                    h: 0,
+                    w: 0,
+                    kh: kernel[0],
+                    kw: kernel[1],
+                    stride: (strides[0], strides[1]),
+                    dilation: (1, 1),
+                    pad_begin: (pads[0], pads[1]),
+                    pad_end: (pads[2], pads[3]),
+                },
+            })
+        }
         Op::MatMul { activation } => {
             let w = constant(1)?;
             if w.rank() != 2 {
                 return None;
             }
             let (k, n) = (w.dims()[0], w.dims()[1]);
+            // A fused bias (third input) must be a constant over the last axis.
+            let bias = match (n_inputs, constant(2)) {
+                (2, _) => None,
+                (3, Some(b)) if b.elem_count() == n && b.dims().last() == Some(&n) => {
+                    Some(host_f32(b)?)
+                }
+                _ => return None,
+            };
             Some(Prepared::Linear {
                 w: PackedA::pack(&host_f32(w)?, n, k, 1, n),
-                bias: None,
+                bias,
                 activation: *activation,
             })
         }
@@ -330,6 +364,20 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
         }
     }
     Ok(Some(f(&t.flatten_all()?.to_vec1::<f32>()?)))
+}
+
+/// `dst[c * rows + r] = src[r * cols + c]` for a `rows × cols` source, in cache-sized tiles.
+fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const T: usize = 32;
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in c0..(c0 + T).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
 }
 
 fn bail<T>(msg: String) -> Result<T> {
@@ -430,6 +478,26 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
                 x.device(),
             )?))
         }
+        Prepared::MaxPool { window } => {
+            let dims = x.dims();
+            if dims.len() != 4 {
+                return Ok(None);
+            }
+            let s = DepthwiseShape {
+                n: dims[0],
+                c: dims[1],
+                h: dims[2],
+                w: dims[3],
+                ..*window
+            };
+            let Some((oh, ow)) = s.out_hw() else {
+                return bail(format!("MaxPool input {dims:?} is smaller than its window"));
+            };
+            match with_f32(x, |xs| max_pool2d(&s, xs))?.flatten() {
+                Some(y) => Ok(Some(Tensor::from_vec(y, (s.n, s.c, oh, ow), x.device())?)),
+                None => Ok(None),
+            }
+        }
         Prepared::Linear {
             w,
             bias,
@@ -441,30 +509,27 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
                 return Ok(None);
             }
             let rows = x.elem_count() / k.max(1);
-            let mut out = vec![0f32; rows * n];
             let epi = Epilogue {
                 bias: bias.as_deref(),
                 residual: None,
                 activation: *activation,
             };
-            // yᵀ = W ᵀ · xᵀ: B[k, r] = x[r, k], C[j, r] = y[r, j].
+            // yᵀ = Wᵀ · xᵀ with B[k, r] = x[r, k]; yᵀ is written with unit stride (the GEMM's
+            // fast path) and transposed after, which costs far less than strided stores.
+            let mut yt = vec![0f32; rows * n];
             let done = with_f32(x, |xs| {
-                gemm(
-                    w,
-                    &MatrixB {
-                        data: xs,
-                        rs: 1,
-                        cs: k,
-                    },
-                    rows,
-                    &mut out,
-                    Layout { rs: 1, cs: n },
-                    &epi,
-                )
+                let b = MatrixB {
+                    data: xs,
+                    rs: 1,
+                    cs: k,
+                };
+                gemm(w, &b, rows, &mut yt, Layout { rs: rows, cs: 1 }, &epi)
             })?;
             if done.is_none() {
                 return Ok(None);
             }
+            let mut out = vec![0f32; rows * n];
+            transpose_into(&yt, n, rows, &mut out);
             let mut shape = dims.to_vec();
             if let Some(last) = shape.last_mut() {
                 *last = n;

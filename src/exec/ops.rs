@@ -109,7 +109,11 @@ pub fn eval(op: &Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
             })
         }
         Op::MatMul { activation } => {
-            let y = matmul(x()?, input(inputs, 1, "MatMul")?)?;
+            let mut y = matmul(x()?, input(inputs, 1, "MatMul")?)?;
+            // A fused bias (set by the load-time passes) broadcasts over the last axis.
+            if let Some(b) = inputs.get(2) {
+                y = y.broadcast_add(b)?;
+            }
             one(apply_activation(y, activation.as_ref())?)
         }
         Op::Gemm {

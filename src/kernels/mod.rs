@@ -6,5 +6,6 @@ pub mod act;
 pub mod conv;
 pub mod depthwise;
 pub mod gemm;
+pub mod pool;
 pub mod rowwise;
 pub mod winograd;

@@ -1,0 +1,150 @@
+//! 2-D max pooling over NCHW planes. The padded plane is split into its stride phases (as in
+//! [`super::depthwise`]), so every window cell of every output is one flat offset and the max
+//! runs over contiguous, vectorisable runs with no border cases.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::depthwise::DepthwiseShape;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Max pooling of `x` (`[n, c, h, w]`) with the window, strides and pads of `s` (its `c` is the
+/// channel count, `dilation` the window dilation); padding never wins (-∞). Returns
+/// `[n, c, oh, ow]`, or `None` when the window does not fit.
+pub fn max_pool2d(s: &DepthwiseShape, x: &[f32]) -> Option<Vec<f32>> {
+    let (oh, ow) = s.out_hw()?;
+    let (plane_in, plane_out) = (s.h * s.w, oh * ow);
+    if x.len() != s.n * s.c * plane_in {
+        return None;
+    }
+    let mut y = vec![0f32; s.n * s.c * plane_out];
+    let one = |(nc, out): (usize, &mut [f32])| {
+        SCRATCH.with(|scr| {
+            let mut scr = scr.borrow_mut();
+            plane(
+                s,
+                &x[nc * plane_in..(nc + 1) * plane_in],
+                out,
+                (oh, ow),
+                &mut scr,
+            )
+        })
+    };
+    if s.n * s.c * plane_out * s.kh * s.kw < 1 << 15 {
+        y.chunks_mut(plane_out).enumerate().for_each(one);
+    } else {
+        y.par_chunks_mut(plane_out).enumerate().for_each(one);
+    }
+    Some(y)
+}
+
+fn plane(
+    s: &DepthwiseShape,
+    x: &[f32],
+    out: &mut [f32],
+    (oh, ow): (usize, usize),
+    scratch: &mut Vec<f32>,
+) {
+    let (sy, sx) = s.stride;
+    let (dy, dx) = s.dilation;
+    let (pt, pl) = s.pad_begin;
+    let hp = s.h + pt + s.pad_end.0;
+    let wp = s.w + pl + s.pad_end.1;
+    let (hs, ws) = (hp.div_ceil(sy) + 1, wp.div_ceil(sx));
+    let plane_len = hs * ws;
+    let ylen = oh * ws;
+    scratch.clear();
+    scratch.resize(sy * sx * plane_len + ylen, f32::NEG_INFINITY);
+    let (p, y) = scratch.split_at_mut(sy * sx * plane_len);
+    for iy in 0..s.h {
+        let (a, i) = ((iy + pt) % sy, (iy + pt) / sy);
+        let xrow = &x[iy * s.w..(iy + 1) * s.w];
+        for b in 0..sx {
+            let first = (b + sx - pl % sx) % sx;
+            if first >= s.w {
+                continue;
+            }
+            let j0 = (first + pl) / sx;
+            let dst = &mut p[(a * sx + b) * plane_len + i * ws + j0..];
+            for (d, &v) in dst.iter_mut().zip(xrow[first..].iter().step_by(sx)) {
+                *d = v;
+            }
+        }
+    }
+    for t in 0..s.kh * s.kw {
+        let (ry, rx) = ((t / s.kw) * dy, (t % s.kw) * dx);
+        let off = ((ry % sy) * sx + rx % sx) * plane_len + (ry / sy) * ws + rx / sx;
+        // Reads past the phase's end fall in the next phase or the slack row: only the
+        // dropped columns (ox ≥ ow) see them.
+        let src = &p[off..off + ylen.min(p.len() - off)];
+        for (o, &v) in y.iter_mut().zip(src) {
+            // NaN propagates, as in candle and PyTorch.
+            *o = if v > *o || v.is_nan() { v } else { *o };
+        }
+    }
+    for oy in 0..oh {
+        out[oy * ow..(oy + 1) * ow].copy_from_slice(&y[oy * ws..oy * ws + ow]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn matches_candle_max_pool() {
+        let dev = Device::Cpu;
+        for &(k, stride, pad, hw) in &[
+            (3, 2, 1, 112),
+            (3, 2, 1, 7),
+            (2, 2, 0, 8),
+            (3, 1, 1, 5),
+            (3, 2, 0, 9),
+            (5, 3, 2, 11),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, hw, hw + 1), &dev).unwrap();
+            let s = DepthwiseShape {
+                n: 2,
+                c: 3,
+                h: hw,
+                w: hw + 1,
+                kh: k,
+                kw: k,
+                stride: (stride, stride),
+                dilation: (1, 1),
+                pad_begin: (pad, pad),
+                pad_end: (pad, pad),
+            };
+            let got = max_pool2d(&s, &x.flatten_all().unwrap().to_vec1().unwrap()).unwrap();
+            let neg = f64::NEG_INFINITY;
+            let xp = Tensor::cat(
+                &[
+                    Tensor::full(neg as f32, (2, 3, hw, pad), &dev).unwrap(),
+                    x.clone(),
+                    Tensor::full(neg as f32, (2, 3, hw, pad), &dev).unwrap(),
+                ],
+                3,
+            )
+            .unwrap();
+            let w2 = hw + 1 + 2 * pad;
+            let xp = Tensor::cat(
+                &[
+                    Tensor::full(neg as f32, (2, 3, pad, w2), &dev).unwrap(),
+                    xp,
+                    Tensor::full(neg as f32, (2, 3, pad, w2), &dev).unwrap(),
+                ],
+                2,
+            )
+            .unwrap();
+            let want = xp.max_pool2d_with_stride((k, k), (stride, stride)).unwrap();
+            assert_eq!(want.elem_count(), got.len(), "k{k} s{stride} p{pad} {hw}");
+            let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got, want, "k{k} s{stride} p{pad} {hw}");
+        }
+    }
+}
