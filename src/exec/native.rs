@@ -11,6 +11,7 @@ use crate::kernels::conv::PackedConv;
 use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
 use crate::kernels::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA};
 use crate::kernels::pool::max_pool2d;
+use crate::kernels::rowwise::{layer_norm_rows, softmax_rows};
 use crate::kernels::winograd::WinogradConv;
 
 /// When 3 × 3 stride-1 convolutions use Winograd's F(2×2, 3×3).
@@ -145,6 +146,15 @@ pub(crate) enum Prepared {
         activation: Option<Activation>,
         residual: bool,
     },
+    /// Softmax over the last axis.
+    Softmax,
+    /// LayerNormalization over the trailing `inner` elements, with constant scale and bias.
+    LayerNorm {
+        inner: usize,
+        gamma: Vec<f32>,
+        beta: Option<Vec<f32>>,
+        epsilon: f32,
+    },
     /// 2-D max pooling; the shape's `c`, `n`, `h`, `w` are filled in per frame.
     MaxPool { window: DepthwiseShape },
     /// `x · W (+ bias)` with a constant `W` (`[k, n]`, or `[n, k]` transposed), over the
@@ -171,6 +181,8 @@ impl Prepared {
             Prepared::Depthwise { .. } => "depthwise",
             Prepared::Linear { .. } => "linear",
             Prepared::MaxPool { .. } => "maxpool",
+            Prepared::Softmax => "softmax",
+            Prepared::LayerNorm { .. } => "layernorm",
         }
     }
 }
@@ -181,12 +193,13 @@ fn host_f32(t: &Tensor) -> Option<Vec<f32>> {
         .flatten()
 }
 
-/// Prepares `op` (with `n_inputs` inputs, the first of static shape `input_shape` when known)
+/// Prepares `op` (with `n_inputs` inputs, the first of static shape `input_shape` when known,
+/// and `n_outputs` outputs)
 /// when a native kernel covers it. `constant(i)` is the node's i-th input when it is a weight
 /// (known at load), `None` when it is computed per frame.
 pub(crate) fn prepare<'a>(
     op: &Op,
-    n_inputs: usize,
+    (n_inputs, n_outputs): (usize, usize),
     input_shape: Option<&[usize]>,
     winograd: Winograd,
     constant: impl Fn(usize) -> Option<&'a Tensor>,
@@ -324,6 +337,27 @@ pub(crate) fn prepare<'a>(
                     pad_end: (pads[2], pads[3]),
                 },
             })
+        }
+        Op::Softmax { axis } if input_shape.is_some_and(|s| *axis + 1 == s.len()) => {
+            Some(Prepared::Softmax)
+        }
+        // Only the normalised output: the optional Mean / InvStdDev outputs take candle's op.
+        Op::LayerNormalization { axis, epsilon } if n_outputs == 1 => {
+            let inner: usize = input_shape?.get(*axis..)?.iter().product();
+            let gamma = host_f32(constant(1)?)?;
+            let beta = match n_inputs {
+                2 => None,
+                3 => Some(host_f32(constant(2)?)?),
+                _ => return None,
+            };
+            (gamma.len() == inner && beta.as_ref().is_none_or(|b| b.len() == inner)).then_some(
+                Prepared::LayerNorm {
+                    inner,
+                    gamma,
+                    beta,
+                    epsilon: *epsilon,
+                },
+            )
         }
         Op::MatMul { activation } => {
             let w = constant(1)?;
@@ -477,6 +511,34 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
                 (shape.n, shape.c, oh, ow),
                 x.device(),
             )?))
+        }
+        Prepared::Softmax => {
+            let Some(&cols) = x.dims().last() else {
+                return Ok(None);
+            };
+            let Some(mut y) = with_f32(x, <[f32]>::to_vec)? else {
+                return Ok(None);
+            };
+            softmax_rows(&mut y, cols);
+            Ok(Some(Tensor::from_vec(y, x.dims(), x.device())?))
+        }
+        Prepared::LayerNorm {
+            inner,
+            gamma,
+            beta,
+            epsilon,
+        } => {
+            if x.elem_count() % inner.max(&1) != 0 {
+                return Ok(None);
+            }
+            let mut y = vec![0f32; x.elem_count()];
+            let done = with_f32(x, |xs| {
+                layer_norm_rows(xs, &mut y, *inner, gamma, beta.as_deref(), *epsilon)
+            })?;
+            match done {
+                Some(()) => Ok(Some(Tensor::from_vec(y, x.dims(), x.device())?)),
+                None => Ok(None),
+            }
         }
         Prepared::MaxPool { window } => {
             let dims = x.dims();

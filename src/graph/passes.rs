@@ -15,6 +15,8 @@ use crate::graph::{Activation, BinaryKind, Graph, Node, Op, UnaryKind};
 pub struct PassReport {
     /// BatchNormalization nodes folded into the preceding convolution.
     pub batchnorm_folded: usize,
+    /// Constant bias adds fused into the MatMul before them (linear layers of 3-D inputs).
+    pub matmul_biases_fused: usize,
     /// Residual adds fused into the convolution producing one of their inputs.
     pub residuals_fused: usize,
     /// Exact GELUs exported as `x·0.5·(1 + erf(x/√2))` chains of elementwise nodes, replaced
@@ -40,6 +42,7 @@ pub fn optimize(
     };
     report.batchnorm_folded = fold_batchnorm(graph, weights, protected)?;
     report.residuals_fused = fuse_residual_adds(graph, protected);
+    report.matmul_biases_fused = fuse_matmul_bias(graph, weights, protected);
     // Before activation fusion, so the GELU it makes can join the MatMul/Add before it.
     report.gelu_fused = fuse_gelu(graph, weights, protected);
     report.activations_fused = fuse_activations(graph, protected);
@@ -171,6 +174,63 @@ fn fold_batchnorm(
         folded += 1;
     }
     Ok(folded)
+}
+
+/// `Add(MatMul(x, W), b)` with `b` a constant over the last axis → `MatMul(x, W, b)`: how
+/// exporters write a linear layer on a 3-D input (ViT tokens), so the bias lands in the
+/// GEMM's epilogue and a following activation can fuse too.
+fn fuse_matmul_bias(
+    graph: &mut Graph,
+    weights: &HashMap<String, Tensor>,
+    protected: &HashSet<String>,
+) -> usize {
+    let mut fused = 0;
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let node = &graph.nodes[i];
+        let is_add = matches!(
+            node.op,
+            Op::Binary {
+                kind: BinaryKind::Add,
+                activation: None
+            }
+        ) && node.inputs.len() == 2
+            && node.outputs.len() == 1;
+        let found = is_add.then(|| {
+            (0..2).find_map(|side| {
+                let (x, b) = (&node.inputs[side], &node.inputs[1 - side]);
+                let bias = weights.get(b)?;
+                let p = graph.nodes[..i].iter().position(|n| {
+                    n.outputs.len() == 1
+                        && &n.outputs[0] == x
+                        && n.inputs.len() == 2
+                        && matches!(n.op, Op::MatMul { activation: None })
+                })?;
+                let out_shape = &graph.values.get(x)?.shape;
+                let n = *out_shape.last()?;
+                let fits = bias.elem_count() == n
+                    && bias.dims().last() == Some(&n)
+                    && graph.values.get(&node.outputs[0]).map(|v| &v.shape) == Some(out_shape);
+                let ok = fits
+                    && sole_consumer(graph, x) == Some(i)
+                    && !is_output(graph, x)
+                    && !protected.contains(x);
+                ok.then(|| (p, x.clone(), b.clone()))
+            })
+        });
+        let Some((p, x, b)) = found.flatten() else {
+            i += 1;
+            continue;
+        };
+        let out = graph.nodes[i].outputs.clone();
+        let mm = &mut graph.nodes[p];
+        mm.inputs.push(b);
+        mm.outputs = out;
+        graph.values.remove(&x);
+        graph.nodes.remove(i);
+        fused += 1;
+    }
+    fused
 }
 
 /// `Add(Conv(x), r)` → `Conv(x) + r` in the conv's epilogue, when the conv output feeds only

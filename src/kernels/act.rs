@@ -61,12 +61,29 @@ fn apply_body(act: Activation, v: &mut [f32]) {
         Activation::Tanh => v.iter_mut().for_each(|x| *x = x.tanh()),
         Activation::Gelu { tanh: false } => v
             .iter_mut()
-            .for_each(|x| *x = 0.5 * *x * (1.0 + erf(*x * std::f32::consts::FRAC_1_SQRT_2))),
+            .for_each(|x| *x = 0.5 * *x * (1.0 + erf_fast(*x * std::f32::consts::FRAC_1_SQRT_2))),
         Activation::Gelu { tanh: true } => {
             const C: f32 = 0.797_884_6; // sqrt(2 / pi)
             v.iter_mut()
                 .for_each(|x| *x = 0.5 * *x * (1.0 + (C * (*x + 0.044715 * *x * *x * *x)).tanh()))
         }
+    }
+}
+
+/// erf(x) by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), in f32 with a branch-free exp
+/// so that a run of it vectorises: the GELU in linear-layer epilogues.
+#[inline(always)]
+pub fn erf_fast(x: f32) -> f32 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_7 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    let y = 1.0 - poly * super::rowwise::exp_nonpositive(-z * z);
+    if x < 0.0 {
+        -y
+    } else {
+        y
     }
 }
 
@@ -90,6 +107,20 @@ pub fn erf(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_erf_is_within_4e7_of_the_accurate_one() {
+        for i in -4000..=4000 {
+            let x = i as f32 / 1000.0;
+            assert!(
+                (erf_fast(x) - erf(x)).abs() < 4e-7,
+                "x = {x}: {} vs {}",
+                erf_fast(x),
+                erf(x)
+            );
+        }
+        assert!(erf_fast(f32::NAN).is_nan());
+    }
 
     #[test]
     fn erf_matches_known_values() {

@@ -275,7 +275,7 @@ fn row_max(row: &[f32]) -> f32 {
 /// 2^n assembled in the exponent bits). Below −87 it returns 0, where 2^n would leave the
 /// normal range; NaN stays NaN. Written without branches so blocks of it vectorise.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split so that n·LN2_HI is exact for the n that occur here.
     const LN2_HI: f32 = 0.693_359_4;
