@@ -177,6 +177,8 @@ impl LoadedModel {
             PassReport::default()
         };
         let exec = Executor::new(graph, weights, choice.device.clone(), exec)?;
+        // Every weight now lives in a candle tensor or a packed kernel buffer.
+        file.release_pages();
         let labels = match file.metadata().get(META_LABELS) {
             Some(json) => Some(serde_json::from_str::<Vec<String>>(json).map_err(|e| {
                 Error::InvalidGraph {

@@ -86,6 +86,8 @@ pub fn load_weights(
             _ => t,
         };
         out.insert(name.clone(), t.to_device(device)?);
+        // Copied: the mapped bytes need not stay resident beside the copy.
+        file.release_tensor(name);
     }
     Ok(out)
 }
@@ -121,7 +123,7 @@ impl Executor {
     /// Plans `graph` with `weights` (every tensor the graph names) on `device`.
     pub fn new(
         graph: Graph,
-        weights: HashMap<String, Tensor>,
+        mut weights: HashMap<String, Tensor>,
         device: Device,
         options: ExecOptions,
     ) -> Result<Self> {
@@ -146,9 +148,9 @@ impl Executor {
                     refs.push(Ref::Slot(s));
                 } else if let Some(&w) = weight_ids.get(name) {
                     refs.push(Ref::Weight(w));
-                } else if let Some(t) = weights.get(name) {
+                } else if let Some(t) = weights.remove(name) {
                     let w = weight_vec.len();
-                    weight_vec.push(t.clone());
+                    weight_vec.push(t);
                     weight_ids.insert(name.clone(), w);
                     refs.push(Ref::Weight(w));
                 } else {
@@ -195,37 +197,57 @@ impl Executor {
             keep_freed_memory();
         }
         // Prepared inside the pool: some choices are timed, and must be timed as they will run.
-        let prepare = || -> Vec<Option<Prepared>> {
-            steps
-                .iter()
-                .map(|step| {
-                    let node = &graph.nodes[step.node];
-                    let constant = |i: usize| match step.inputs.get(i) {
-                        Some(Ref::Weight(w)) => weight_vec.get(*w),
-                        _ => None,
-                    };
-                    let shape = node
-                        .inputs
-                        .first()
-                        .and_then(|v| graph.values.get(v))
-                        .map(|info| info.shape.as_slice());
-                    native
-                        .then(|| {
-                            native::prepare(
-                                &node.op,
-                                (step.inputs.len(), step.outputs.len()),
-                                shape,
-                                options.winograd,
-                                constant,
-                            )
-                        })
-                        .flatten()
-                })
-                .collect()
+        // Weights that only native kernels read live on packed in `prepared`: candle's copy is
+        // dropped as soon as its last user is packed, so load never holds both whole.
+        let mut users = vec![0usize; weight_vec.len()];
+        for step in &steps {
+            for r in &step.inputs {
+                if let Ref::Weight(w) = r {
+                    users[*w] += 1;
+                }
+            }
+        }
+        let mut candle_needs = vec![false; weight_vec.len()];
+        let mut prepare = || -> Result<Vec<Option<Prepared>>> {
+            let mut prepared = Vec::with_capacity(steps.len());
+            for step in &steps {
+                let node = &graph.nodes[step.node];
+                let shape = node
+                    .inputs
+                    .first()
+                    .and_then(|v| graph.values.get(v))
+                    .map(|info| info.shape.as_slice());
+                let prep = native
+                    .then(|| {
+                        let constant = |i: usize| match step.inputs.get(i) {
+                            Some(Ref::Weight(w)) => weight_vec.get(*w),
+                            _ => None,
+                        };
+                        native::prepare(
+                            &node.op,
+                            (step.inputs.len(), step.outputs.len()),
+                            shape,
+                            options.winograd,
+                            constant,
+                        )
+                    })
+                    .flatten();
+                for r in &step.inputs {
+                    if let Ref::Weight(w) = r {
+                        candle_needs[*w] |= prep.is_none();
+                        users[*w] -= 1;
+                        if users[*w] == 0 && !candle_needs[*w] {
+                            weight_vec[*w] = Tensor::zeros(0, CDType::F32, &Device::Cpu)?;
+                        }
+                    }
+                }
+                prepared.push(prep);
+            }
+            Ok(prepared)
         };
         let prepared = match &pool {
-            Some(p) => p.install(prepare),
-            None => prepare(),
+            Some(p) => p.install(prepare)?,
+            None => prepare()?,
         };
         let mut exec = Executor {
             device,
@@ -399,6 +421,17 @@ impl Executor {
             };
             let results = match native {
                 Some(t) => vec![t],
+                None if self.prepared[si].is_some() => {
+                    // The packed weights are the only copy left; candle cannot take over.
+                    return Err(Error::Exec {
+                        node: node.name.clone(),
+                        op: node.op.name(),
+                        source: Box::new(candle_core::Error::Msg(format!(
+                            "the native kernel does not take inputs {:?}",
+                            args.iter().map(|a| a.dims().to_vec()).collect::<Vec<_>>()
+                        ))),
+                    });
+                }
                 None => ops::eval(&node.op, &args).map_err(exec_err)?,
             };
             if let Some(t0) = started {

@@ -352,6 +352,39 @@ impl ModelFile {
         Self::from_storage(Storage::Mmap(mmap), label)
     }
 
+    /// Tells the kernel the mapped pages are not needed now (after the weights were copied or
+    /// packed at load), so they leave the process's resident set; a later read faults them
+    /// back in from the file. No effect on embedded or owned bytes.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Storage::Mmap(m) = &self.storage {
+            // SAFETY: the map is read-only and file-backed: DontNeed only drops clean pages,
+            // which later reads fetch again from the file, unchanged.
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
+    /// As [`ModelFile::release_pages`] for one tensor's bytes, once they were copied or packed:
+    /// only whole 64 KiB blocks inside the tensor are released (a multiple of every page size
+    /// in use), so neighbouring tensors keep their pages.
+    pub fn release_tensor(&self, name: &str) {
+        #[cfg(unix)]
+        if let (Storage::Mmap(m), Some(info)) = (
+            &self.storage,
+            self.index.get(name).and_then(|&i| self.tensors.get(i)),
+        ) {
+            const BLOCK: usize = 64 << 10;
+            let (begin, end) = (self.data_start + info.begin, self.data_start + info.end);
+            let (a, b) = (begin.div_ceil(BLOCK) * BLOCK, end / BLOCK * BLOCK);
+            if b > a && b <= m.len() {
+                // SAFETY: as in release_pages; the range lies inside the map.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
+                };
+            }
+        }
+    }
+
     /// For a model embedded with `include_bytes!`: no file system needed, nothing copied.
     pub fn from_static(
         bytes: &'static [u8],
