@@ -282,28 +282,42 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
         return;
     }
     let (mr, nr) = (a.isa.mr(), a.isa.nr());
-    // Work items: column chunks of NC, and row chunks when there are too few column chunks
-    // to keep every thread busy (the 7 × 7 maps at the end of a ResNet).
+    // Work items: column chunks of at most 8 panels, and row chunks when there are too few
+    // column chunks to keep every thread busy (the 7 × 7 maps at the end of a ResNet). Chunk
+    // counts are multiples of the thread count and panels are dealt out evenly, so no thread
+    // waits on a last, lone chunk.
     let threads = rayon::current_num_threads().max(1);
-    let nc_max = nr * 8;
-    let n_chunks = n.div_ceil(nc_max);
+    let n_panels = n.div_ceil(nr);
     let m_panels = m.div_ceil(mr);
+    let mut n_chunks = n_panels.div_ceil(8);
+    if threads > 1 {
+        n_chunks = n_chunks.div_ceil(threads) * threads;
+    }
+    let n_chunks = n_chunks.min(n_panels);
     let want = 2 * threads;
-    let m_parts = if n_chunks >= want {
+    let mut m_parts = if threads == 1 || n_chunks >= want {
         1
     } else {
-        want.div_ceil(n_chunks).min(m_panels)
+        want.div_ceil(n_chunks)
     };
-    let panels_per_part = m_panels.div_ceil(m_parts);
+    if threads > 1 && m_parts > 1 {
+        m_parts = m_parts.div_ceil(threads) * threads;
+    }
+    let m_parts = m_parts.min(m_panels);
+    // Item (mi, nj): panels [mi·M/parts, (mi+1)·M/parts) × [nj·N/chunks, (nj+1)·N/chunks).
+    let split = |i: usize, total: usize, parts: usize| (i * total / parts, (i + 1) * total / parts);
     let items: Vec<(usize, usize)> = (0..n_chunks)
-        .flat_map(|nj| (0..m_panels.div_ceil(panels_per_part)).map(move |mi| (mi, nj)))
+        .flat_map(|nj| (0..m_parts).map(move |mi| (mi, nj)))
         .collect();
     let cptr = SendPtr(c.as_mut_ptr());
     let run = |&(mi, nj): &(usize, usize)| {
-        let p0 = mi * panels_per_part;
-        let p1 = (p0 + panels_per_part).min(m_panels);
-        let n0 = nj * nc_max;
-        let nc = nc_max.min(n - n0);
+        let (p0, p1) = split(mi, m_panels, m_parts);
+        let (q0, q1) = split(nj, n_panels, n_chunks);
+        let n0 = q0 * nr;
+        let nc = (q1 * nr).min(n) - n0;
+        if p0 == p1 || nc == 0 {
+            return;
+        }
         PACK_B.with(|buf| {
             let mut buf = buf.borrow_mut();
             let need = KC * nc.div_ceil(nr) * nr;
