@@ -68,76 +68,94 @@ pub fn depthwise_conv2d(
     let Some((oh, ow)) = s.out_hw() else {
         return Vec::new();
     };
-    let plane_in = s.h * s.w;
     let plane_out = oh * ow;
     let mut y = vec![0f32; s.n * s.c * plane_out];
-    let one = |(nc, out): (usize, &mut [f32])| {
-        let ch = nc % s.c;
-        let xin = &x[nc * plane_in..(nc + 1) * plane_in];
-        let k = &weight[ch * s.kh * s.kw..(ch + 1) * s.kh * s.kw];
-        out.fill(bias.map_or(0.0, |b| b[ch]));
-        plane(s, xin, k, out, (oh, ow));
-        // The plane is still in cache: finish it here rather than in another pass.
-        if let Some(r) = residual {
-            out.iter_mut()
-                .zip(&r[nc * plane_out..(nc + 1) * plane_out])
-                .for_each(|(o, v)| *o += v);
-        }
-        apply_activation(activation, out);
+    let job = Job {
+        s,
+        x,
+        weight,
+        bias,
+        residual,
+        activation,
+        oh,
+        ow,
+    };
+    // Several small planes per task, so per-task costs stay small beside the work.
+    let per_task = (PAR_MIN / (plane_out * s.kh * s.kw).max(1)).max(1);
+    let one = |(t, out): (usize, &mut [f32])| {
+        SCRATCH.with(|scratch| {
+            let scratch = &mut *scratch.borrow_mut();
+            let first = t * per_task;
+            #[cfg(target_arch = "x86_64")]
+            match Isa::detect() {
+                // SAFETY: detect() saw these features on this CPU.
+                Isa::Avx512 => return unsafe { planes_avx512(&job, first, out, scratch) },
+                Isa::Avx2 => return unsafe { planes_avx2(&job, first, out, scratch) },
+                Isa::Portable => {}
+            }
+            planes(&job, first, out, scratch)
+        })
     };
     if s.n * s.c * plane_out * s.kh * s.kw < PAR_MIN {
-        y.chunks_mut(plane_out).enumerate().for_each(one);
+        y.chunks_mut(per_task * plane_out).enumerate().for_each(one);
     } else {
-        y.par_chunks_mut(plane_out).enumerate().for_each(one);
+        y.par_chunks_mut(per_task * plane_out)
+            .enumerate()
+            .for_each(one);
     }
     y
 }
 
-/// Below this many multiply-adds a frame runs on one thread.
+/// Below this many multiply-adds a call runs on one thread; also the work per task.
 const PAR_MIN: usize = 1 << 14;
 
-/// Accumulates one channel's plane into `out`, with the widest vectors the CPU has.
-fn plane(s: &DepthwiseShape, x: &[f32], k: &[f32], out: &mut [f32], ohw: (usize, usize)) {
-    #[cfg(target_arch = "x86_64")]
-    match Isa::detect() {
-        // SAFETY: detect() saw these features on this CPU.
-        Isa::Avx512 => return unsafe { plane_avx512(s, x, k, out, ohw) },
-        Isa::Avx2 => return unsafe { plane_avx2(s, x, k, out, ohw) },
-        Isa::Portable => {}
-    }
-    plane_body(s, x, k, out, ohw)
+/// One call's operands.
+struct Job<'a> {
+    s: &'a DepthwiseShape,
+    x: &'a [f32],
+    weight: &'a [f32],
+    bias: Option<&'a [f32]>,
+    residual: Option<&'a [f32]>,
+    activation: Option<Activation>,
+    oh: usize,
+    ow: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn plane_avx512(
-    s: &DepthwiseShape,
-    x: &[f32],
-    k: &[f32],
-    out: &mut [f32],
-    ohw: (usize, usize),
-) {
-    plane_body(s, x, k, out, ohw)
+unsafe fn planes_avx512(job: &Job, first: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
+    planes(job, first, out, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn plane_avx2(
-    s: &DepthwiseShape,
-    x: &[f32],
-    k: &[f32],
-    out: &mut [f32],
-    ohw: (usize, usize),
-) {
-    plane_body(s, x, k, out, ohw)
+unsafe fn planes_avx2(job: &Job, first: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
+    planes(job, first, out, scratch)
 }
 
+/// The planes (image · channel) `first ..` that `out` holds, one after another.
 #[inline(always)]
-fn plane_body(s: &DepthwiseShape, x: &[f32], k: &[f32], out: &mut [f32], (oh, ow): (usize, usize)) {
-    SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        plane_flat(s, x, k, out, (oh, ow), &mut scratch);
-    });
+fn planes(job: &Job, first: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
+    let s = job.s;
+    let (plane_in, plane_out) = (s.h * s.w, job.oh * job.ow);
+    for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
+        let nc = first + i;
+        let ch = nc % s.c;
+        let taps = s.kh * s.kw;
+        plane_flat(
+            s,
+            &job.x[nc * plane_in..(nc + 1) * plane_in],
+            &job.weight[ch * taps..(ch + 1) * taps],
+            job.bias.map_or(0.0, |b| b[ch]),
+            job.residual
+                .map(|r| &r[nc * plane_out..(nc + 1) * plane_out]),
+            o,
+            (job.oh, job.ow),
+            scratch,
+        );
+        // Still in cache: the activation runs here rather than in another pass.
+        apply_activation(job.activation, o);
+    }
 }
 
 thread_local! {
@@ -146,17 +164,22 @@ thread_local! {
 }
 
 const BLOCK: usize = 16;
+/// Kernels up to 7 × 7 keep their tap table on the stack.
+const MAX_STACK_TAPS: usize = 49;
 
 /// The padded input is split into its stride phases (`P[a][b][i][j] = x_pad[i·sy + a][j·sx + b]`),
 /// so every tap of every output reads `P[phase][oy·ws + ox + shift]`: one flat index over the
 /// whole plane. Each block of 16 flat positions then sums all taps in registers and the plane
 /// needs no border cases; positions with `ox ≥ ow` are computed and dropped (few, for the
-/// small planes where this matters).
+/// small planes where this matters). Writes `out = conv + bias (+ residual)`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn plane_flat(
     s: &DepthwiseShape,
     x: &[f32],
     k: &[f32],
+    bias: f32,
+    residual: Option<&[f32]>,
     out: &mut [f32],
     (oh, ow): (usize, usize),
     scratch: &mut Vec<f32>,
@@ -178,6 +201,44 @@ fn plane_flat(
     for iy in 0..s.h {
         let (a, i) = ((iy + pt) % sy, (iy + pt) / sy);
         let xrow = &x[iy * s.w..(iy + 1) * s.w];
+        if sx == 1 {
+            // Stride 1 has one phase: a plain (vectorised) row copy.
+            let at = a * plane_len + i * ws + pl;
+            p[at..at + s.w].copy_from_slice(xrow);
+            continue;
+        }
+        if sx == 2 {
+            // Deinterleave pairs: input column ix goes to phase (ix + pl) % 2, index
+            // (ix + pl) / 2. Written pairwise so it vectorises.
+            let (first, j0) = if pl % 2 == 0 {
+                (0, pl / 2)
+            } else {
+                (1, pl.div_ceil(2))
+            };
+            let base = a * 2 * plane_len + i * ws;
+            let (ph0, ph1) = p[base..].split_at_mut(plane_len);
+            // Column `first + 2m` lands in phase 0 at j0 + m, column `first + 2m + 1` in
+            // phase 1 at j0' + m, where j0' = (first + 1 + pl) / 2.
+            let j1 = (first + 1 + pl) / 2;
+            if first == 1 {
+                ph1[pl / 2] = xrow[0];
+            }
+            let pairs = xrow[first..].chunks_exact(2);
+            let tail = pairs.remainder();
+            let m = pairs.len();
+            for ((e, o), pr) in ph0[j0..j0 + m]
+                .iter_mut()
+                .zip(&mut ph1[j1..j1 + m])
+                .zip(pairs)
+            {
+                *e = pr[0];
+                *o = pr[1];
+            }
+            if let [t] = tail {
+                ph0[j0 + m] = *t;
+            }
+            continue;
+        }
         for b in 0..sx {
             // Input columns ix with (ix + pl) % sx == b land at j = (ix + pl) / sx.
             let first = (b + sx - pl % sx) % sx;
@@ -191,28 +252,42 @@ fn plane_flat(
             }
         }
     }
-    let taps: Vec<(f32, usize)> = (0..s.kh * s.kw)
-        .map(|t| {
-            let (ry, rx) = ((t / s.kw) * dy, (t % s.kw) * dx);
-            let phase = (ry % sy) * sx + rx % sx;
-            (k[t], phase * plane_len + (ry / sy) * ws + rx / sx)
-        })
-        .collect();
+    let n_taps = s.kh * s.kw;
+    let mut stack = [(0f32, 0usize); MAX_STACK_TAPS];
+    let mut heap = Vec::new();
+    let taps: &mut [(f32, usize)] = if n_taps <= MAX_STACK_TAPS {
+        &mut stack[..n_taps]
+    } else {
+        heap.resize(n_taps, (0f32, 0usize));
+        &mut heap
+    };
+    for (t, tap) in taps.iter_mut().enumerate() {
+        let (ry, rx) = ((t / s.kw) * dy, (t % s.kw) * dx);
+        let phase = (ry % sy) * sx + rx % sx;
+        *tap = (k[t], phase * plane_len + (ry / sy) * ws + rx / sx);
+    }
     for (c, yb) in y.chunks_exact_mut(BLOCK).enumerate() {
         let base = c * BLOCK;
-        let mut acc = [0f32; BLOCK];
-        for &(wv, off) in &taps {
+        let mut acc = [bias; BLOCK];
+        for &(wv, off) in taps.iter() {
             let v = &p[off + base..off + base + BLOCK];
             for jj in 0..BLOCK {
-                acc[jj] += wv * v[jj];
+                // mul_add: one FMA per lane in the AVX builds (plain a·b + c is not contracted).
+                acc[jj] = wv.mul_add(v[jj], acc[jj]);
             }
         }
         yb.copy_from_slice(&acc);
     }
     for oy in 0..oh {
         let dst = &mut out[oy * ow..(oy + 1) * ow];
-        for (o, v) in dst.iter_mut().zip(&y[oy * ws..oy * ws + ow]) {
-            *o += v;
+        let src = &y[oy * ws..oy * ws + ow];
+        match residual {
+            Some(r) => {
+                for ((o, v), rv) in dst.iter_mut().zip(src).zip(&r[oy * ow..(oy + 1) * ow]) {
+                    *o = v + rv;
+                }
+            }
+            None => dst.copy_from_slice(src),
         }
     }
 }

@@ -70,8 +70,13 @@ fn plane(
             }
             let j0 = (first + pl) / sx;
             let dst = &mut p[(a * sx + b) * plane_len + i * ws + j0..];
-            for (d, &v) in dst.iter_mut().zip(xrow[first..].iter().step_by(sx)) {
-                *d = v;
+            if sx == 1 {
+                // Stride 1 has one phase: a plain (vectorised) row copy.
+                dst[..s.w].copy_from_slice(xrow);
+            } else {
+                for (d, &v) in dst.iter_mut().zip(xrow[first..].iter().step_by(sx)) {
+                    *d = v;
+                }
             }
         }
     }
