@@ -48,7 +48,10 @@ pub struct Executor {
     device: Device,
     /// Per step: the node prepared for a native kernel (CPU only).
     prepared: Vec<Option<Prepared>>,
+    /// rayon's pool for candle's own ops, when `threads` was given.
     pool: Option<rayon::ThreadPool>,
+    /// Our kernels' workers.
+    spin: std::sync::Arc<crate::kernels::par::SpinPool>,
     options: ExecOptions,
     graph: Graph,
     weights: Vec<Tensor>,
@@ -192,6 +195,14 @@ impl Executor {
             ),
             None => None,
         };
+        let spin_threads = match &pool {
+            Some(p) => p.current_num_threads(),
+            None => rayon::current_num_threads(),
+        };
+        let spin = std::sync::Arc::new(
+            crate::kernels::par::SpinPool::new(spin_threads)
+                .map_err(|e| bad(format!("cannot start {spin_threads} threads: {e}")))?,
+        );
         let native = device.is_cpu() && options.kernels == Kernels::Native;
         if device.is_cpu() {
             keep_freed_memory();
@@ -208,7 +219,7 @@ impl Executor {
             }
         }
         let mut candle_needs = vec![false; weight_vec.len()];
-        let mut prepare = || -> Result<Vec<Option<Prepared>>> {
+        let prepare = || -> Result<Vec<Option<Prepared>>> {
             let mut prepared = Vec::with_capacity(steps.len());
             for step in &steps {
                 let node = &graph.nodes[step.node];
@@ -246,13 +257,14 @@ impl Executor {
             Ok(prepared)
         };
         let prepared = match &pool {
-            Some(p) => p.install(prepare)?,
-            None => prepare()?,
+            Some(p) => p.install(|| spin.install(prepare))?,
+            None => spin.install(prepare)?,
         };
         let mut exec = Executor {
             device,
             prepared,
             pool,
+            spin,
             options,
             graph,
             weights: weight_vec,
@@ -337,9 +349,10 @@ impl Executor {
     /// Runs one inference. `feeds` holds one tensor per graph input, by name; `taps` names
     /// intermediate values to return.
     pub fn run(&self, feeds: &[(String, Tensor)], taps: &[String]) -> Result<RunOutputs> {
+        let run = || self.spin.install(|| self.run_here(feeds, taps));
         match &self.pool {
-            Some(pool) => pool.install(|| self.run_here(feeds, taps)),
-            None => self.run_here(feeds, taps),
+            Some(pool) => pool.install(run),
+            None => run(),
         }
     }
 

@@ -9,7 +9,7 @@ use candle_core::{DType, Result, Tensor};
 use crate::graph::{Activation, Op, PoolKind};
 use crate::kernels::conv::PackedConv;
 use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
-use crate::kernels::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA};
+use crate::kernels::gemm::{gemm, Epilogue, Layout, PackedA, PackedB};
 use crate::kernels::pool::max_pool2d;
 use crate::kernels::rowwise::{layer_norm_rows, softmax_rows};
 use crate::kernels::winograd::WinogradConv;
@@ -160,7 +160,7 @@ pub(crate) enum Prepared {
     /// `x · W (+ bias)` with a constant `W` (`[k, n]`, or `[n, k]` transposed), over the
     /// last axis of `x`.
     Linear {
-        w: PackedA,
+        w: PackedB,
         bias: Option<Vec<f32>>,
         activation: Option<Activation>,
     },
@@ -300,10 +300,11 @@ pub(crate) fn prepare<'a>(
             };
             let data = host_f32(w)?;
             // A = Wᵀ (`n × k`): rows are output features.
+            // B = W (`k × n`), or Wᵀ when stored transposed.
             let packed = if *trans_b {
-                PackedA::pack(&data, n, k, k, 1)
+                PackedB::pack(&data, k, n, 1, k)
             } else {
-                PackedA::pack(&data, n, k, 1, n)
+                PackedB::pack(&data, k, n, n, 1)
             };
             let bias = match (n_inputs, constant(2)) {
                 (2, _) => None,
@@ -374,7 +375,7 @@ pub(crate) fn prepare<'a>(
                 _ => return None,
             };
             Some(Prepared::Linear {
-                w: PackedA::pack(&host_f32(w)?, n, k, 1, n),
+                w: PackedB::pack(&host_f32(w)?, k, n, n, 1),
                 bias,
                 activation: *activation,
             })
@@ -398,20 +399,6 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
         }
     }
     Ok(Some(f(&t.flatten_all()?.to_vec1::<f32>()?)))
-}
-
-/// `dst[c * rows + r] = src[r * cols + c]` for a `rows × cols` source, in cache-sized tiles.
-fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const T: usize = 32;
-    for r0 in (0..rows).step_by(T) {
-        for c0 in (0..cols).step_by(T) {
-            for r in r0..(r0 + T).min(rows) {
-                for c in c0..(c0 + T).min(cols) {
-                    dst[c * rows + r] = src[r * cols + c];
-                }
-            }
-        }
-    }
 }
 
 fn bail<T>(msg: String) -> Result<T> {
@@ -566,32 +553,23 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
             activation,
         } => {
             let dims = x.dims();
-            let (k, n) = (w.k(), w.m());
+            let (k, n) = (w.k(), w.n());
             if dims.last() != Some(&k) {
                 return Ok(None);
             }
             let rows = x.elem_count() / k.max(1);
             let epi = Epilogue {
-                bias: bias.as_deref(),
-                residual: None,
+                col_bias: bias.as_deref(),
                 activation: *activation,
+                ..Default::default()
             };
-            // yᵀ = Wᵀ · xᵀ with B[k, r] = x[r, k]; yᵀ is written with unit stride (the GEMM's
-            // fast path) and transposed after, which costs far less than strided stores.
-            let mut yt = vec![0f32; rows * n];
-            let done = with_f32(x, |xs| {
-                let b = MatrixB {
-                    data: xs,
-                    rs: 1,
-                    cs: k,
-                };
-                gemm(w, &b, rows, &mut yt, Layout { rs: rows, cs: 1 }, &epi)
-            })?;
-            if done.is_none() {
+            // y = x · W: the rows of x (tokens) are the packed left operand, packed per frame
+            // (rows × k, small beside the rows × k × n product), W the prepacked right one.
+            let Some(a) = with_f32(x, |xs| PackedA::pack(xs, rows, k, k, 1))? else {
                 return Ok(None);
-            }
+            };
             let mut out = vec![0f32; rows * n];
-            transpose_into(&yt, n, rows, &mut out);
+            gemm(&a, w, n, &mut out, Layout { rs: n, cs: 1 }, &epi);
             let mut shape = dims.to_vec();
             if let Some(last) = shape.last_mut() {
                 *last = n;

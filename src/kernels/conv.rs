@@ -137,6 +137,7 @@ impl PackedConv {
                 let c0 = (img * self.cout + g * cout_g) * plane;
                 let c1 = c0 + cout_g * plane;
                 let epi = Epilogue {
+                    col_bias: None,
                     bias: self
                         .bias
                         .as_deref()

@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
+use super::par::par_chunks_mut;
 
 use super::act::apply_activation;
 use super::gemm::Isa;
@@ -99,9 +99,7 @@ pub fn depthwise_conv2d(
     if s.n * s.c * plane_out * s.kh * s.kw < PAR_MIN {
         y.chunks_mut(per_task * plane_out).enumerate().for_each(one);
     } else {
-        y.par_chunks_mut(per_task * plane_out)
-            .enumerate()
-            .for_each(one);
+        par_chunks_mut(&mut y, per_task * plane_out, |t, out| one((t, out)));
     }
     y
 }

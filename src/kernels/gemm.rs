@@ -15,7 +15,7 @@
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
-use rayon::prelude::*;
+use super::par;
 
 use super::act::apply_activation;
 use crate::graph::Activation;
@@ -145,6 +145,65 @@ impl PackedA {
     }
 }
 
+/// A constant right operand (linear-layer weights), packed once for one [`Isa`]: for each
+/// `KC` block of k, for each panel of `NR` columns, `kc × NR` values (k-major), columns past
+/// `n` zero. Its [`BSource::pack`] is a copy of whole panels.
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    isa: Isa,
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    /// Packs `B[k, n] = b[k * rs + n * cs]` for the CPU's micro-kernel.
+    pub fn pack(b: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> PackedB {
+        let isa = Isa::detect();
+        let nr = isa.nr();
+        let panels = n.div_ceil(nr);
+        let mut data = vec![0f32; panels * nr * k];
+        let mut at = 0;
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            for p in 0..panels {
+                for kk in 0..kc {
+                    for j in 0..nr {
+                        let col = p * nr + j;
+                        if col < n {
+                            data[at] = b[(k0 + kk) * rs + col * cs];
+                        }
+                        at += 1;
+                    }
+                }
+            }
+        }
+        PackedB { isa, k, n, data }
+    }
+
+    /// Depth.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+}
+
+impl BSource for PackedB {
+    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
+        // The driver asks for panel-aligned blocks of the packing's own width.
+        debug_assert!(nr == self.isa.nr() && n0.is_multiple_of(nr));
+        let panels = self.n.div_ceil(nr);
+        let block = k0 * panels * nr;
+        let (p0, np) = (n0 / nr, nc.div_ceil(nr));
+        let src = &self.data[block + p0 * kc * nr..block + (p0 + np) * kc * nr];
+        dst[..np * kc * nr].copy_from_slice(src);
+    }
+}
+
 /// The right operand: something that can write a block of B into packed panels.
 pub trait BSource: Sync {
     /// Writes `B[k0 .. k0 + kc, n0 .. n0 + nc]` into `dst` as `nc.div_ceil(nr)` panels of
@@ -202,6 +261,8 @@ impl BSource for MatrixB<'_> {
 pub struct Epilogue<'a> {
     /// Added per row (output channel).
     pub bias: Option<&'a [f32]>,
+    /// Added per column (a linear layer's bias when C is tokens × features).
+    pub col_bias: Option<&'a [f32]>,
     /// Added per element, laid out like C (a residual connection).
     pub residual: Option<&'a [f32]>,
     /// Applied last.
@@ -263,12 +324,20 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
             bias.len()
         );
     }
+    if let Some(cb) = epi.col_bias {
+        assert!(
+            cb.len() >= n,
+            "gemm: column bias holds {} values for {n} columns",
+            cb.len()
+        );
+    }
     if k == 0 {
         // No products: C is the epilogue of zero.
         for i in 0..m {
             let mut row: Vec<f32> = (0..n)
                 .map(|j| {
                     epi.bias.map_or(0.0, |b| b[i])
+                        + epi.col_bias.map_or(0.0, |b| b[j])
                         + epi
                             .residual
                             .map_or(0.0, |r| r[i * layout.rs + j * layout.cs])
@@ -286,7 +355,7 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
     // column chunks to keep every thread busy (the 7 × 7 maps at the end of a ResNet). Chunk
     // counts are multiples of the thread count and panels are dealt out evenly, so no thread
     // waits on a last, lone chunk.
-    let threads = rayon::current_num_threads().max(1);
+    let threads = par::current_threads().max(1);
     let n_panels = n.div_ceil(nr);
     let m_panels = m.div_ceil(mr);
     let mut n_chunks = n_panels.div_ceil(8);
@@ -374,7 +443,7 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
     if items.len() == 1 || threads == 1 {
         items.iter().for_each(run);
     } else {
-        items.par_iter().for_each(run);
+        par::par_for(items.len(), |i| run(&items[i]));
     }
 }
 
@@ -411,6 +480,11 @@ unsafe fn store(
             if let Some(b) = epi.bias {
                 let bi = b[i];
                 vals.iter_mut().for_each(|v| *v += bi);
+            }
+            if let Some(cb) = epi.col_bias {
+                vals.iter_mut()
+                    .zip(&cb[j0..j0 + cols])
+                    .for_each(|(v, b)| *v += b);
             }
             if let Some(res) = epi.residual {
                 if layout.cs == 1 {
@@ -471,7 +545,11 @@ unsafe fn epilogue_in_place(
     (rows, cols): (usize, usize),
     epi: &Epilogue,
 ) {
-    if epi.bias.is_none() && epi.residual.is_none() && epi.activation.is_none() {
+    if epi.bias.is_none()
+        && epi.col_bias.is_none()
+        && epi.residual.is_none()
+        && epi.activation.is_none()
+    {
         return;
     }
     for r in 0..rows {
@@ -479,6 +557,11 @@ unsafe fn epilogue_in_place(
         if let Some(b) = epi.bias {
             let bi = b[i0 + r];
             row.iter_mut().for_each(|v| *v += bi);
+        }
+        if let Some(cb) = epi.col_bias {
+            row.iter_mut()
+                .zip(&cb[j0..j0 + cols])
+                .for_each(|(v, b)| *v += b);
         }
         if let Some(res) = epi.residual {
             let base = (i0 + r) * ldc + j0;
@@ -712,6 +795,7 @@ mod tests {
                 bias: Some(&bias),
                 residual: Some(&rt),
                 activation: Some(Activation::Relu),
+                col_bias: None,
             };
             gemm(
                 &pa,
@@ -735,6 +819,41 @@ mod tests {
                         want[i * n + j]
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn prepacked_right_operand_with_column_bias() {
+        for &(m, k, n) in &[(197, 192, 576), (3, 300, 40), (1, 5, 33), (9, 600, 64)] {
+            let a = rand(m * k, 7);
+            let b = rand(k * n, 8);
+            let cb = rand(n, 9);
+            let mut want = naive(&a, &b, m, k, n);
+            for i in 0..m {
+                for j in 0..n {
+                    want[i * n + j] += cb[j];
+                }
+            }
+            // B given as stored (k × n) and as its transpose (n × k, a Gemm with transB).
+            let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+            for pb in [
+                PackedB::pack(&b, k, n, n, 1),
+                PackedB::pack(&bt, k, n, 1, k),
+            ] {
+                let pa = PackedA::pack(&a, m, k, k, 1);
+                let mut c = vec![f32::NAN; m * n];
+                let epi = Epilogue {
+                    col_bias: Some(&cb),
+                    ..Default::default()
+                };
+                gemm(&pa, &pb, n, &mut c, Layout { rs: n, cs: 1 }, &epi);
+                let err = c
+                    .iter()
+                    .zip(&want)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(err < 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n}: max err {err}");
             }
         }
     }

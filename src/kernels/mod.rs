@@ -6,6 +6,7 @@ pub mod act;
 pub mod conv;
 pub mod depthwise;
 pub mod gemm;
+pub mod par;
 pub mod pool;
 pub mod rowwise;
 pub mod winograd;

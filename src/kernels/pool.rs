@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
+use super::par::par_chunks_mut;
 
 use super::depthwise::DepthwiseShape;
 
@@ -37,7 +37,7 @@ pub fn max_pool2d(s: &DepthwiseShape, x: &[f32]) -> Option<Vec<f32>> {
     if s.n * s.c * plane_out * s.kh * s.kw < 1 << 15 {
         y.chunks_mut(plane_out).enumerate().for_each(one);
     } else {
-        y.par_chunks_mut(plane_out).enumerate().for_each(one);
+        par_chunks_mut(&mut y, plane_out, |t, out| one((t, out)));
     }
     Some(y)
 }

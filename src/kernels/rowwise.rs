@@ -10,6 +10,8 @@
 
 use std::sync::OnceLock;
 
+use super::par::par_chunks_mut;
+#[cfg(test)]
 use rayon::prelude::*;
 
 /// Buffers with more elements than this are split over rayon's pool.
@@ -46,8 +48,9 @@ pub fn softmax_rows(data: &mut [f32], cols: usize) {
     if data.len() <= PAR_MIN_ELEMS {
         softmax_band(isa, data, cols);
     } else {
-        data.par_chunks_mut(band_len(cols))
-            .for_each(|band| softmax_band(isa, band, cols));
+        par_chunks_mut(data, band_len(cols), |_, band| {
+            softmax_band(isa, band, cols)
+        });
     }
 }
 
@@ -91,9 +94,10 @@ pub fn layer_norm_rows(
         layer_norm_band(isa, x, out, cols, gamma, beta, eps);
     } else {
         let band = band_len(cols);
-        x.par_chunks(band)
-            .zip(out.par_chunks_mut(band))
-            .for_each(|(x, out)| layer_norm_band(isa, x, out, cols, gamma, beta, eps));
+        par_chunks_mut(out, band, |i, out| {
+            let x = &x[i * band..i * band + out.len()];
+            layer_norm_band(isa, x, out, cols, gamma, beta, eps)
+        });
     }
 }
 

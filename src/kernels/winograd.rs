@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
+use super::par::{par_chunks_mut, par_for};
 
 use super::act::apply_activation;
 use super::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA};
@@ -237,7 +237,7 @@ impl WinogradConv {
             apply_activation(activation, o);
         };
         if par {
-            out.par_chunks_mut(plane).enumerate().for_each(one);
+            par_chunks_mut(out, plane, |co, o| one((co, o)));
         } else {
             out.chunks_mut(plane).enumerate().for_each(one);
         }
@@ -312,7 +312,7 @@ fn input_transform(x: &[f32], cin: usize, g: &Geometry, v: &mut [f32], par: bool
         }
     };
     if par {
-        (0..cin).into_par_iter().for_each(one);
+        par_for(cin, one);
     } else {
         (0..cin).for_each(one);
     }
