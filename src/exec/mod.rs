@@ -117,9 +117,18 @@ fn keep_freed_memory() {
 
 /// Per-op timing of every run, logged at info level, when `EDGEINFER_PROFILE=1`. Each op is
 /// timed as it returns, so on a GPU the numbers are launch times, not kernel times.
+/// `EDGEINFER_PROFILE=nodes` logs every node's time (with its output shape) instead.
 fn profiling() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("EDGEINFER_PROFILE").is_ok_and(|v| v == "1"))
+    profile_level() > 0
+}
+
+fn profile_level() -> u8 {
+    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| match std::env::var("EDGEINFER_PROFILE").as_deref() {
+        Ok("1") => 1,
+        Ok("nodes") => 2,
+        _ => 0,
+    })
 }
 
 impl Executor {
@@ -453,6 +462,13 @@ impl Executor {
                     None => node.op.name(),
                 };
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
+                if profile_level() == 2 {
+                    let shape = results
+                        .first()
+                        .map(|t| t.dims().to_vec())
+                        .unwrap_or_default();
+                    tracing::info!("node {} {kind} -> {shape:?}: {ms:.3} ms", node.name);
+                }
                 match spent.iter_mut().find(|(k, _)| *k == kind) {
                     Some(e) => e.1 += ms,
                     None => spent.push((kind, ms)),

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use candle_core::{DType, Result, Tensor};
 
 use crate::graph::{Activation, Op, PoolKind};
-use crate::kernels::conv::PackedConv;
+use crate::kernels::conv::{ConvPacking, PackedConv};
 use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
 use crate::kernels::gemm::{gemm, Epilogue, Layout, PackedA, PackedB};
 use crate::kernels::pool::max_pool2d;
@@ -247,6 +247,10 @@ pub(crate) fn prepare<'a>(
                     pads,
                     dilations,
                     *group,
+                    ConvPacking::Auto(match input_shape {
+                        Some(&[_, _, h, w]) => Some((h, w)),
+                        _ => None,
+                    }),
                 )
                 .ok()?,
             );

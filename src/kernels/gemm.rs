@@ -194,13 +194,37 @@ impl PackedB {
 
 impl BSource for PackedB {
     fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
+        if let Some(src) = self.packed(k0, kc, n0, nc, nr) {
+            dst[..src.len()].copy_from_slice(src);
+            return;
+        }
+        // Another panel width: regather element by element from our own panels.
+        let own = self.isa.nr();
+        let block = k0 * self.n.div_ceil(own) * own;
+        for p in 0..nc.div_ceil(nr) {
+            for kk in 0..kc {
+                for j in 0..nr {
+                    let col = n0 + p * nr + j;
+                    dst[(p * kc + kk) * nr + j] = if p * nr + j < nc && col < self.n {
+                        self.data[block + ((col / own) * kc + kk) * own + col % own]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+
+    fn packed(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize) -> Option<&[f32]> {
         // The driver asks for panel-aligned blocks of the packing's own width.
-        debug_assert!(nr == self.isa.nr() && n0.is_multiple_of(nr));
+        if nr != self.isa.nr() || !n0.is_multiple_of(nr) {
+            return None;
+        }
         let panels = self.n.div_ceil(nr);
         let block = k0 * panels * nr;
         let (p0, np) = (n0 / nr, nc.div_ceil(nr));
-        let src = &self.data[block + p0 * kc * nr..block + (p0 + np) * kc * nr];
-        dst[..np * kc * nr].copy_from_slice(src);
+        self.data
+            .get(block + p0 * kc * nr..block + (p0 + np) * kc * nr)
     }
 }
 
@@ -209,6 +233,11 @@ pub trait BSource: Sync {
     /// Writes `B[k0 .. k0 + kc, n0 .. n0 + nc]` into `dst` as `nc.div_ceil(nr)` panels of
     /// `kc × nr` values (k-major), columns past `nc` zero.
     fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, dst: &mut [f32]);
+
+    /// The same block when it already exists in packed form (no copy needed).
+    fn packed(&self, _k0: usize, _kc: usize, _n0: usize, _nc: usize, _nr: usize) -> Option<&[f32]> {
+        None
+    }
 }
 
 /// A strided matrix `B[k, n] = data[k * rs + n * cs]`.
@@ -395,11 +424,19 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
             }
             for k0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - k0);
-                b.pack(k0, kc, n0, nc, nr, &mut buf[..kc * nc.div_ceil(nr) * nr]);
+                let len = kc * nc.div_ceil(nr) * nr;
+                // Prepacked operands are read where they lie; others are packed into `buf`.
+                let block: &[f32] = match b.packed(k0, kc, n0, nc, nr) {
+                    Some(panels) => panels,
+                    None => {
+                        b.pack(k0, kc, n0, nc, nr, &mut buf[..len]);
+                        &buf[..len]
+                    }
+                };
                 let first = k0 == 0;
                 let final_block = k0 + kc == k;
                 for np in 0..nc.div_ceil(nr) {
-                    let bp = &buf[np * kc * nr..(np + 1) * kc * nr];
+                    let bp = &block[np * kc * nr..(np + 1) * kc * nr];
                     let cols = nr.min(nc - np * nr);
                     for p in p0..p1 {
                         let ap = a.panel(k0, p);

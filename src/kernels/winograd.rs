@@ -369,6 +369,7 @@ mod tests {
                 &pads,
                 &[1, 1],
                 1,
+                crate::kernels::conv::ConvPacking::Direct,
             )
             .unwrap();
             let wino = WinogradConv::new(&wt, cout, cin, Some(&b), &pads).unwrap();
