@@ -193,13 +193,7 @@ impl PackedConv {
                     .as_deref()
                     .map(|b| &b[g * cout_g..(g + 1) * cout_g]);
                 let res = residual.map(|r| &r[c0..c1]);
-                let cols = Im2col {
-                    conv: self,
-                    x: xg,
-                    h,
-                    w,
-                    ow,
-                };
+                let cols = Im2col::new(self, xg, h, w, ow);
                 match &self.form {
                     Form::Direct(ws) => {
                         let epi = Epilogue {
@@ -270,6 +264,35 @@ struct Im2col<'a> {
     h: usize,
     w: usize,
     ow: usize,
+    /// For strides > 1: every input row split into its stride phases
+    /// (`[row][phase][j] = x[row][j·sx + phase]`), so strided taps copy contiguous runs.
+    phased: Option<Vec<f32>>,
+}
+
+impl<'a> Im2col<'a> {
+    fn new(conv: &'a PackedConv, x: &'a [f32], h: usize, w: usize, ow: usize) -> Self {
+        let sx = conv.stride.1;
+        let phased = (sx > 1 && w > 0).then(|| {
+            let pw = w.div_ceil(sx);
+            let mut ph = vec![0f32; x.len() / w * sx * pw];
+            for (row, dst) in x.chunks_exact(w).zip(ph.chunks_exact_mut(sx * pw)) {
+                for (p, d) in dst.chunks_exact_mut(pw).enumerate() {
+                    for (o, &v) in d.iter_mut().zip(row[p..].iter().step_by(sx)) {
+                        *o = v;
+                    }
+                }
+            }
+            ph
+        });
+        Im2col {
+            conv,
+            x,
+            h,
+            w,
+            ow,
+            phased,
+        }
+    }
 }
 
 impl BSource for Im2col<'_> {
@@ -344,9 +367,20 @@ impl BSource for Im2col<'_> {
                         out[..lo].fill(0.0);
                         if hi > lo {
                             let s0 = (ix0 + lo as isize * sxi) as usize;
-                            for (o, &v) in out[lo..hi].iter_mut().zip(src[s0..].iter().step_by(sx))
-                            {
-                                *o = v;
+                            match &self.phased {
+                                Some(ph) => {
+                                    let pw = self.w.div_ceil(sx);
+                                    let row = plane / self.w + iy as usize;
+                                    let at = (row * sx + s0 % sx) * pw + s0 / sx;
+                                    out[lo..hi].copy_from_slice(&ph[at..at + hi - lo]);
+                                }
+                                None => {
+                                    for (o, &v) in
+                                        out[lo..hi].iter_mut().zip(src[s0..].iter().step_by(sx))
+                                    {
+                                        *o = v;
+                                    }
+                                }
                             }
                         }
                         out[hi..].fill(0.0);
