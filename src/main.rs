@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use edgeinfer::budget::parse_budget;
 use edgeinfer::device::DeviceRequest;
-use edgeinfer::exec::Kernels;
+use edgeinfer::exec::{Kernels, Winograd};
 use edgeinfer::graph::stats::stats;
 use edgeinfer::graph::{ColorOrder, Graph, Preprocess, META_PROVENANCE};
 use edgeinfer::import::{import_onnx, ImportOptions, SUPPORTED_OPS};
@@ -70,11 +70,15 @@ struct CpuArgs {
     /// Threads per frame (default: RAYON_NUM_THREADS, else one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Winograd F(2x2,3x3) for 3x3 stride-1 convolutions: auto (measured per layer at load),
+    /// always, never.
+    #[arg(long, default_value = "auto")]
+    winograd: Winograd,
 }
 
 impl CpuArgs {
     fn apply(&self, b: edgeinfer::runtime::RuntimeBuilder) -> edgeinfer::runtime::RuntimeBuilder {
-        let b = b.kernels(self.kernels);
+        let b = b.kernels(self.kernels).winograd(self.winograd);
         match self.threads {
             Some(n) => b.threads(n),
             None => b,

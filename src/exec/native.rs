@@ -26,6 +26,20 @@ pub enum Winograd {
     Never,
 }
 
+impl FromStr for Winograd {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Winograd::Auto),
+            "always" => Ok(Winograd::Always),
+            "never" => Ok(Winograd::Never),
+            other => Err(format!(
+                "unknown Winograd policy '{other}' (expected auto, always or never)"
+            )),
+        }
+    }
+}
+
 /// Which kernels run on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernels {

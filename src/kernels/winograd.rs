@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use super::par::{par_chunks_mut, par_for};
 
 use super::act::apply_activation;
-use super::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA};
+use super::gemm::{gemm, Epilogue, Isa, Layout, MatrixB, PackedA};
 use crate::graph::Activation;
 
 /// Work below this many multiply-adds per frame runs serially: rayon's fork costs more.
@@ -197,34 +197,10 @@ impl WinogradConv {
         activation: Option<Activation>,
         par: bool,
     ) {
-        let t = g.th * g.tw;
         let plane = g.oh * g.ow;
         let cout = self.cout;
         let one = |(co, o): (usize, &mut [f32])| {
-            for ty in 0..g.th {
-                // The 16 transformed values of this tile row, each a contiguous run over tx.
-                let run = |xi: usize| {
-                    &m[(xi * cout + co) * t + ty * g.tw..(xi * cout + co) * t + (ty + 1) * g.tw]
-                };
-                let ms: [&[f32]; 16] = std::array::from_fn(run);
-                let (y0, y1) = (2 * ty, 2 * ty + 1);
-                for tx in 0..g.tw {
-                    // Aᵀ m: 2 × 4, then (Aᵀ m) A: 2 × 2.
-                    let s: [[f32; 4]; 2] = [
-                        std::array::from_fn(|c| ms[c][tx] + ms[4 + c][tx] + ms[8 + c][tx]),
-                        std::array::from_fn(|c| ms[4 + c][tx] - ms[8 + c][tx] - ms[12 + c][tx]),
-                    ];
-                    let x0 = 2 * tx;
-                    for (y, q) in [(y0, s[0]), (y1, s[1])] {
-                        if y < g.oh {
-                            o[y * g.ow + x0] = q[0] + q[1] + q[2];
-                            if x0 + 1 < g.ow {
-                                o[y * g.ow + x0 + 1] = q[1] - q[2] - q[3];
-                            }
-                        }
-                    }
-                }
-            }
+            output_channel(m, g, cout, co, o);
             if let Some(b) = &self.bias {
                 let bc = b[co];
                 o.iter_mut().for_each(|v| *v += bc);
@@ -256,65 +232,176 @@ struct Geometry {
 
 /// `V[ξ][ci][tile] = (Bᵀ d B)[ξ]` for every channel and 4 × 4 input tile `d` (stride 2).
 fn input_transform(x: &[f32], cin: usize, g: &Geometry, v: &mut [f32], par: bool) {
-    let t = g.th * g.tw;
     let vptr = SendPtr(v.as_mut_ptr());
     let one = |ci: usize| {
         let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        // One padded input row per tile row, so the tile loop reads without bounds tests.
-        let width = 2 * g.tw + 2;
-        let mut rows = vec![0f32; 4 * width];
-        // Per tile: the horizontal transform of its 4 rows, 4 values each.
-        let mut hrow = vec![[0f32; 4]; 4 * g.tw];
-        // This tile row's 16 transformed values per tile, ξ-major, copied to V in runs.
-        let mut tiles = vec![0f32; 16 * g.tw];
-        for ty in 0..g.th {
-            for r in 0..4 {
-                let dst = &mut rows[r * width..(r + 1) * width];
-                let iy = (2 * ty + r) as isize - g.pad.0;
-                dst.fill(0.0);
-                if iy >= 0 && (iy as usize) < g.h {
-                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    // dst[j] = src[j - pad.1] where in range.
-                    let lo = g.pad.1.max(0) as usize;
-                    let n = g.w.min(width.saturating_sub(lo));
-                    dst[lo..lo + n].copy_from_slice(&src[..n]);
-                }
-                for tx in 0..g.tw {
-                    let d = &dst[2 * tx..2 * tx + 4];
-                    hrow[r * g.tw + tx] = [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]];
-                }
-            }
-            for tx in 0..g.tw {
-                let (r0, r1, r2, r3) = (
-                    hrow[tx],
-                    hrow[g.tw + tx],
-                    hrow[2 * g.tw + tx],
-                    hrow[3 * g.tw + tx],
-                );
-                for c in 0..4 {
-                    tiles[c * g.tw + tx] = r0[c] - r2[c];
-                    tiles[(4 + c) * g.tw + tx] = r1[c] + r2[c];
-                    tiles[(8 + c) * g.tw + tx] = r2[c] - r1[c];
-                    tiles[(12 + c) * g.tw + tx] = r1[c] - r3[c];
-                }
-            }
-            for xi in 0..16 {
-                // SAFETY: the run (ξ, ci, tile row ty) is inside V, and only this channel's
-                // task writes channel ci.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        tiles[xi * g.tw..].as_ptr(),
-                        vptr.get().add((xi * cin + ci) * t + ty * g.tw),
-                        g.tw,
-                    );
-                }
-            }
-        }
+        // SAFETY: channel ci's runs of V are written by this task only, and lie inside V.
+        unsafe { dispatch_input(plane, g, ci, cin, vptr.get()) }
     };
     if par {
         par_for(cin, one);
     } else {
         (0..cin).for_each(one);
+    }
+}
+
+/// # Safety
+/// `v` must address the whole of V; no other thread may write channel `ci`'s runs.
+unsafe fn dispatch_input(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    match Isa::detect() {
+        Isa::Avx512 => return input_avx512(plane, g, ci, cin, v),
+        Isa::Avx2 => return input_avx2(plane, g, ci, cin, v),
+        Isa::Portable => {}
+    }
+    input_channel(plane, g, ci, cin, v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn input_avx512(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *mut f32) {
+    input_channel(plane, g, ci, cin, v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_avx2(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *mut f32) {
+    input_channel(plane, g, ci, cin, v)
+}
+
+/// One channel's input transform. Every loop runs over a row of tiles (tx), on contiguous
+/// arrays, so it vectorises: each padded input row is split into even and odd columns, the
+/// row transform (d₀ − d₂, d₁ + d₂, d₂ − d₁, d₁ − d₃) reads them at tx and tx + 1, and the
+/// column transform combines four such rows.
+///
+/// # Safety
+/// As for [`dispatch_input`].
+#[inline(always)]
+unsafe fn input_channel(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *mut f32) {
+    let (tw, t) = (g.tw, g.th * g.tw);
+    let width = 2 * tw + 2;
+    let half = tw + 1;
+    let mut row = vec![0f32; width];
+    // Row transforms of the tile row's 4 input rows: h[r][c][tx].
+    let mut h = vec![0f32; 16 * tw];
+    let (mut even, mut odd) = (vec![0f32; half], vec![0f32; half]);
+    for ty in 0..g.th {
+        for r in 0..4 {
+            let iy = (2 * ty + r) as isize - g.pad.0;
+            row.fill(0.0);
+            if iy >= 0 && (iy as usize) < g.h {
+                let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                // row[j] = src[j - pad.1] where in range.
+                let lo = g.pad.1.max(0) as usize;
+                let n = g.w.min(width.saturating_sub(lo));
+                row[lo..lo + n].copy_from_slice(&src[..n]);
+            }
+            for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(row.chunks_exact(2)) {
+                *e = pair[0];
+                *o = pair[1];
+            }
+            let hr = &mut h[r * 4 * tw..(r + 1) * 4 * tw];
+            let (h0, rest) = hr.split_at_mut(tw);
+            let (h1, rest) = rest.split_at_mut(tw);
+            let (h2, h3) = rest.split_at_mut(tw);
+            for tx in 0..tw {
+                let (d0, d1, d2, d3) = (even[tx], odd[tx], even[tx + 1], odd[tx + 1]);
+                h0[tx] = d0 - d2;
+                h1[tx] = d1 + d2;
+                h2[tx] = d2 - d1;
+                h3[tx] = d1 - d3;
+            }
+        }
+        for c in 0..4 {
+            let hrc = |r: usize| &h[(r * 4 + c) * tw..(r * 4 + c + 1) * tw];
+            let (r0, r1, r2, r3) = (hrc(0), hrc(1), hrc(2), hrc(3));
+            let run = |i: usize| {
+                // SAFETY: run (ξ = 4i + c, ci, tile row ty) of V, owned by this task.
+                unsafe {
+                    std::slice::from_raw_parts_mut(
+                        v.add(((i * 4 + c) * cin + ci) * t + ty * tw),
+                        tw,
+                    )
+                }
+            };
+            for ((o, a), b) in run(0).iter_mut().zip(r0).zip(r2) {
+                *o = a - b;
+            }
+            for ((o, a), b) in run(1).iter_mut().zip(r1).zip(r2) {
+                *o = a + b;
+            }
+            for ((o, a), b) in run(2).iter_mut().zip(r2).zip(r1) {
+                *o = a - b;
+            }
+            for ((o, a), b) in run(3).iter_mut().zip(r1).zip(r3) {
+                *o = a - b;
+            }
+        }
+    }
+}
+
+/// One output channel's transform `Aᵀ m A` over all tiles, into the channel's plane.
+fn output_channel(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match Isa::detect() {
+        // SAFETY: detect() saw these features on this CPU.
+        Isa::Avx512 => return unsafe { output_avx512(m, g, cout, co, o) },
+        Isa::Avx2 => return unsafe { output_avx2(m, g, cout, co, o) },
+        Isa::Portable => {}
+    }
+    output_body(m, g, cout, co, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn output_avx512(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
+    output_body(m, g, cout, co, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_avx2(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
+    output_body(m, g, cout, co, o)
+}
+
+/// Vectorised over tx like the input transform: the column transform (m₀ + m₁ + m₂,
+/// m₁ − m₂ − m₃) on whole runs, then the row transform into even and odd output columns.
+#[inline(always)]
+fn output_body(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
+    let (tw, t) = (g.tw, g.th * g.tw);
+    let mut s = vec![0f32; 8 * tw];
+    let (mut even, mut odd) = (vec![0f32; tw], vec![0f32; tw]);
+    for ty in 0..g.th {
+        let ms =
+            |xi: usize| &m[(xi * cout + co) * t + ty * tw..(xi * cout + co) * t + (ty + 1) * tw];
+        for c in 0..4 {
+            let (s0, s1) = s[c * 2 * tw..(c + 1) * 2 * tw].split_at_mut(tw);
+            let (m0, m1, m2, m3) = (ms(c), ms(4 + c), ms(8 + c), ms(12 + c));
+            for tx in 0..tw {
+                s0[tx] = m0[tx] + m1[tx] + m2[tx];
+                s1[tx] = m1[tx] - m2[tx] - m3[tx];
+            }
+        }
+        for i in 0..2 {
+            let y = 2 * ty + i;
+            if y >= g.oh {
+                continue;
+            }
+            let sc = |c: usize| &s[(c * 2 + i) * tw..(c * 2 + i + 1) * tw];
+            let (q0, q1, q2, q3) = (sc(0), sc(1), sc(2), sc(3));
+            for tx in 0..tw {
+                even[tx] = q0[tx] + q1[tx] + q2[tx];
+                odd[tx] = q1[tx] - q2[tx] - q3[tx];
+            }
+            let dst = &mut o[y * g.ow..(y + 1) * g.ow];
+            for (pair, (e, od)) in dst.chunks_exact_mut(2).zip(even.iter().zip(&odd)) {
+                pair[0] = *e;
+                pair[1] = *od;
+            }
+            if g.ow % 2 == 1 {
+                dst[g.ow - 1] = even[tw - 1];
+            }
+        }
     }
 }
 
