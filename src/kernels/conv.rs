@@ -457,6 +457,51 @@ mod tests {
         assert!(err < 2e-5 * scale.sqrt().max(1.0) * 4.0, "max err {err}");
     }
 
+    /// Random shapes (seeded, so a failure reproduces): odd channel counts as pruning leaves
+    /// them, groups, rectangular kernels and inputs, asymmetric pads, strides, dilations.
+    #[test]
+    fn random_shapes_match_candle() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let mut done = 0;
+        while done < 60 {
+            let group = [1, 1, 1, 2, 3][next(5)];
+            let cin = group * (1 + next(9));
+            let cout = group * (1 + next(13));
+            let k = (1 + next(5), 1 + next(5));
+            let stride = 1 + next(3);
+            let dil = 1 + next(2);
+            let pads = [next(3), next(3), next(3), next(3)];
+            let hw = (1 + next(17), 1 + next(17));
+            let n = 1 + next(2);
+            // candle's reference takes square strides and dilations and needs the kernel to fit.
+            if hw.0 + pads[0] + pads[2] < dil * (k.0 - 1) + 1
+                || hw.1 + pads[1] + pads[3] < dil * (k.1 - 1) + 1
+            {
+                continue;
+            }
+            let c = Case {
+                n,
+                cin,
+                cout,
+                hw,
+                k,
+                stride,
+                pads,
+                dil,
+                group,
+            };
+            check(&c, ConvPacking::Direct);
+            check(&c, ConvPacking::Transposed);
+            done += 1;
+        }
+    }
+
     #[test]
     fn matches_candle_over_strides_pads_groups_and_odd_channels() {
         let mut cases = Vec::new();

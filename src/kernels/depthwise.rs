@@ -378,6 +378,42 @@ mod tests {
         }
     }
 
+    /// Random shapes (seeded): odd channel counts, rectangular planes and kernels, asymmetric
+    /// pads, strides 1–3, dilations 1–2.
+    #[test]
+    fn random_shapes_match_candle() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let mut done = 0;
+        while done < 60 {
+            let (kh, kw) = (1 + next(5), 1 + next(5));
+            let st = 1 + next(3);
+            let dil = 1 + next(2);
+            let s = DepthwiseShape {
+                n: 1 + next(2),
+                c: 1 + next(11),
+                h: 1 + next(20),
+                w: 1 + next(20),
+                kh,
+                kw,
+                stride: (st, st),
+                dilation: (dil, dil),
+                pad_begin: (next(3), next(3)),
+                pad_end: (next(3), next(3)),
+            };
+            if s.out_hw().is_none() {
+                continue;
+            }
+            check(s);
+            done += 1;
+        }
+    }
+
     #[test]
     fn asymmetric_pads_match() {
         let mut s = shape(3, 9, 3, 2, 0, 1);
