@@ -273,7 +273,7 @@ fn demo(a: DemoArgs) -> Result<()> {
             verdict_text(&r)
         );
         for l in lines {
-            println!("{:<14} {:<40}", "", truncate(&l, 40));
+            println!("{:<14} {}", "", truncate(&l, 40));
         }
         sink.write(&r)?;
         reports.push(r);

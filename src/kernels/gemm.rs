@@ -407,6 +407,19 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
     let items: Vec<(usize, usize)> = (0..n_chunks)
         .flat_map(|nj| (0..m_parts).map(move |mi| (mi, nj)))
         .collect();
+    // Bias, residual and a clamp-like activation run in the micro-kernel's registers as it
+    // stores the last k block; anything else in a pass over the stored tile.
+    let (fusable, lo, hi) = match epi.activation {
+        _ if a.isa == Isa::Portable => (false, 0.0, 0.0),
+        None => (true, f32::NEG_INFINITY, f32::INFINITY),
+        Some(Activation::Relu) => (true, 0.0, f32::INFINITY),
+        Some(Activation::Clip { min, max }) => (
+            true,
+            min.unwrap_or(f32::NEG_INFINITY),
+            max.unwrap_or(f32::INFINITY),
+        ),
+        Some(_) => (false, 0.0, 0.0),
+    };
     let cptr = SendPtr(c.as_mut_ptr());
     let run = |&(mi, nj): &(usize, usize)| {
         let (p0, p1) = split(mi, m_panels, m_parts);
@@ -448,8 +461,19 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
                             // belongs to this work item only.
                             unsafe {
                                 let cp = cptr.get().add(i0 * layout.rs + j0);
-                                micro(a.isa, kc, ap, bp, cp, layout.rs, !first);
-                                if final_block {
+                                let fused = (final_block && fusable).then(|| Fused {
+                                    bias: epi.bias.map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
+                                    col_bias: epi
+                                        .col_bias
+                                        .map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
+                                    residual: epi.residual.map_or(std::ptr::null(), |r| {
+                                        r[i0 * layout.rs + j0..].as_ptr()
+                                    }),
+                                    lo,
+                                    hi,
+                                });
+                                micro(a.isa, kc, ap, bp, cp, layout.rs, !first, fused.as_ref());
+                                if final_block && !fusable {
                                     epilogue_in_place(cp, layout.rs, (i0, j0), (mr, nr), epi);
                                 }
                             }
@@ -457,7 +481,7 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
                         }
                         let mut tile = [0f32; TILE_MAX];
                         // SAFETY: the tile buffer holds MR × NR values at row stride NR.
-                        unsafe { micro(a.isa, kc, ap, bp, tile.as_mut_ptr(), nr, false) };
+                        unsafe { micro(a.isa, kc, ap, bp, tile.as_mut_ptr(), nr, false, None) };
                         // SAFETY: rows p*mr.. and columns n0+np*nr.. belong to this item only.
                         unsafe {
                             store(
@@ -551,6 +575,7 @@ unsafe fn store(
 ///
 /// # Safety
 /// `c` must address `MR` rows of `NR` values at stride `ldc`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn micro(
     isa: Isa,
     kc: usize,
@@ -559,16 +584,32 @@ unsafe fn micro(
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
+    fused: Option<&Fused>,
 ) {
     match isa {
         // SAFETY: Isa::detect only picks Avx512 / Avx2 when the CPU has those features; the
         // panels hold kc·MR and kc·NR values.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => x86::kernel_8x32(kc, a, b, c, ldc, accumulate),
+        Isa::Avx512 => x86::kernel_8x32(kc, a, b, c, ldc, accumulate, fused),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x86::kernel_6x16(kc, a, b, c, ldc, accumulate),
+        Isa::Avx2 => x86::kernel_6x16(kc, a, b, c, ldc, accumulate, fused),
         _ => portable::kernel_4x16(kc, a, b, c, ldc, accumulate),
     }
+}
+
+/// The epilogue as the x86 micro-kernels apply it in registers: `clamp(acc + bias[r] +
+/// col_bias[j] + residual[r, j], lo, hi)`; null pointers are absent terms. NaN passes the
+/// clamp unchanged, as in the reference.
+#[derive(Debug, Clone, Copy)]
+struct Fused {
+    /// MR row biases, or null.
+    bias: *const f32,
+    /// NR column biases, or null.
+    col_bias: *const f32,
+    /// The tile's residual, at C's row stride, or null.
+    residual: *const f32,
+    lo: f32,
+    hi: f32,
 }
 
 /// Bias, residual and activation on a whole tile already in C.
@@ -642,6 +683,7 @@ mod portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::Fused;
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -655,6 +697,7 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
+        fused: Option<&Fused>,
     ) {
         debug_assert!(a.len() >= kc * 8 && b.len() >= kc * 32);
         let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
@@ -677,6 +720,26 @@ mod x86 {
                 c0[r] = _mm512_add_ps(c0[r], _mm512_loadu_ps(t));
                 c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(t.add(16)));
             }
+            if let Some(f) = fused {
+                if !f.bias.is_null() {
+                    let bb = _mm512_set1_ps(*f.bias.add(r));
+                    c0[r] = _mm512_add_ps(c0[r], bb);
+                    c1[r] = _mm512_add_ps(c1[r], bb);
+                }
+                if !f.col_bias.is_null() {
+                    c0[r] = _mm512_add_ps(c0[r], _mm512_loadu_ps(f.col_bias));
+                    c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(f.col_bias.add(16)));
+                }
+                if !f.residual.is_null() {
+                    let rr = f.residual.add(r * ldc);
+                    c0[r] = _mm512_add_ps(c0[r], _mm512_loadu_ps(rr));
+                    c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(rr.add(16)));
+                }
+                // max(lo, x) and min(hi, x) return x when x is NaN.
+                let (lo, hi) = (_mm512_set1_ps(f.lo), _mm512_set1_ps(f.hi));
+                c0[r] = _mm512_min_ps(hi, _mm512_max_ps(lo, c0[r]));
+                c1[r] = _mm512_min_ps(hi, _mm512_max_ps(lo, c1[r]));
+            }
             _mm512_storeu_ps(t, c0[r]);
             _mm512_storeu_ps(t.add(16), c1[r]);
         }
@@ -693,6 +756,7 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
+        fused: Option<&Fused>,
     ) {
         debug_assert!(a.len() >= kc * 6 && b.len() >= kc * 16);
         let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
@@ -714,6 +778,26 @@ mod x86 {
             if accumulate {
                 c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(t));
                 c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(t.add(8)));
+            }
+            if let Some(f) = fused {
+                if !f.bias.is_null() {
+                    let bb = _mm256_set1_ps(*f.bias.add(r));
+                    c0[r] = _mm256_add_ps(c0[r], bb);
+                    c1[r] = _mm256_add_ps(c1[r], bb);
+                }
+                if !f.col_bias.is_null() {
+                    c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(f.col_bias));
+                    c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(f.col_bias.add(8)));
+                }
+                if !f.residual.is_null() {
+                    let rr = f.residual.add(r * ldc);
+                    c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(rr));
+                    c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(rr.add(8)));
+                }
+                // max(lo, x) and min(hi, x) return x when x is NaN.
+                let (lo, hi) = (_mm256_set1_ps(f.lo), _mm256_set1_ps(f.hi));
+                c0[r] = _mm256_min_ps(hi, _mm256_max_ps(lo, c0[r]));
+                c1[r] = _mm256_min_ps(hi, _mm256_max_ps(lo, c1[r]));
             }
             _mm256_storeu_ps(t, c0[r]);
             _mm256_storeu_ps(t.add(8), c1[r]);
@@ -891,6 +975,57 @@ mod tests {
                     .map(|(x, y)| (x - y).abs())
                     .fold(0f32, f32::max);
                 assert!(err < 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n}: max err {err}");
+            }
+        }
+    }
+
+    /// The fused register epilogue (whole tiles) keeps NaN through ReLU/Clip, adds row bias and
+    /// residual, and matches the pass-over-the-tile epilogue of partial tiles.
+    #[test]
+    fn fused_epilogue_keeps_nan_and_matches_partial_tiles() {
+        for isa in isas() {
+            let (m, k, n) = (2 * isa.mr() + 3, 20, 2 * isa.nr() + 5);
+            let mut a = rand(m * k, 11);
+            a[0] = f32::NAN; // row 0 of C becomes NaN
+            let b = rand(k * n, 12);
+            let bias = rand(m, 13);
+            let res = rand(m * n, 14);
+            let mut want = naive(&a, &b, m, k, n);
+            for i in 0..m {
+                for j in 0..n {
+                    let v = want[i * n + j] + bias[i] + res[i * n + j];
+                    want[i * n + j] = if v.is_nan() { v } else { v.clamp(0.0, 6.0) };
+                }
+            }
+            let pa = PackedA::pack_for(isa, &a, m, k, k, 1);
+            let mut c = vec![0f32; m * n];
+            let epi = Epilogue {
+                bias: Some(&bias),
+                residual: Some(&res),
+                activation: Some(Activation::Clip {
+                    min: Some(0.0),
+                    max: Some(6.0),
+                }),
+                col_bias: None,
+            };
+            gemm(
+                &pa,
+                &MatrixB {
+                    data: &b,
+                    rs: n,
+                    cs: 1,
+                },
+                n,
+                &mut c,
+                Layout { rs: n, cs: 1 },
+                &epi,
+            );
+            for (idx, (g, w)) in c.iter().zip(&want).enumerate() {
+                if w.is_nan() {
+                    assert!(g.is_nan(), "{isa:?} [{idx}]: {g} should be NaN");
+                } else {
+                    assert!((g - w).abs() < 1e-4, "{isa:?} [{idx}]: {g} vs {w}");
+                }
             }
         }
     }
