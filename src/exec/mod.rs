@@ -52,6 +52,9 @@ pub struct Executor {
     pool: Option<rayon::ThreadPool>,
     /// Our kernels' workers.
     spin: std::sync::Arc<crate::kernels::par::SpinPool>,
+    /// Per step: candle's copy of one of its weights was dropped (packed only), so candle's
+    /// op cannot stand in for the kernel.
+    released: Vec<bool>,
     options: ExecOptions,
     graph: Graph,
     weights: Vec<Tensor>,
@@ -228,6 +231,7 @@ impl Executor {
             }
         }
         let mut candle_needs = vec![false; weight_vec.len()];
+        let mut released_w = vec![false; weight_vec.len()];
         let prepare = || -> Result<Vec<Option<Prepared>>> {
             let mut prepared = Vec::with_capacity(steps.len());
             for step in &steps {
@@ -258,6 +262,7 @@ impl Executor {
                         users[*w] -= 1;
                         if users[*w] == 0 && !candle_needs[*w] {
                             weight_vec[*w] = Tensor::zeros(0, CDType::F32, &Device::Cpu)?;
+                            released_w[*w] = true;
                         }
                     }
                 }
@@ -269,7 +274,16 @@ impl Executor {
             Some(p) => p.install(|| spin.install(prepare))?,
             None => spin.install(prepare)?,
         };
+        let released = steps
+            .iter()
+            .map(|step| {
+                step.inputs
+                    .iter()
+                    .any(|r| matches!(r, Ref::Weight(w) if released_w[*w]))
+            })
+            .collect();
         let mut exec = Executor {
+            released,
             device,
             prepared,
             pool,
@@ -443,7 +457,7 @@ impl Executor {
             };
             let results = match native {
                 Some(t) => vec![t],
-                None if self.prepared[si].is_some() => {
+                None if self.released[si] => {
                     // The packed weights are the only copy left; candle cannot take over.
                     return Err(Error::Exec {
                         node: node.name.clone(),

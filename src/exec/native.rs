@@ -9,7 +9,8 @@ use candle_core::{DType, Result, Tensor};
 use crate::graph::{Activation, Op, PoolKind};
 use crate::kernels::conv::{ConvPacking, PackedConv};
 use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
-use crate::kernels::gemm::{gemm, Epilogue, Layout, PackedA, PackedB};
+use crate::kernels::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA, PackedB};
+use crate::kernels::par;
 use crate::kernels::pool::max_pool2d;
 use crate::kernels::rowwise::{layer_norm_rows, softmax_rows};
 use crate::kernels::winograd::WinogradConv;
@@ -160,6 +161,12 @@ pub(crate) enum Prepared {
         activation: Option<Activation>,
         residual: bool,
     },
+    /// `A · B` over matching batch dimensions, both computed per frame (attention scores and
+    /// their weighted sum), with an optional constant bias over the last axis.
+    BatchedMatMul {
+        bias: Option<Vec<f32>>,
+        activation: Option<Activation>,
+    },
     /// Softmax over the last axis.
     Softmax,
     /// LayerNormalization over the trailing `inner` elements, with constant scale and bias.
@@ -196,6 +203,7 @@ impl Prepared {
             Prepared::Linear { .. } => "linear",
             Prepared::MaxPool { .. } => "maxpool",
             Prepared::Softmax => "softmax",
+            Prepared::BatchedMatMul { .. } => "batched-matmul",
             Prepared::LayerNorm { .. } => "layernorm",
         }
     }
@@ -378,6 +386,18 @@ pub(crate) fn prepare<'a>(
                 },
             )
         }
+        // Both operands computed per frame (attention): batched products on our GEMM.
+        Op::MatMul { activation } if constant(1).is_none() => {
+            let bias = match (n_inputs, constant(2)) {
+                (2, _) => None,
+                (3, Some(b)) if b.rank() == 1 => Some(host_f32(b)?),
+                _ => return None,
+            };
+            Some(Prepared::BatchedMatMul {
+                bias,
+                activation: *activation,
+            })
+        }
         Op::MatMul { activation } => {
             let w = constant(1)?;
             if w.rank() != 2 {
@@ -417,6 +437,17 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
         }
     }
     Ok(Some(f(&t.flatten_all()?.to_vec1::<f32>()?)))
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: items write disjoint row ranges of one output buffer.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }
 
 fn bail<T>(msg: String) -> Result<T> {
@@ -516,6 +547,67 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
                 (shape.n, shape.c, oh, ow),
                 x.device(),
             )?))
+        }
+        Prepared::BatchedMatMul { bias, activation } => {
+            let Some(b) = args.get(1) else {
+                return Ok(None);
+            };
+            let (ad, bd) = (x.dims(), b.dims());
+            let (ra, rb) = (ad.len(), bd.len());
+            // Equal batch dimensions only; broadcasting batches take candle's op.
+            if ra < 2 || ra != rb || ad[..ra - 2] != bd[..rb - 2] || ad[ra - 1] != bd[rb - 2] {
+                return Ok(None);
+            }
+            let (m, k, n) = (ad[ra - 2], ad[ra - 1], bd[rb - 1]);
+            if bias.as_ref().is_some_and(|v| v.len() != n) || b.dtype() != DType::F32 {
+                return Ok(None);
+            }
+            let batches: usize = ad[..ra - 2].iter().product();
+            let mut out = vec![0f32; batches * m * n];
+            let b = b.contiguous()?;
+            let epi = Epilogue {
+                col_bias: bias.as_deref(),
+                activation: *activation,
+                ..Default::default()
+            };
+            // Items are (batch, row range): each a small serial GEMM, all of them in parallel,
+            // rather than a parallel GEMM per batch with a fork and join each.
+            let parts = (2 * par::current_threads())
+                .div_ceil(batches)
+                .clamp(1, m.max(1));
+            let rows = |p: usize| (p * m / parts, (p + 1) * m / parts);
+            let done = with_f32(x, |xs| {
+                with_f32(&b, |bs| {
+                    let outp = OutPtr(out.as_mut_ptr());
+                    par::par_for(batches * parts, |item| {
+                        let (i, (r0, r1)) = (item / parts, rows(item % parts));
+                        if r0 == r1 {
+                            return;
+                        }
+                        let a0 = (i * m + r0) * k;
+                        let a = PackedA::pack(&xs[a0..a0 + (r1 - r0) * k], r1 - r0, k, k, 1);
+                        let rhs = MatrixB {
+                            data: &bs[i * k * n..(i + 1) * k * n],
+                            rs: n,
+                            cs: 1,
+                        };
+                        // SAFETY: rows r0..r1 of batch i are this item's alone, inside `out`.
+                        let c = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                outp.get().add((i * m + r0) * n),
+                                (r1 - r0) * n,
+                            )
+                        };
+                        gemm(&a, &rhs, n, c, Layout { rs: n, cs: 1 }, &epi);
+                    });
+                })
+            })?;
+            if done.transpose()?.flatten().is_none() {
+                return Ok(None);
+            }
+            let mut shape = ad.to_vec();
+            shape[ra - 1] = n;
+            Ok(Some(Tensor::from_vec(out, shape, x.device())?))
         }
         Prepared::Softmax => {
             let Some(&cols) = x.dims().last() else {

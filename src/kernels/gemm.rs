@@ -102,20 +102,56 @@ impl PackedA {
         let mr = isa.mr();
         let panels = m.div_ceil(mr);
         let mut data = vec![0f32; panels * mr * k];
-        let mut at = 0;
-        for k0 in (0..k).step_by(KC) {
+        // Layout: for each KC block (all panels of it together), for each panel, kc × MR.
+        // Packed per (block, panel) piece, in parallel when there is enough to share.
+        let pieces: Vec<(usize, usize)> = (0..k)
+            .step_by(KC)
+            .flat_map(|k0| (0..panels).map(move |p| (k0, p)))
+            .collect();
+        let fill = |(k0, p): (usize, usize), dst: &mut [f32]| {
             let kc = KC.min(k - k0);
-            for p in 0..panels {
-                for kk in 0..kc {
-                    for r in 0..mr {
-                        let i = p * mr + r;
-                        if i < m {
-                            data[at] = a[i * rs + (k0 + kk) * cs];
-                        }
-                        at += 1;
+            for r in 0..mr.min(m - p * mr) {
+                let row = (p * mr + r) * rs + k0 * cs;
+                if cs == 1 {
+                    // A row of A read contiguously, written every MR-th value.
+                    for (kk, &v) in a[row..row + kc].iter().enumerate() {
+                        dst[kk * mr + r] = v;
+                    }
+                } else {
+                    for kk in 0..kc {
+                        dst[kk * mr + r] = a[row + kk * cs];
                     }
                 }
             }
+        };
+        let piece_len = |k0: usize| KC.min(k - k0) * mr;
+        if m * k < 1 << 16 {
+            let mut at = 0;
+            for &(k0, p) in &pieces {
+                let len = piece_len(k0);
+                fill((k0, p), &mut data[at..at + len]);
+                at += len;
+            }
+        } else {
+            // Pieces differ in length only in the last block; hand out raw, disjoint ranges.
+            let starts: Vec<usize> = pieces
+                .iter()
+                .scan(0, |at, &(k0, _)| {
+                    let s = *at;
+                    *at += piece_len(k0);
+                    Some(s)
+                })
+                .collect();
+            let base = SendPtr(data.as_mut_ptr());
+            par::par_for(pieces.len(), |i| {
+                let (k0, p) = pieces[i];
+                // SAFETY: piece i owns [starts[i], starts[i] + len) of `data`, disjoint from
+                // every other piece's range, and `data` outlives the call.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(base.get().add(starts[i]), piece_len(k0))
+                };
+                fill((k0, p), dst);
+            });
         }
         PackedA { isa, m, k, data }
     }

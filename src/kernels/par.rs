@@ -150,6 +150,8 @@ impl Drop for SpinPool {
 }
 
 fn work(job: &Job) {
+    // Kernels called from inside an item run serially: the pool is already busy.
+    let _inside = Inside::enter();
     loop {
         let i = job.next.fetch_add(1, Ordering::AcqRel);
         if i >= job.n {
@@ -204,6 +206,22 @@ fn worker(sh: &Shared) {
 
 thread_local! {
     static CURRENT: RefCell<Option<Arc<SpinPool>>> = const { RefCell::new(None) };
+    static INSIDE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as running a parallel item until dropped.
+struct Inside(bool);
+
+impl Inside {
+    fn enter() -> Inside {
+        Inside(INSIDE.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        INSIDE.with(|c| c.set(self.0));
+    }
 }
 
 /// Threads the next `par_for` on this thread will use.
@@ -215,7 +233,7 @@ pub fn current_threads() -> usize {
 
 /// Runs `f(i)` for every `i < n`, in parallel when `n > 1`.
 pub fn par_for(n: usize, f: impl Fn(usize) + Sync) {
-    if n <= 1 {
+    if n <= 1 || INSIDE.with(|c| c.get()) {
         (0..n).for_each(f);
         return;
     }
@@ -224,7 +242,10 @@ pub fn par_for(n: usize, f: impl Fn(usize) + Sync) {
         Some(p) if p.threads > 1 => p.run(n, &f),
         Some(_) => (0..n).for_each(f),
         // A reference: rayon wants the closure Send, and `&f` is (f is Sync).
-        None => (0..n).into_par_iter().for_each(&f),
+        None => (0..n).into_par_iter().for_each(|i| {
+            let _inside = Inside::enter();
+            f(i)
+        }),
     }
 }
 
