@@ -5,6 +5,7 @@
 
 use super::act::apply_activation;
 use super::gemm::{gemm, BSource, Epilogue, Isa, Layout, MatrixB, PackedA, PackedB};
+use super::par;
 use crate::graph::Activation;
 
 /// Which operand the output positions are (see [`PackedConv::new`]).
@@ -220,8 +221,13 @@ impl PackedConv {
                         let a = if pointwise {
                             PackedA::pack(xg, plane, k, 1, plane)
                         } else {
+                            // The whole column matrix (small maps only), rows in parallel.
                             let mut full = vec![0f32; k * plane];
-                            cols.pack(0, k, 0, plane, plane, &mut full);
+                            let rows_per = k.div_ceil(2 * par::current_threads()).max(1);
+                            par::par_chunks_mut(&mut full, rows_per * plane, |i, dst| {
+                                let k0 = i * rows_per;
+                                cols.pack(k0, dst.len() / plane, 0, plane, plane, dst);
+                            });
                             PackedA::pack(&full, plane, k, 1, plane)
                         };
                         let mut t = vec![0f32; plane * cout_g];
@@ -237,18 +243,29 @@ impl PackedConv {
                             Layout { rs: cout_g, cs: 1 },
                             &epi,
                         );
+                        // Back to channel-major, 16 channels per task, residual and
+                        // activation on the way.
+                        const CH: usize = 16;
                         let o = &mut out[c0..c1];
-                        for (co, row) in o.chunks_exact_mut(plane).enumerate() {
-                            for (p, v) in row.iter_mut().enumerate() {
-                                *v = t[p * cout_g + co];
+                        par::par_chunks_mut(o, CH * plane, |blk, rows| {
+                            let co0 = blk * CH;
+                            let nch = rows.len() / plane;
+                            for p in 0..plane {
+                                let src = &t[p * cout_g + co0..p * cout_g + co0 + nch];
+                                for (c, &v) in src.iter().enumerate() {
+                                    rows[c * plane + p] = v;
+                                }
                             }
-                            if let Some(r) = res {
-                                row.iter_mut()
-                                    .zip(&r[co * plane..(co + 1) * plane])
-                                    .for_each(|(v, x)| *v += x);
+                            for (c, row) in rows.chunks_exact_mut(plane).enumerate() {
+                                if let Some(r) = res {
+                                    let co = co0 + c;
+                                    row.iter_mut()
+                                        .zip(&r[co * plane..(co + 1) * plane])
+                                        .for_each(|(v, x)| *v += x);
+                                }
+                                apply_activation(activation, row);
                             }
-                            apply_activation(activation, row);
-                        }
+                        });
                     }
                 }
             }
