@@ -168,6 +168,9 @@ impl LoadedModel {
         exec: ExecOptions,
     ) -> Result<Self> {
         let stored = Graph::from_model_file(&file)?;
+        if choice.device.is_cpu() {
+            crate::exec::tune_allocator(crate::exec::AllocPhase::Load);
+        }
         let mut weights = load_weights(&file, &stored.tensor_names(), &choice.device)?;
         let mut graph = stored.clone();
         let passes = if run_passes {

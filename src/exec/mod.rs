@@ -98,24 +98,36 @@ pub fn load_weights(
     Ok(out)
 }
 
-/// Keeps glibc from handing each frame's large activation buffers back to the kernel.
+/// glibc's allocator, tuned for the two phases of a model's life (process-wide; other
+/// allocators are untouched).
 ///
-/// By default glibc serves big allocations with fresh `mmap`s, raising the threshold as it
-/// sees frees, so a frame's outputs page-fault anew until it settles (measured: twice the
-/// faults and ~16 % of ViT-Tiny's time). A fixed 64 MiB threshold keeps them in the heap for
-/// reuse. Process-wide, set once, on the first CPU executor; other allocators are untouched.
-fn keep_freed_memory() {
+/// Loading allocates and frees each weight's copies once: served by `mmap` (threshold 256 KiB),
+/// they go back to the kernel as soon as they are freed, so load never holds two copies of
+/// every weight. Frames allocate and free the same activation buffers over and over: by
+/// default glibc keeps moving its self-adjusting threshold and a frame's outputs page-fault
+/// anew (measured: twice the faults and ~16 % of ViT-Tiny's time), so for frames the heap
+/// keeps freed blocks below 64 MiB for reuse.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AllocPhase {
+    Load,
+    Frames,
+}
+
+pub(crate) fn tune_allocator(phase: AllocPhase) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            // SAFETY: mallopt only changes allocator parameters; called before any frame runs.
-            unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
-            }
-        });
+        let (mmap, trim) = match phase {
+            AllocPhase::Load => (256 << 10, 1 << 20),
+            AllocPhase::Frames => (64 << 20, 128 << 20),
+        };
+        // SAFETY: mallopt only changes allocator parameters.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, mmap);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, trim);
+        }
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = phase;
 }
 
 /// Per-op timing of every run, logged at info level, when `EDGEINFER_PROFILE=1`. Each op is
@@ -216,9 +228,7 @@ impl Executor {
                 .map_err(|e| bad(format!("cannot start {spin_threads} threads: {e}")))?,
         );
         let native = device.is_cpu() && options.kernels == Kernels::Native;
-        if device.is_cpu() {
-            keep_freed_memory();
-        }
+
         // Prepared inside the pool: some choices are timed, and must be timed as they will run.
         // Weights that only native kernels read live on packed in `prepared`: candle's copy is
         // dropped as soon as its last user is packed, so load never holds both whole.
@@ -274,6 +284,9 @@ impl Executor {
             Some(p) => p.install(|| spin.install(prepare))?,
             None => spin.install(prepare)?,
         };
+        if device.is_cpu() {
+            tune_allocator(AllocPhase::Frames);
+        }
         let released = steps
             .iter()
             .map(|step| {

@@ -141,6 +141,8 @@ impl ConvEngine {
 /// Winograd is only tried when a layer has at least this many multiply-adds: below it the
 /// transforms cannot pay for themselves and the load-time measurement is noise.
 const WINOGRAD_MIN_MACS: usize = 20_000_000;
+/// ... and at least this many output tiles.
+const WINOGRAD_MIN_TILES: usize = 36;
 
 /// A node prepared for a native kernel.
 pub(crate) enum Prepared {
@@ -285,18 +287,24 @@ pub(crate) fn prepare<'a>(
                         && winograd != Winograd::Never =>
                 {
                     let pads4 = [pads[0], pads[1], pads[2], pads[3]];
-                    let big = wshape[0] * cin * 9 * h * w >= WINOGRAD_MIN_MACS;
-                    match WinogradConv::new(&weight, wshape[0], cin, bias.as_deref(), &pads4) {
-                        Some(wino) if winograd == Winograd::Always => ConvEngine::Winograd(wino),
+                    // Worth timing only with enough work and enough 2 × 2 tiles to amortise
+                    // the transforms: measured to lose on 7 × 7 maps (16 tiles) at every width.
+                    let out =
+                        |n: usize, a: usize, b: usize| (n + a + b).saturating_sub(2).div_ceil(2);
+                    let tiles = out(h, pads[0], pads[2]) * out(w, pads[1], pads[3]);
+                    let big = wshape[0] * cin * 9 * h * w >= WINOGRAD_MIN_MACS
+                        && tiles >= WINOGRAD_MIN_TILES;
+                    let try_it = winograd == Winograd::Always || big;
+                    let wino = try_it
+                        .then(|| {
+                            WinogradConv::new(&weight, wshape[0], cin, bias.as_deref(), &pads4)
+                        })
+                        .flatten()
+                        .map(ConvEngine::Winograd);
+                    match wino {
+                        Some(wino) if winograd == Winograd::Always => wino,
                         // Keep whichever ran faster here, on this CPU and thread count.
-                        Some(wino) if big => {
-                            let wino = ConvEngine::Winograd(wino);
-                            if wino.time(cin, h, w) < 0.9 * direct.time(cin, h, w) {
-                                wino
-                            } else {
-                                direct
-                            }
-                        }
+                        Some(wino) if wino.time(cin, h, w) < 0.9 * direct.time(cin, h, w) => wino,
                         _ => direct,
                     }
                 }

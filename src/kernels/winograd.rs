@@ -46,42 +46,35 @@ impl WinogradConv {
         if weight.len() != cout * cin * 9 || bias.is_some_and(|b| b.len() != cout) {
             return None;
         }
-        let mut u = vec![0f32; 16 * cout * cin];
-        for co in 0..cout {
-            for ci in 0..cin {
-                let g = &weight[(co * cin + ci) * 9..(co * cin + ci + 1) * 9];
-                // G g: 4 × 3.
-                let mut gg = [[0f32; 3]; 4];
-                for c in 0..3 {
-                    let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
-                    gg[0][c] = g0;
-                    gg[1][c] = 0.5 * (g0 + g1 + g2);
-                    gg[2][c] = 0.5 * (g0 - g1 + g2);
-                    gg[3][c] = g2;
-                }
-                // (G g) Gᵀ: 4 × 4.
-                for (r, q) in gg.iter().enumerate() {
-                    let row = [
-                        q[0],
-                        0.5 * (q[0] + q[1] + q[2]),
-                        0.5 * (q[0] - q[1] + q[2]),
-                        q[2],
-                    ];
-                    for (c, v) in row.into_iter().enumerate() {
-                        u[((r * 4 + c) * cout + co) * cin + ci] = v;
-                    }
-                }
+        // U = G g Gᵀ (4 × 4 per channel pair), built and packed one position ξ at a time so
+        // load holds one unpacked cout × cin matrix, not sixteen.
+        let transform = |g: &[f32]| -> [[f32; 4]; 4] {
+            // G g: 4 × 3.
+            let mut gg = [[0f32; 3]; 4];
+            for c in 0..3 {
+                let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
+                gg[0][c] = g0;
+                gg[1][c] = 0.5 * (g0 + g1 + g2);
+                gg[2][c] = 0.5 * (g0 - g1 + g2);
+                gg[3][c] = g2;
             }
-        }
+            // (G g) Gᵀ: 4 × 4.
+            gg.map(|q| {
+                [
+                    q[0],
+                    0.5 * (q[0] + q[1] + q[2]),
+                    0.5 * (q[0] - q[1] + q[2]),
+                    q[2],
+                ]
+            })
+        };
+        let mut plane = vec![0f32; cout * cin];
         let u = (0..16)
             .map(|xi| {
-                PackedA::pack(
-                    &u[xi * cout * cin..(xi + 1) * cout * cin],
-                    cout,
-                    cin,
-                    cin,
-                    1,
-                )
+                for (dst, g) in plane.iter_mut().zip(weight.chunks_exact(9)) {
+                    *dst = transform(g)[xi / 4][xi % 4];
+                }
+                PackedA::pack(&plane, cout, cin, cin, 1)
             })
             .collect();
         Some(WinogradConv {
