@@ -484,12 +484,14 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
                 };
                 let first = k0 == 0;
                 let final_block = k0 + kc == k;
-                for np in 0..nc.div_ceil(nr) {
-                    let bp = &block[np * kc * nr..(np + 1) * kc * nr];
-                    let cols = nr.min(nc - np * nr);
-                    for p in p0..p1 {
-                        let ap = a.panel(k0, p);
-                        let rows = mr.min(m - p * mr);
+                // Row panels outside, column panels inside: the tile walks along MR rows of C
+                // (few pages) while the packed B block stays in cache.
+                for p in p0..p1 {
+                    let ap = a.panel(k0, p);
+                    let rows = mr.min(m - p * mr);
+                    for np in 0..nc.div_ceil(nr) {
+                        let bp = &block[np * kc * nr..(np + 1) * kc * nr];
+                        let cols = nr.min(nc - np * nr);
                         if rows == mr && cols == nr && layout.cs == 1 {
                             // Whole tile, unit column stride: the kernel adds into C itself.
                             let (i0, j0) = (p * mr, n0 + np * nr);
