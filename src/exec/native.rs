@@ -10,7 +10,7 @@ use crate::graph::{Activation, Op, PoolKind};
 use crate::kernels::conv::{ConvPacking, PackedConv};
 use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
 use crate::kernels::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA, PackedB};
-use crate::kernels::par;
+use crate::kernels::par::{self, SendPtr};
 use crate::kernels::pool::max_pool2d;
 use crate::kernels::rowwise::{layer_norm_rows, softmax_rows};
 use crate::kernels::winograd::WinogradConv;
@@ -447,17 +447,6 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
     Ok(Some(f(&t.flatten_all()?.to_vec1::<f32>()?)))
 }
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: items write disjoint row ranges of one output buffer.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 fn bail<T>(msg: String) -> Result<T> {
     Err(candle_core::Error::Msg(msg))
 }
@@ -586,7 +575,7 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
             let rows = |p: usize| (p * m / parts, (p + 1) * m / parts);
             let done = with_f32(x, |xs| {
                 with_f32(&b, |bs| {
-                    let outp = OutPtr(out.as_mut_ptr());
+                    let outp = SendPtr(out.as_mut_ptr());
                     par::par_for(batches * parts, |item| {
                         let (i, (r0, r1)) = (item / parts, rows(item % parts));
                         if r0 == r1 {

@@ -51,6 +51,18 @@ pub fn optimize(
     Ok(report)
 }
 
+/// A two-input `Add` with no fused activation: what the bias and residual fusions absorb.
+fn is_plain_add(node: &Node) -> bool {
+    matches!(
+        node.op,
+        Op::Binary {
+            kind: BinaryKind::Add,
+            activation: None
+        }
+    ) && node.inputs.len() == 2
+        && node.outputs.len() == 1
+}
+
 fn is_output(graph: &Graph, name: &str) -> bool {
     graph.outputs.iter().any(|o| o.name == name)
 }
@@ -188,14 +200,7 @@ fn fuse_matmul_bias(
     let mut i = 0;
     while i < graph.nodes.len() {
         let node = &graph.nodes[i];
-        let is_add = matches!(
-            node.op,
-            Op::Binary {
-                kind: BinaryKind::Add,
-                activation: None
-            }
-        ) && node.inputs.len() == 2
-            && node.outputs.len() == 1;
+        let is_add = is_plain_add(node);
         let found = is_add.then(|| {
             (0..2).find_map(|side| {
                 let (x, b) = (&node.inputs[side], &node.inputs[1 - side]);
@@ -240,14 +245,7 @@ fn fuse_residual_adds(graph: &mut Graph, protected: &HashSet<String>) -> usize {
     let mut i = 0;
     while i < graph.nodes.len() {
         let node = &graph.nodes[i];
-        let is_add = matches!(
-            node.op,
-            Op::Binary {
-                kind: BinaryKind::Add,
-                activation: None
-            }
-        ) && node.inputs.len() == 2
-            && node.outputs.len() == 1;
+        let is_add = is_plain_add(node);
         if !is_add {
             i += 1;
             continue;

@@ -165,37 +165,28 @@ const BLOCK: usize = 16;
 /// Kernels up to 7 × 7 keep their tap table on the stack.
 const MAX_STACK_TAPS: usize = 49;
 
-/// The padded input is split into its stride phases (`P[a][b][i][j] = x_pad[i·sy + a][j·sx + b]`),
-/// so every tap of every output reads `P[phase][oy·ws + ox + shift]`: one flat index over the
-/// whole plane. Each block of 16 flat positions then sums all taps in registers and the plane
-/// needs no border cases; positions with `ox ≥ ow` are computed and dropped (few, for the
-/// small planes where this matters). Writes `out = conv + bias (+ residual)`.
+/// Width of one stride phase of the padded plane and the length of a phase (with one slack
+/// row, which absorbs reads past the last row by the dropped columns `ox ≥ ow`).
+pub(super) fn phase_layout(s: &DepthwiseShape) -> (usize, usize) {
+    let hp = s.h + s.pad_begin.0 + s.pad_end.0;
+    let wp = s.w + s.pad_begin.1 + s.pad_end.1;
+    let (hs, ws) = (hp.div_ceil(s.stride.0) + 1, wp.div_ceil(s.stride.1));
+    (ws, hs * ws)
+}
+
+/// Scatters the plane `x` into its stride phases in `p` (`P[a][b][i][j] =
+/// x_pad[i·sy + a][j·sx + b]`, each phase `plane_len` long, rows `ws` wide); the padding
+/// cells keep whatever `p` was filled with (0 for convolution, -∞ for max pooling).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn plane_flat(
+pub(super) fn split_phases(
     s: &DepthwiseShape,
     x: &[f32],
-    k: &[f32],
-    bias: f32,
-    residual: Option<&[f32]>,
-    out: &mut [f32],
-    (oh, ow): (usize, usize),
-    scratch: &mut Vec<f32>,
+    p: &mut [f32],
+    ws: usize,
+    plane_len: usize,
 ) {
     let (sy, sx) = s.stride;
-    let (dy, dx) = s.dilation;
     let (pt, pl) = s.pad_begin;
-    let hp = s.h + pt + s.pad_end.0;
-    let wp = s.w + pl + s.pad_end.1;
-    // One slack row absorbs the dropped columns' reads past the last row.
-    let (hs, ws) = (hp.div_ceil(sy) + 1, wp.div_ceil(sx));
-    let plane_len = hs * ws;
-    let phases = sy * sx;
-    let ylen = (oh * ws).div_ceil(BLOCK) * BLOCK;
-    let p_len = phases * plane_len + ylen + BLOCK;
-    scratch.clear();
-    scratch.resize(p_len + ylen, 0.0);
-    let (p, y) = scratch.split_at_mut(p_len);
     for iy in 0..s.h {
         let (a, i) = ((iy + pt) % sy, (iy + pt) / sy);
         let xrow = &x[iy * s.w..(iy + 1) * s.w];
@@ -250,6 +241,35 @@ fn plane_flat(
             }
         }
     }
+}
+
+/// The padded input is split into its stride phases (`P[a][b][i][j] = x_pad[i·sy + a][j·sx + b]`),
+/// so every tap of every output reads `P[phase][oy·ws + ox + shift]`: one flat index over the
+/// whole plane. Each block of 16 flat positions then sums all taps in registers and the plane
+/// needs no border cases; positions with `ox ≥ ow` are computed and dropped (few, for the
+/// small planes where this matters). Writes `out = conv + bias (+ residual)`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn plane_flat(
+    s: &DepthwiseShape,
+    x: &[f32],
+    k: &[f32],
+    bias: f32,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+    (oh, ow): (usize, usize),
+    scratch: &mut Vec<f32>,
+) {
+    let (sy, sx) = s.stride;
+    let (dy, dx) = s.dilation;
+    let (ws, plane_len) = phase_layout(s);
+    let phases = sy * sx;
+    let ylen = (oh * ws).div_ceil(BLOCK) * BLOCK;
+    let p_len = phases * plane_len + ylen + BLOCK;
+    scratch.clear();
+    scratch.resize(p_len + ylen, 0.0);
+    let (p, y) = scratch.split_at_mut(p_len);
+    split_phases(s, x, p, ws, plane_len);
     let n_taps = s.kh * s.kw;
     let mut stack = [(0f32, 0usize); MAX_STACK_TAPS];
     let mut heap = Vec::new();

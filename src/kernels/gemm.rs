@@ -15,7 +15,7 @@
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
-use super::par;
+use super::par::{self, SendPtr};
 
 use super::act::apply_activation;
 use crate::graph::Activation;
@@ -60,6 +60,22 @@ impl Isa {
             }
             Isa::Portable
         })
+    }
+
+    /// Every variant this CPU runs (tests run each kernel against the reference).
+    pub fn available() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut v = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                v.push(Isa::Avx2);
+                if is_x86_feature_detected!("avx512f") {
+                    v.push(Isa::Avx512);
+                }
+            }
+        }
+        v
     }
 
     /// Rows of C per micro-tile.
@@ -341,19 +357,6 @@ pub struct Layout {
     pub rs: usize,
     /// Step between columns.
     pub cs: usize,
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: work items write disjoint (row range × column range) regions of C.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// A method, so closures capture the whole (Sync) wrapper rather than the raw field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 thread_local! {
@@ -875,23 +878,9 @@ mod tests {
             .collect()
     }
 
-    fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                v.push(Isa::Avx2);
-            }
-            if is_x86_feature_detected!("avx512f") {
-                v.push(Isa::Avx512);
-            }
-        }
-        v
-    }
-
     #[test]
     fn matches_naive_over_odd_shapes_and_every_kernel() {
-        for isa in isas() {
+        for isa in Isa::available() {
             for &(m, k, n) in &[
                 (1, 1, 1),
                 (7, 3, 5),
@@ -943,7 +932,7 @@ mod tests {
                 want[i * n + j] = (want[i * n + j] + bias[i] + res[i * n + j]).max(0.0);
             }
         }
-        for isa in isas() {
+        for isa in Isa::available() {
             // A given transposed (column-major), B transposed, C written transposed.
             let at: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
             let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
@@ -1021,7 +1010,7 @@ mod tests {
     /// residual, and matches the pass-over-the-tile epilogue of partial tiles.
     #[test]
     fn fused_epilogue_keeps_nan_and_matches_partial_tiles() {
-        for isa in isas() {
+        for isa in Isa::available() {
             let (m, k, n) = (2 * isa.mr() + 3, 20, 2 * isa.nr() + 5);
             let mut a = rand(m * k, 11);
             a[0] = f32::NAN; // row 0 of C becomes NaN

@@ -263,7 +263,9 @@ pub fn par_chunks_mut<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usize, &
     });
 }
 
-struct SendPtr<T>(*mut T);
+/// A raw pointer that may cross threads, for tasks that each write their own disjoint part
+/// of one buffer (the caller's SAFETY comment says why the parts are disjoint).
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 impl<T> Clone for SendPtr<T> {
     fn clone(&self) -> Self {
         *self
@@ -274,7 +276,8 @@ impl<T> Copy for SendPtr<T> {}
 unsafe impl<T: Send> Send for SendPtr<T> {}
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {
-    fn get(self) -> *mut T {
+    /// A method, so closures capture the whole (Sync) wrapper rather than the raw field.
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }

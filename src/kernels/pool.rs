@@ -6,7 +6,7 @@ use std::cell::RefCell;
 
 use super::par::par_chunks_mut;
 
-use super::depthwise::DepthwiseShape;
+use super::depthwise::{phase_layout, split_phases, DepthwiseShape};
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -51,35 +51,12 @@ fn plane(
 ) {
     let (sy, sx) = s.stride;
     let (dy, dx) = s.dilation;
-    let (pt, pl) = s.pad_begin;
-    let hp = s.h + pt + s.pad_end.0;
-    let wp = s.w + pl + s.pad_end.1;
-    let (hs, ws) = (hp.div_ceil(sy) + 1, wp.div_ceil(sx));
-    let plane_len = hs * ws;
+    let (ws, plane_len) = phase_layout(s);
     let ylen = oh * ws;
     scratch.clear();
     scratch.resize(sy * sx * plane_len + ylen, f32::NEG_INFINITY);
     let (p, y) = scratch.split_at_mut(sy * sx * plane_len);
-    for iy in 0..s.h {
-        let (a, i) = ((iy + pt) % sy, (iy + pt) / sy);
-        let xrow = &x[iy * s.w..(iy + 1) * s.w];
-        for b in 0..sx {
-            let first = (b + sx - pl % sx) % sx;
-            if first >= s.w {
-                continue;
-            }
-            let j0 = (first + pl) / sx;
-            let dst = &mut p[(a * sx + b) * plane_len + i * ws + j0..];
-            if sx == 1 {
-                // Stride 1 has one phase: a plain (vectorised) row copy.
-                dst[..s.w].copy_from_slice(xrow);
-            } else {
-                for (d, &v) in dst.iter_mut().zip(xrow[first..].iter().step_by(sx)) {
-                    *d = v;
-                }
-            }
-        }
-    }
+    split_phases(s, x, p, ws, plane_len);
     for t in 0..s.kh * s.kw {
         let (ry, rx) = ((t / s.kw) * dy, (t % s.kw) * dx);
         let off = ((ry % sy) * sx + rx % sx) * plane_len + (ry / sy) * ws + rx / sx;

@@ -8,8 +8,7 @@
 //! AVX2+FMA and AVX-512 and picked at run time (`EDGEINFER_ISA=portable` forces the baseline,
 //! `EDGEINFER_ISA=avx2` caps it at AVX2, as for the GEMM). Nothing is allocated.
 
-use std::sync::OnceLock;
-
+use super::gemm::Isa;
 use super::par::par_chunks_mut;
 #[cfg(test)]
 use rayon::prelude::*;
@@ -106,57 +105,6 @@ fn band_len(cols: usize) -> usize {
     PAR_BAND_ELEMS.div_ceil(cols).max(1) * cols
 }
 
-/// The instruction set the row loops are compiled for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-impl Isa {
-    /// The best one this CPU runs, capped by `EDGEINFER_ISA` (detected once).
-    fn detect() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            let cap = std::env::var("EDGEINFER_ISA").unwrap_or_default();
-            if cap == "portable" {
-                return Isa::Portable;
-            }
-            #[cfg(target_arch = "x86_64")]
-            {
-                let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-                if cap != "avx2" && avx2 && is_x86_feature_detected!("avx512f") {
-                    return Isa::Avx512;
-                }
-                if avx2 {
-                    return Isa::Avx2;
-                }
-            }
-            Isa::Portable
-        })
-    }
-
-    /// Every variant this CPU runs, for tests.
-    #[cfg(test)]
-    fn available() -> Vec<Isa> {
-        #[allow(unused_mut)]
-        let mut v = vec![Isa::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                v.push(Isa::Avx2);
-                if is_x86_feature_detected!("avx512f") {
-                    v.push(Isa::Avx512);
-                }
-            }
-        }
-        v
-    }
-}
-
 fn softmax_band(isa: Isa, data: &mut [f32], cols: usize) {
     match isa {
         Isa::Portable => softmax_band_generic(data, cols),
@@ -165,6 +113,8 @@ fn softmax_band(isa: Isa, data: &mut [f32], cols: usize) {
         Isa::Avx2 => unsafe { x86::softmax_band_avx2(data, cols) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { x86::softmax_band_avx512(data, cols) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => softmax_band_generic(data, cols),
     }
 }
 
@@ -184,6 +134,8 @@ fn layer_norm_band(
         Isa::Avx2 => unsafe { x86::layer_norm_band_avx2(x, out, cols, gamma, beta, eps) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { x86::layer_norm_band_avx512(x, out, cols, gamma, beta, eps) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => layer_norm_band_generic(x, out, cols, gamma, beta, eps),
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 
-use super::par::{par_chunks_mut, par_for};
+use super::par::{par_chunks_mut, par_for, SendPtr};
 
 use super::act::apply_activation;
 use super::gemm::{gemm, Epilogue, Isa, Layout, MatrixB, PackedA};
@@ -395,18 +395,6 @@ fn output_body(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
                 dst[g.ow - 1] = even[tw - 1];
             }
         }
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (one channel each).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
