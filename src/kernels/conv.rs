@@ -478,13 +478,7 @@ mod tests {
     /// them, groups, rectangular kernels and inputs, asymmetric pads, strides, dilations.
     #[test]
     fn random_shapes_match_candle() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: usize| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as usize
-        };
+        let mut next = crate::kernels::testutil::below(0x2545_f491_4f6c_dd1du64);
         let mut done = 0;
         while done < 60 {
             let group = [1, 1, 1, 2, 3][next(5)];

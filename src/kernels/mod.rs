@@ -10,3 +10,33 @@ pub mod par;
 pub mod pool;
 pub mod rowwise;
 pub mod winograd;
+
+/// Seeded pseudo-random data for the kernels' tests (reproducible failures, no dependency).
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// `n` values in [-1, 1) from an LCG seeded with `seed`.
+    pub fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// A xorshift generator of integers below its argument.
+    pub fn below(seed: u64) -> impl FnMut(usize) -> usize {
+        let mut state = seed;
+        move |n| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        }
+    }
+}

@@ -402,18 +402,7 @@ fn output_body(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::kernels::conv::PackedConv;
-
-    fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::testutil::rand;
 
     /// Against the direct (im2col GEMM) convolution, itself tested against candle.
     #[test]
