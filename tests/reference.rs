@@ -216,3 +216,33 @@ fn native_kernels_match_candle_reference_within_1e4_relative() {
         }
     }
 }
+
+/// One runtime answering frames from several threads at once (the pool's jobs interleave)
+/// gives each caller exactly the single-threaded result.
+#[test]
+fn concurrent_callers_get_the_same_outputs() {
+    let rt = Runtime::builder()
+        .model(root().join("models/mobilenet_v2.safetensors"))
+        .device(DeviceRequest::Cpu)
+        .threads(2)
+        .build()
+        .unwrap();
+    let input = read_tensors(&fixture("mobilenet_v2/coffee.input.safetensors"));
+    let want = rt.run_tensors(&input, &[]).unwrap().outputs[0].1.clone();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..5)
+                        .map(|_| rt.run_tensors(&input, &[]).unwrap().outputs[0].1.clone())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            for got in h.join().unwrap() {
+                assert_eq!(max_abs_diff(&got, &want), 0.0);
+            }
+        }
+    });
+}

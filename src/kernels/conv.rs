@@ -101,10 +101,13 @@ impl PackedConv {
             ConvPacking::Direct => false,
             ConvPacking::Transposed => true,
             ConvPacking::Auto(hw) => hw.and_then(positions).is_some_and(|p| {
-                let direct = cout_g.div_ceil(mr) * mr * p.div_ceil(nr) * nr;
-                let trans = p.div_ceil(mr) * mr * cout_g.div_ceil(nr) * nr;
-                // The transposition back costs a little: only worth it for a clear saving.
-                (trans as f64) < 0.93 * direct as f64
+                // Multiply-adds including the tiles' padding, plus, for the transposed form,
+                // packing its left operand and transposing the result back (≈ 24
+                // multiply-adds per output element, measured): it wins on small maps with a
+                // deep K (3 × 3 layers), not on shallow 1 × 1 layers.
+                let direct = cout_g.div_ceil(mr) * mr * p.div_ceil(nr) * nr * k;
+                let trans = p.div_ceil(mr) * mr * cout_g.div_ceil(nr) * nr * k + 24 * p * cout_g;
+                (trans as f64) < 0.97 * direct as f64
             }),
         };
         let form = if transposed {
