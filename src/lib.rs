@@ -5,6 +5,8 @@
 //! (passes) → [`exec::Executor`] → [`runtime::Runtime`] which turns frames into
 //! [`report::FrameReport`]s.
 
+#![warn(missing_docs)]
+
 pub mod budget;
 pub mod device;
 pub mod error;
