@@ -63,6 +63,14 @@ fn is_plain_add(node: &Node) -> bool {
         && node.outputs.len() == 1
 }
 
+/// Node `i` disappears into its producer `p`: `p` now writes `i`'s outputs, and `x`, the value
+/// that ran between them, is gone.
+fn absorb(graph: &mut Graph, p: usize, i: usize, x: &str) {
+    graph.nodes[p].outputs = graph.nodes[i].outputs.clone();
+    graph.values.remove(x);
+    graph.nodes.remove(i);
+}
+
 fn is_output(graph: &Graph, name: &str) -> bool {
     graph.outputs.iter().any(|o| o.name == name)
 }
@@ -227,12 +235,8 @@ fn fuse_matmul_bias(
             i += 1;
             continue;
         };
-        let out = graph.nodes[i].outputs.clone();
-        let mm = &mut graph.nodes[p];
-        mm.inputs.push(b);
-        mm.outputs = out;
-        graph.values.remove(&x);
-        graph.nodes.remove(i);
+        graph.nodes[p].inputs.push(b);
+        absorb(graph, p, i, &x);
         fused += 1;
     }
     fused
@@ -281,15 +285,12 @@ fn fuse_residual_adds(graph: &mut Graph, protected: &HashSet<String>) -> usize {
             i += 1;
             continue;
         };
-        let out = graph.nodes[i].outputs.clone();
         let conv = &mut graph.nodes[p];
         if let Op::Conv { residual, .. } = &mut conv.op {
             *residual = true;
         }
         conv.inputs.push(r);
-        conv.outputs = out;
-        graph.values.remove(&x);
-        graph.nodes.remove(i);
+        absorb(graph, p, i, &x);
         fused += 1;
     }
     fused
@@ -563,9 +564,7 @@ fn fuse_activations(graph: &mut Graph, protected: &HashSet<String>) -> usize {
             }
         };
         *slot = Some(activation);
-        graph.nodes[p].outputs = graph.nodes[i].outputs.clone();
-        graph.values.remove(&x);
-        graph.nodes.remove(i);
+        absorb(graph, p, i, &x);
         fused += 1;
     }
     fused

@@ -314,16 +314,9 @@ mod tests {
 
     /// Deterministic values in [-scale, scale).
     fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
-            })
+        crate::kernels::testutil::rand(n, seed)
+            .into_iter()
+            .map(|v| v * scale)
             .collect()
     }
 
