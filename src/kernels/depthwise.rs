@@ -516,21 +516,28 @@ mod tests {
         }
     }
 
-    /// Random shapes (seeded): odd channel counts, rectangular planes and kernels, asymmetric
-    /// pads, strides 1–3, dilations 1–2.
-    #[test]
-    fn random_shapes_match_candle() {
-        let mut next = crate::kernels::testutil::below(0x9e37_79b9_7f4a_7c15u64);
+    /// Checks `count` seeded random shapes that `accept` takes: `c_min + [0, c_spread)`
+    /// channels, planes up to `max_hw`, rectangular kernels up to 5, strides up to
+    /// `max_stride`, dilations 1–2, asymmetric pads 0–2.
+    fn sweep(
+        seed: u64,
+        count: usize,
+        (c_min, c_spread): (usize, usize),
+        max_hw: usize,
+        max_stride: usize,
+        accept: impl Fn(&DepthwiseShape) -> bool,
+    ) {
+        let mut next = crate::kernels::testutil::below(seed);
         let mut done = 0;
-        while done < 60 {
+        while done < count {
             let (kh, kw) = (1 + next(5), 1 + next(5));
-            let st = 1 + next(3);
+            let st = 1 + next(max_stride);
             let dil = 1 + next(2);
             let s = DepthwiseShape {
                 n: 1 + next(2),
-                c: 1 + next(11),
-                h: 1 + next(20),
-                w: 1 + next(20),
+                c: c_min + next(c_spread),
+                h: 1 + next(max_hw),
+                w: 1 + next(max_hw),
                 kh,
                 kw,
                 stride: (st, st),
@@ -538,43 +545,27 @@ mod tests {
                 pad_begin: (next(3), next(3)),
                 pad_end: (next(3), next(3)),
             };
-            if s.out_hw().is_none() {
-                continue;
+            if s.out_hw().is_some() && accept(&s) {
+                check(s);
+                done += 1;
             }
-            check(s);
-            done += 1;
         }
+    }
+
+    /// Random shapes (seeded): odd channel counts, rectangular planes and kernels, asymmetric
+    /// pads, strides 1–3, dilations 1–2.
+    #[test]
+    fn random_shapes_match_candle() {
+        sweep(0x9e37_79b9_7f4a_7c15, 60, (1, 11), 20, 3, |_| true);
     }
 
     /// Small planes with at least 16 channels take the channel-blocked path (partial blocks
     /// included).
     #[test]
     fn channel_blocked_small_planes_match_candle() {
-        let mut next = crate::kernels::testutil::below(0x51ed_270b_2b8e_a6c1);
-        let mut done = 0;
-        while done < 30 {
-            let (kh, kw) = (1 + next(5), 1 + next(5));
-            let st = 1 + next(2);
-            let dil = 1 + next(2);
-            let s = DepthwiseShape {
-                n: 1 + next(2),
-                c: 16 + next(40),
-                h: 1 + next(14),
-                w: 1 + next(14),
-                kh,
-                kw,
-                stride: (st, st),
-                dilation: (dil, dil),
-                pad_begin: (next(3), next(3)),
-                pad_end: (next(3), next(3)),
-            };
-            match s.out_hw() {
-                Some((oh, ow)) if oh * ow <= SMALL_PLANE => {}
-                _ => continue,
-            }
-            check(s);
-            done += 1;
-        }
+        sweep(0x51ed_270b_2b8e_a6c1, 30, (16, 40), 14, 2, |s| {
+            s.out_hw().is_some_and(|(oh, ow)| oh * ow <= SMALL_PLANE)
+        });
     }
 
     #[test]
