@@ -3,8 +3,8 @@
 use crate::graph::Activation;
 
 /// Applies `act` to every value of `v` (nothing when `None`). Matches the candle reference
-/// (`exec::ops::apply_activation`) within f32 rounding; GELU's erf uses a rational
-/// approximation with fractional error < 1.2e-7. NaN stays NaN, as in the reference.
+/// (`exec::ops::apply_activation`) within f32 rounding; GELU's erf is [`erf_fast`]
+/// (absolute error ≤ 1.5e-7). NaN stays NaN, as in the reference.
 pub fn apply_activation(act: Option<Activation>, v: &mut [f32]) {
     let Some(act) = act else { return };
     #[cfg(target_arch = "x86_64")]
