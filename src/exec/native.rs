@@ -250,6 +250,10 @@ pub(crate) fn prepare<'a>(
             if wshape.len() != 4 || strides.len() != 2 || pads.len() != 4 || dilations.len() != 2 {
                 return None;
             }
+            // Degenerate geometry from a lying file stays on candle's path, which reports it.
+            if wshape[2] == 0 || wshape[3] == 0 || strides.contains(&0) || dilations.contains(&0) {
+                return None;
+            }
             if *group > 1 && wshape[0] == *group && wshape[1] == 1 {
                 return Some(Prepared::Depthwise {
                     weight,
@@ -357,7 +361,12 @@ pub(crate) fn prepare<'a>(
             strides,
             pads,
             ..
-        } if kernel.len() == 2 && strides.len() == 2 && pads.len() == 4 => {
+        } if kernel.len() == 2
+            && strides.len() == 2
+            && pads.len() == 4
+            && !kernel.contains(&0)
+            && !strides.contains(&0) =>
+        {
             Some(Prepared::MaxPool {
                 window: DepthwiseShape {
                     n: 0,
@@ -683,5 +692,42 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
             }
             Ok(Some(Tensor::from_vec(out, shape, x.device())?))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Zero strides or kernel sizes (a lying model file) never reach a native kernel, whose
+    /// geometry divides by them; candle's op gets them and reports the error.
+    #[test]
+    fn degenerate_geometry_is_left_to_candle() {
+        let w = Tensor::zeros((4, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+        let conv = |strides: Vec<usize>, dilations: Vec<usize>| Op::Conv {
+            strides,
+            pads: vec![1; 4],
+            dilations,
+            group: 4,
+            activation: None,
+            residual: false,
+        };
+        let constant = |i: usize| (i == 1).then_some(&w);
+        let prep = |op: &Op| prepare(op, (2, 1), Some(&[1, 4, 8, 8]), Winograd::Auto, constant);
+        assert!(prep(&conv(vec![1, 1], vec![1, 1])).is_some());
+        assert!(prep(&conv(vec![0, 1], vec![1, 1])).is_none());
+        assert!(prep(&conv(vec![1, 1], vec![1, 0])).is_none());
+        let pool = |kernel: Vec<usize>, strides: Vec<usize>| Op::Pool {
+            kind: PoolKind::Max,
+            kernel,
+            strides,
+            pads: vec![0; 4],
+            ceil_pads: vec![],
+            count_include_pad: false,
+        };
+        assert!(prep(&pool(vec![2, 2], vec![2, 2])).is_some());
+        assert!(prep(&pool(vec![2, 2], vec![0, 2])).is_none());
+        assert!(prep(&pool(vec![0, 2], vec![2, 2])).is_none());
     }
 }
