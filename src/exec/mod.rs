@@ -4,14 +4,17 @@
 //! each value is dropped right after its last consumer, so peak memory follows the graph's
 //! liveness rather than its size. Named values can be kept ("taps") for the explain layer.
 
+mod arena;
 pub mod native;
 pub mod ops;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 
-use candle_core::{DType as CDType, Device, Tensor};
+use candle_core::{CpuStorage, DType as CDType, Device, Storage, Tensor};
 
-use native::Prepared;
+use arena::ArenaPlan;
+use native::{In, Out, Prepared};
 pub use native::{Kernels, Winograd};
 
 use crate::error::{Error, Result};
@@ -56,6 +59,12 @@ pub struct Executor {
     /// op cannot stand in for the kernel.
     released: Vec<bool>,
     options: ExecOptions,
+    /// Where each f32 value lives in a frame's activation arena (native CPU path).
+    arena: ArenaPlan,
+    /// Per slot: the planned shape (empty when unknown).
+    dims: Vec<Vec<usize>>,
+    /// Arenas of finished frames, for the next ones (one per concurrent frame).
+    workspaces: Mutex<Vec<Vec<f32>>>,
     graph: Graph,
     weights: Vec<Tensor>,
     steps: Vec<Step>,
@@ -246,11 +255,7 @@ impl Executor {
             let mut prepared = Vec::with_capacity(steps.len());
             for step in &steps {
                 let node = &graph.nodes[step.node];
-                let shape = node
-                    .inputs
-                    .first()
-                    .and_then(|v| graph.values.get(v))
-                    .map(|info| info.shape.as_slice());
+                let info = |i: usize| node.inputs.get(i).and_then(|v| graph.values.get(v));
                 let prep = native
                     .then(|| {
                         let constant = |i: usize| match step.inputs.get(i) {
@@ -260,7 +265,7 @@ impl Executor {
                         native::prepare(
                             &node.op,
                             (step.inputs.len(), step.outputs.len()),
-                            shape,
+                            info,
                             options.winograd,
                             constant,
                         )
@@ -295,7 +300,43 @@ impl Executor {
                     .any(|r| matches!(r, Ref::Weight(w) if released_w[*w]))
             })
             .collect();
+        // Every f32 value of known shape computed by a step gets an arena region, alive from
+        // its step to its last reader (graph outputs: to the end, they are copied out last).
+        let mut dims = vec![Vec::new(); slots.len()];
+        let mut sizes = vec![None; slots.len()];
+        let mut live = vec![(0, 0); slots.len()];
+        for (i, step) in steps.iter().enumerate() {
+            let node = &graph.nodes[step.node];
+            for (&o, name) in step.outputs.iter().zip(&node.outputs) {
+                if let Some(info) = graph.values.get(name) {
+                    dims[o] = info.shape.clone();
+                    if native && info.dtype == DType::F32 {
+                        sizes[o] = Some(info.shape.iter().product());
+                    }
+                }
+                live[o] = (i, i);
+            }
+            for r in &step.inputs {
+                if let Ref::Slot(s) = r {
+                    live[*s].1 = i;
+                }
+            }
+        }
+        for (_, r) in &outputs {
+            if let Ref::Slot(s) = r {
+                live[*s].1 = steps.len();
+            }
+        }
+        for (name, s) in &inputs {
+            if let Some(info) = graph.values.get(name) {
+                dims[*s] = info.shape.clone();
+            }
+        }
+        let arena = ArenaPlan::new(&sizes, &live);
         let mut exec = Executor {
+            arena,
+            dims,
+            workspaces: Mutex::new(Vec::new()),
             released,
             device,
             prepared,
@@ -377,6 +418,16 @@ impl Executor {
         counts
     }
 
+    /// Bytes of one frame's activation arena (0 on candle's path, where values are tensors).
+    pub fn arena_bytes(&self) -> usize {
+        self.arena.len * std::mem::size_of::<f32>()
+    }
+
+    /// How many values have an arena region.
+    pub fn arena_values(&self) -> usize {
+        self.arena.regions.iter().flatten().count()
+    }
+
     /// How many nodes run on our own kernels (the rest run candle's ops).
     pub fn native_nodes(&self) -> usize {
         self.prepared.iter().filter(|p| p.is_some()).count()
@@ -441,58 +492,191 @@ impl Executor {
                 }
             }
         }
+        // The arena of an earlier frame when one is free (frames may run concurrently).
+        let mut arena = self
+            .workspaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .filter(|a| a.len() == self.arena.len)
+            .unwrap_or_else(|| vec![0f32; self.arena.len]);
+        let result = self.run_steps(&mut arena, values, &tap_slots);
+        self.workspaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(arena);
+        result
+    }
+
+    /// Runs every step with `values` holding the graph inputs. Values with an arena region
+    /// live in `arena` while they are `resident`; the others (and any value whose computed
+    /// shape or type is not the planned one) live in `values` as tensors.
+    fn run_steps(
+        &self,
+        arena: &mut [f32],
+        mut values: Vec<Option<Tensor>>,
+        tap_slots: &[(String, usize)],
+    ) -> Result<RunOutputs> {
+        let n_slots = self.slots.len();
+        let mut resident = vec![false; n_slots];
+        let base = arena.as_mut_ptr();
+        let region = |s: usize| self.arena.regions.get(s).copied().flatten();
+        // SAFETY (for `view` and `view_mut` below): regions lie inside the arena (checked by
+        // the plan), and values alive at the same step never share memory (`ArenaPlan` checks
+        // this pairwise). A step reads its inputs and writes its outputs, all alive at that
+        // step, so the slices handed out for one step never alias. No reference into the
+        // arena outlives the step that created it.
+        let view = |(off, len): (usize, usize)| -> &[f32] {
+            unsafe { std::slice::from_raw_parts(base.add(off), len) }
+        };
+        #[allow(clippy::mut_from_ref)]
+        let view_mut = |(off, len): (usize, usize)| -> &mut [f32] {
+            unsafe { std::slice::from_raw_parts_mut(base.add(off), len) }
+        };
+        // Graph inputs are read where the caller's tensors hold them.
+        let fed: Vec<(usize, Tensor)> = self
+            .inputs
+            .iter()
+            .filter_map(|(_, s)| Some((*s, values[*s].clone()?)))
+            .collect();
+        let guards: Vec<(usize, candle_core::StorageRef<'_>, usize, usize)> = fed
+            .iter()
+            .filter_map(|(s, t)| {
+                let (storage, layout) = t.storage_and_layout();
+                let (a, b) = layout.contiguous_offsets()?;
+                Some((*s, storage, a, b))
+            })
+            .collect();
+        let mut feed: Vec<Option<&[f32]>> = vec![None; n_slots];
+        for (s, storage, a, b) in &guards {
+            if let Storage::Cpu(CpuStorage::F32(v)) = &**storage {
+                feed[*s] = v.get(*a..*b);
+            }
+        }
         let mut tapped = HashMap::new();
-        let mut args: Vec<Tensor> = Vec::with_capacity(8);
+        let mut args: Vec<Tensor> = Vec::new();
         let profile = profiling();
         let mut spent: Vec<(String, f64)> = Vec::new();
+        // A value as a tensor (copied out of the arena when resident there).
+        let materialize =
+            |s: usize, values: &[Option<Tensor>], resident: &[bool]| match (resident[s], region(s))
+            {
+                (true, Some(r)) => {
+                    Tensor::from_slice(view(r), self.dims[s].as_slice(), &Device::Cpu).ok()
+                }
+                _ => values[s].clone(),
+            };
         for (si, step) in self.steps.iter().enumerate() {
             let node = &self.graph.nodes[step.node];
             let started = profile.then(std::time::Instant::now);
-            args.clear();
-            for r in &step.inputs {
-                let t = match r {
-                    Ref::Weight(w) => &self.weights[*w],
-                    Ref::Slot(s) => values[*s].as_ref().ok_or_else(|| Error::InvalidGraph {
-                        file: self.graph.name.clone(),
-                        reason: format!("node '{}' runs before its input is ready", node.name),
-                    })?,
-                };
-                args.push(t.clone());
-            }
             let exec_err = |source| Error::Exec {
                 node: node.name.clone(),
                 op: node.op.name(),
                 source: Box::new(source),
             };
-            let native = match &self.prepared[si] {
-                Some(p) => native::run(p, &args).map_err(exec_err)?,
-                None => None,
-            };
-            let results = match native {
-                Some(t) => vec![t],
-                None if self.released[si] => {
-                    // The packed weights are the only copy left; candle cannot take over.
-                    return Err(Error::Exec {
-                        node: node.name.clone(),
-                        op: node.op.name(),
-                        source: Box::new(candle_core::Error::Msg(format!(
-                            "the native kernel does not take inputs {:?}",
-                            args.iter().map(|a| a.dims().to_vec()).collect::<Vec<_>>()
-                        ))),
-                    });
+            let mut done = false;
+            if let Some(p) = &self.prepared[si] {
+                // Computed inputs from the arena (or the caller's input), outputs into it.
+                let mut ins = [In {
+                    data: &[],
+                    dims: &[],
+                }; 16];
+                let mut n_in = 0;
+                let mut ready =
+                    step.outputs.len() <= 16 && step.outputs.iter().all(|&o| region(o).is_some());
+                for r in &step.inputs {
+                    let Ref::Slot(s) = *r else { continue };
+                    let data = match (resident[s], region(s)) {
+                        (true, Some(reg)) => Some(view(reg)),
+                        _ => feed[s],
+                    };
+                    match data {
+                        Some(data) if n_in < ins.len() => {
+                            ins[n_in] = In {
+                                data,
+                                dims: &self.dims[s],
+                            };
+                            n_in += 1;
+                        }
+                        _ => ready = false,
+                    }
                 }
-                None => ops::eval(&node.op, &args).map_err(exec_err)?,
-            };
+                if ready {
+                    let mut outs: [Out; 16] = Default::default();
+                    for (o, &slot) in outs.iter_mut().zip(&step.outputs) {
+                        if let Some(reg) = region(slot) {
+                            *o = Out {
+                                data: view_mut(reg),
+                                dims: &self.dims[slot],
+                            };
+                        }
+                    }
+                    let n_out = step.outputs.len();
+                    done =
+                        native::run_into(p, &ins[..n_in], &mut outs[..n_out]).map_err(exec_err)?;
+                    if done {
+                        for &o in &step.outputs {
+                            resident[o] = true;
+                            values[o] = None;
+                        }
+                    }
+                }
+            }
+            if !done {
+                args.clear();
+                for r in &step.inputs {
+                    let t = match *r {
+                        Ref::Weight(w) => Some(self.weights[w].clone()),
+                        Ref::Slot(s) => materialize(s, &values, &resident),
+                    };
+                    args.push(t.ok_or_else(|| Error::InvalidGraph {
+                        file: self.graph.name.clone(),
+                        reason: format!("node '{}' runs before its input is ready", node.name),
+                    })?);
+                }
+                let results = if self.released[si] {
+                    // The packed weights are the only copy left: candle cannot take over, so
+                    // the kernel runs on copies of the inputs, or the node fails.
+                    self.run_prepared_on_tensors(si, step, &args)
+                        .map_err(exec_err)?
+                        .ok_or_else(|| Error::Exec {
+                            node: node.name.clone(),
+                            op: node.op.name(),
+                            source: Box::new(candle_core::Error::Msg(format!(
+                                "the native kernel does not take inputs {:?}",
+                                args.iter().map(|a| a.dims().to_vec()).collect::<Vec<_>>()
+                            ))),
+                        })?
+                } else {
+                    ops::eval(&node.op, &args).map_err(exec_err)?
+                };
+                for (&slot, t) in step.outputs.iter().zip(results) {
+                    // Into the arena when it is what the plan expected, else kept as is.
+                    let fits = region(slot).filter(|_| {
+                        t.dtype() == CDType::F32 && t.dims() == self.dims[slot].as_slice()
+                    });
+                    let copied = match fits {
+                        Some(reg) => {
+                            let dst = view_mut(reg);
+                            native::copy_f32(&t, dst).map_err(exec_err)?
+                        }
+                        None => false,
+                    };
+                    resident[slot] = copied;
+                    values[slot] = (!copied).then_some(t);
+                }
+            }
             if let Some(t0) = started {
-                let kind = match &self.prepared[si] {
-                    Some(p) => format!("{} [{}]", node.op.name(), p.kernel_name()),
-                    None => node.op.name(),
+                let kind = match (&self.prepared[si], done) {
+                    (Some(p), true) => format!("{} [{}]", node.op.name(), p.kernel_name()),
+                    _ => node.op.name(),
                 };
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
                 if profile_level() == 2 {
-                    let shape = results
+                    let shape = step
+                        .outputs
                         .first()
-                        .map(|t| t.dims().to_vec())
+                        .map(|&o| self.dims[o].clone())
                         .unwrap_or_default();
                     tracing::info!("node {} {kind} -> {shape:?}: {ms:.3} ms", node.name);
                 }
@@ -501,24 +685,23 @@ impl Executor {
                     None => spent.push((kind, ms)),
                 }
             }
-            for (slot, t) in step.outputs.iter().zip(results) {
-                values[*slot] = Some(t);
-            }
-            for (name, s) in &tap_slots {
+            for (name, s) in tap_slots {
                 if step.outputs.contains(s) {
-                    if let Some(t) = &values[*s] {
-                        tapped.insert(name.clone(), t.clone());
+                    if let Some(t) = materialize(*s, &values, &resident) {
+                        tapped.insert(name.clone(), t);
                     }
                 }
             }
-            for s in &step.free_after {
-                values[*s] = None;
+            for &s in &step.free_after {
+                values[s] = None;
+                resident[s] = false;
             }
         }
-        for (name, s) in &tap_slots {
+        for (name, s) in tap_slots {
             if !tapped.contains_key(name) {
-                if let Some(t) = &values[*s] {
-                    tapped.insert(name.clone(), t.clone());
+                // Graph inputs: never produced by a step.
+                if let Some(t) = materialize(*s, &values, &resident) {
+                    tapped.insert(name.clone(), t);
                 }
             }
         }
@@ -531,19 +714,74 @@ impl Executor {
         let mut outputs = Vec::with_capacity(self.outputs.len());
         for (name, r) in &self.outputs {
             let t = match r {
-                Ref::Slot(s) => values[*s].clone(),
+                Ref::Slot(s) => materialize(*s, &values, &resident),
                 Ref::Weight(w) => Some(self.weights[*w].clone()),
             }
             .ok_or_else(|| Error::InvalidGraph {
                 file: self.graph.name.clone(),
                 reason: format!("output '{name}' was not computed"),
             })?;
-            outputs.push((name.clone(), t));
+            outputs.push((name.clone(), t.to_device(&self.device)?));
         }
+        drop(guards);
         Ok(RunOutputs {
             outputs,
             taps: tapped,
         })
+    }
+
+    /// A prepared node's kernel on copies of its inputs, into new tensors of the planned
+    /// output shapes; `Ok(None)` when the kernel does not take them.
+    fn run_prepared_on_tensors(
+        &self,
+        si: usize,
+        step: &Step,
+        args: &[Tensor],
+    ) -> candle_core::Result<Option<Vec<Tensor>>> {
+        let Some(p) = &self.prepared[si] else {
+            return Ok(None);
+        };
+        let mut data = Vec::new();
+        let mut dims = Vec::new();
+        for (r, t) in step.inputs.iter().zip(args) {
+            if let Ref::Slot(_) = r {
+                if t.dtype() != CDType::F32 {
+                    return Ok(None);
+                }
+                data.push(t.flatten_all()?.to_vec1::<f32>()?);
+                dims.push(t.dims().to_vec());
+            }
+        }
+        let ins: Vec<In> = data
+            .iter()
+            .zip(&dims)
+            .map(|(d, s)| In { data: d, dims: s })
+            .collect();
+        let mut bufs: Vec<Vec<f32>> = step
+            .outputs
+            .iter()
+            .map(|&o| vec![0f32; self.dims[o].iter().product()])
+            .collect();
+        if step.outputs.iter().any(|&o| self.dims[o].is_empty()) {
+            return Ok(None);
+        }
+        let mut outs: Vec<Out> = bufs
+            .iter_mut()
+            .zip(&step.outputs)
+            .map(|(b, &o)| Out {
+                data: b,
+                dims: &self.dims[o],
+            })
+            .collect();
+        if !native::run_into(p, &ins, &mut outs)? {
+            return Ok(None);
+        }
+        drop(outs);
+        bufs.into_iter()
+            .zip(&step.outputs)
+            .map(|(b, &o)| Tensor::from_vec(b, self.dims[o].as_slice(), &Device::Cpu))
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map(Some)
     }
 
     /// Number of nodes of each kind that will run.

@@ -6,14 +6,16 @@ use std::str::FromStr;
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::graph::{Activation, Op, PoolKind};
+use crate::graph::{Activation, BinaryKind, Op, PoolKind, ValueInfo};
 use crate::kernels::conv::{ConvPacking, PackedConv};
 use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
 use crate::kernels::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA, PackedB};
+use crate::kernels::layout::{self, BinOp};
 use crate::kernels::par::{self, SendPtr};
 use crate::kernels::pool::max_pool2d;
 use crate::kernels::rowwise::{layer_norm_rows, softmax_rows};
 use crate::kernels::winograd::WinogradConv;
+use crate::model::DType as ModelDType;
 
 /// When 3 × 3 stride-1 convolutions use Winograd's F(2×2, 3×3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -187,7 +189,32 @@ pub(crate) enum Prepared {
         bias: Option<Vec<f32>>,
         activation: Option<Activation>,
     },
+    /// Reshape or Identity: the same elements under the planned shape.
+    Copy,
+    /// Permuted axes.
+    Transpose { perm: Vec<usize> },
+    /// Broadcasting arithmetic; `constant` is (which input, its values, its shape) when one
+    /// operand is a weight.
+    Binary {
+        op: BinOp,
+        activation: Option<Activation>,
+        constant: Option<Constant>,
+    },
+    /// Global average (or maximum) over the spatial axes.
+    GlobalPool { max: bool },
+    /// Concatenation; per input, its values and shape when it is a weight.
+    Concat {
+        axis: usize,
+        constants: Vec<Option<(Vec<f32>, Vec<usize>)>>,
+    },
+    /// Split into pieces of `sizes` along `axis`.
+    Split { axis: usize, sizes: Vec<usize> },
+    /// Take constant `indices` (already in range) along `axis`.
+    Gather { axis: usize, indices: Vec<usize> },
 }
+
+/// A weight operand of an elementwise op: (input position, values, shape).
+pub(crate) type Constant = (usize, Vec<f32>, Vec<usize>);
 
 impl Prepared {
     /// Which kernel runs the node (for profiles).
@@ -207,6 +234,13 @@ impl Prepared {
             Prepared::Softmax => "softmax",
             Prepared::BatchedMatMul { .. } => "batched-matmul",
             Prepared::LayerNorm { .. } => "layernorm",
+            Prepared::Copy => "copy",
+            Prepared::Transpose { .. } => "transpose",
+            Prepared::Binary { .. } => "binary",
+            Prepared::GlobalPool { .. } => "global-pool",
+            Prepared::Concat { .. } => "concat",
+            Prepared::Split { .. } => "split",
+            Prepared::Gather { .. } => "gather",
         }
     }
 }
@@ -217,17 +251,27 @@ fn host_f32(t: &Tensor) -> Option<Vec<f32>> {
         .flatten()
 }
 
-/// Prepares `op` (with `n_inputs` inputs, the first of static shape `input_shape` when known,
-/// and `n_outputs` outputs)
-/// when a native kernel covers it. `constant(i)` is the node's i-th input when it is a weight
-/// (known at load), `None` when it is computed per frame.
-pub(crate) fn prepare<'a>(
+fn dims_f32(t: &Tensor) -> Option<(Vec<f32>, Vec<usize>)> {
+    Some((host_f32(t)?, t.dims().to_vec()))
+}
+
+/// Prepares `op` (with `n_inputs` inputs and `n_outputs` outputs) when a native kernel covers
+/// it. `info(i)` is the planned shape and type of the node's i-th input when it is computed per
+/// frame; `constant(i)` is the input itself when it is a weight (known at load). A prepared
+/// node's kernel reads only its computed inputs; its weights are part of the preparation.
+pub(crate) fn prepare<'a, 'b>(
     op: &Op,
     (n_inputs, n_outputs): (usize, usize),
-    input_shape: Option<&[usize]>,
+    info: impl Fn(usize) -> Option<&'b ValueInfo>,
     winograd: Winograd,
     constant: impl Fn(usize) -> Option<&'a Tensor>,
 ) -> Option<Prepared> {
+    let input_shape = info(0).map(|i| i.shape.as_slice());
+    let float = |i: usize| info(i).is_some_and(|v| v.dtype == ModelDType::F32);
+    // The data input of every op but the elementwise and concatenating ones is computed.
+    if !matches!(op, Op::Binary { .. } | Op::Concat { .. }) && constant(0).is_some() {
+        return None;
+    }
     match op {
         Op::Conv {
             strides,
@@ -238,7 +282,11 @@ pub(crate) fn prepare<'a>(
             residual,
         } => {
             let w = constant(1)?;
-            // Inputs are X, W, [B], [R]: a bias must be a weight to be packed.
+            // Inputs are X, W, [B], [R]: a bias must be a weight to be packed, a residual
+            // computed.
+            if *residual && constant(n_inputs - 1).is_some() {
+                return None;
+            }
             let has_bias = n_inputs == 3 + usize::from(*residual);
             let bias = if has_bias {
                 Some(host_f32(constant(2)?)?)
@@ -403,8 +451,85 @@ pub(crate) fn prepare<'a>(
                 },
             )
         }
+        Op::Reshape { .. } | Op::Identity if float(0) && n_inputs == 1 => Some(Prepared::Copy),
+        Op::Transpose { perm } if float(0) && perm.len() <= layout::MAX_RANK => {
+            Some(Prepared::Transpose { perm: perm.clone() })
+        }
+        Op::Binary { kind, activation } if n_inputs == 2 => {
+            let op = match kind {
+                BinaryKind::Add => BinOp::Add,
+                BinaryKind::Sub => BinOp::Sub,
+                BinaryKind::Mul => BinOp::Mul,
+                BinaryKind::Div => BinOp::Div,
+                _ => return None,
+            };
+            let constant = match (constant(0), constant(1)) {
+                (None, None) if float(0) && float(1) => None,
+                (Some(c), None) if float(1) => {
+                    let (v, d) = dims_f32(c)?;
+                    Some((0, v, d))
+                }
+                (None, Some(c)) if float(0) => {
+                    let (v, d) = dims_f32(c)?;
+                    Some((1, v, d))
+                }
+                _ => return None,
+            };
+            (constant
+                .as_ref()
+                .is_none_or(|c| c.2.len() <= layout::MAX_RANK))
+            .then_some(Prepared::Binary {
+                op,
+                activation: *activation,
+                constant,
+            })
+        }
+        Op::GlobalPool { kind } if float(0) => Some(Prepared::GlobalPool {
+            max: *kind == PoolKind::Max,
+        }),
+        Op::Concat { axis } if n_inputs <= 16 => {
+            let mut constants = Vec::with_capacity(n_inputs);
+            for i in 0..n_inputs {
+                constants.push(match constant(i) {
+                    Some(c) => Some(dims_f32(c)?),
+                    None if float(i) => None,
+                    None => return None,
+                });
+            }
+            Some(Prepared::Concat {
+                axis: *axis,
+                constants,
+            })
+        }
+        Op::Split { axis, sizes } if float(0) && sizes.len() == n_outputs && n_outputs <= 16 => {
+            Some(Prepared::Split {
+                axis: *axis,
+                sizes: sizes.clone(),
+            })
+        }
+        Op::Gather { axis } if float(0) && n_inputs == 2 => {
+            let dim = *input_shape?.get(*axis)? as i64;
+            let raw = constant(1)?
+                .flatten_all()
+                .and_then(|t| t.to_dtype(DType::I64))
+                .and_then(|t| t.to_vec1::<i64>())
+                .ok()?;
+            let mut indices = Vec::with_capacity(raw.len());
+            for i in raw {
+                let j = if i < 0 { i + dim } else { i };
+                // Out of range: candle's op reports it.
+                if !(0..dim).contains(&j) {
+                    return None;
+                }
+                indices.push(j as usize);
+            }
+            Some(Prepared::Gather {
+                axis: *axis,
+                indices,
+            })
+        }
         // Both operands computed per frame (attention): batched products on our GEMM.
-        Op::MatMul { activation } if constant(1).is_none() => {
+        Op::MatMul { activation } if constant(1).is_none() && float(0) && float(1) => {
             let bias = match (n_inputs, constant(2)) {
                 (2, _) => None,
                 (3, Some(b)) if b.rank() == 1 => Some(host_f32(b)?),
@@ -439,67 +564,131 @@ pub(crate) fn prepare<'a>(
     }
 }
 
-/// Calls `f` with a CPU f32 tensor's elements, borrowed when contiguous, copied otherwise;
-/// `None` for other dtypes and devices.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
-    if t.dtype() != DType::F32 || !t.device().is_cpu() {
-        return Ok(None);
+/// One input of a native kernel: contiguous f32 elements and their shape.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct In<'a> {
+    pub data: &'a [f32],
+    pub dims: &'a [usize],
+}
+
+/// One output of a native kernel: the buffer it fills (every element) and the shape the plan
+/// gave it.
+#[derive(Debug, Default)]
+pub(crate) struct Out<'a> {
+    pub data: &'a mut [f32],
+    pub dims: &'a [usize],
+}
+
+/// Copies a CPU f32 tensor's elements into `dst`; false when it is not one or the lengths
+/// differ.
+pub(crate) fn copy_f32(t: &Tensor, dst: &mut [f32]) -> Result<bool> {
+    if t.dtype() != DType::F32 || !t.device().is_cpu() || t.elem_count() != dst.len() {
+        return Ok(false);
     }
     {
         let (storage, layout) = t.storage_and_layout();
         if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
             (&*storage, layout.contiguous_offsets())
         {
-            return Ok(Some(f(&v[a..b])));
+            dst.copy_from_slice(&v[a..b]);
+            return Ok(true);
         }
     }
-    Ok(Some(f(&t.flatten_all()?.to_vec1::<f32>()?)))
+    dst.copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
+    Ok(true)
 }
 
 fn bail<T>(msg: String) -> Result<T> {
     Err(candle_core::Error::Msg(msg))
 }
 
-/// Runs a prepared node; `Ok(None)` when this frame's inputs do not suit the kernel (then the
-/// caller runs candle's op).
-pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
-    let Some(x) = args.first() else {
-        return bail("native kernel called without inputs".into());
+/// Runs a prepared node from `ins` (its computed inputs, in order; constants are part of the
+/// preparation) into `outs`. `Ok(false)`, with nothing written, when these shapes do not suit
+/// the kernel or do not give the planned output shapes (the caller then runs candle's op);
+/// an error when the input cannot be valid for the op at all.
+pub(crate) fn run_into(p: &Prepared, ins: &[In], outs: &mut [Out]) -> Result<bool> {
+    let Some(&x) = ins.first() else {
+        return Ok(false);
     };
+    let dims = x.dims;
+    if let [Out {
+        data: out,
+        dims: od,
+    }] = outs
+    {
+        let out: &mut [f32] = out;
+        return run_one(p, x, ins, out, od);
+    }
+    match p {
+        Prepared::Split { axis, sizes } => {
+            if *axis >= dims.len() || sizes.len() != outs.len() {
+                return Ok(false);
+            }
+            let inner: usize = dims[axis + 1..].iter().product();
+            let outer: usize = dims[..*axis].iter().product();
+            if sizes.iter().sum::<usize>() != dims[*axis] {
+                return Ok(false);
+            }
+            for (o, &len) in outs.iter().zip(sizes) {
+                let fits = o.dims.len() == dims.len()
+                    && (0..dims.len()).all(|i| o.dims[i] == if i == *axis { len } else { dims[i] });
+                if !fits {
+                    return Ok(false);
+                }
+            }
+            // At most a handful of pieces: their chunk sizes on the stack.
+            let mut chunks = [0usize; 16];
+            if sizes.len() > chunks.len() {
+                return Ok(false);
+            }
+            for (c, &len) in chunks.iter_mut().zip(sizes) {
+                *c = len * inner;
+            }
+            let mut bufs: [&mut [f32]; 16] = Default::default();
+            for (b, o) in bufs.iter_mut().zip(outs.iter_mut()) {
+                *b = &mut *o.data;
+            }
+            Ok(crate::kernels::layout::split(
+                x.data,
+                &chunks[..sizes.len()],
+                outer,
+                &mut bufs[..sizes.len()],
+            ))
+        }
+        _ => Ok(false),
+    }
+}
+
+fn same(a: &[usize], b: &[usize]) -> bool {
+    a == b
+}
+
+fn run_one(p: &Prepared, x: In, ins: &[In], out: &mut [f32], od: &[usize]) -> Result<bool> {
+    let dims = x.dims;
     match p {
         Prepared::Conv {
             conv,
             activation,
             residual,
         } => {
-            let dims = x.dims();
-            if dims.len() != 4 {
-                return Ok(None);
+            if dims.len() != 4 || ins.len() != 1 + usize::from(*residual) {
+                return Ok(false);
             }
             let (n, c, h, w) = (dims[0], dims[1], dims[2], dims[3]);
             let Some((oh, ow)) = conv.out_hw(h, w) else {
                 return bail(format!("Conv input {dims:?} is smaller than its kernel"));
             };
-            let out_shape = (n, conv.cout(), oh, ow);
-            let mut out = vec![0f32; n * conv.cout() * oh * ow];
-            let res = if *residual { args.last() } else { None };
-            let done = with_f32(x, |xs| match res {
-                Some(r) if r.dims() == [n, conv.cout(), oh, ow] => with_f32(r, |rs| {
-                    conv.run(xs, (n, c, h, w), Some(rs), *activation, &mut out)
-                }),
-                Some(_) => Ok(None),
-                None => Ok(Some(conv.run(
-                    xs,
-                    (n, c, h, w),
-                    None,
-                    *activation,
-                    &mut out,
-                ))),
-            })?;
-            match done.transpose()?.flatten() {
-                Some(Ok(())) => Ok(Some(Tensor::from_vec(out, out_shape, x.device())?)),
-                Some(Err(e)) => bail(format!("Conv: {e}")),
-                None => Ok(None),
+            if !same(od, &[n, conv.cout(), oh, ow]) {
+                return Ok(false);
+            }
+            let res = match residual.then(|| ins[1]) {
+                Some(r) if same(r.dims, od) => Some(r.data),
+                Some(_) => return Ok(false),
+                None => None,
+            };
+            match conv.run(x.data, (n, c, h, w), res, *activation, out) {
+                Ok(()) => Ok(true),
+                Err(e) => bail(format!("Conv: {e}")),
             }
         }
         Prepared::Depthwise {
@@ -512,9 +701,8 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
             activation,
             residual,
         } => {
-            let dims = x.dims();
-            if dims.len() != 4 || weight.len() != dims[1] * kernel.0 * kernel.1 {
-                return Ok(None);
+            if dims.len() != 4 || ins.len() != 1 + usize::from(*residual) {
+                return Ok(false);
             }
             let shape = DepthwiseShape {
                 n: dims[0],
@@ -531,99 +719,87 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
             let Some((oh, ow)) = shape.out_hw() else {
                 return bail(format!("Conv input {dims:?} is smaller than its kernel"));
             };
-            let res = match residual.then(|| args.last()).flatten() {
-                Some(r) if r.dims() == [shape.n, shape.c, oh, ow] && r.dtype() == DType::F32 => {
-                    Some(r.contiguous()?)
-                }
-                Some(_) => return Ok(None),
+            if !same(od, &[shape.n, shape.c, oh, ow]) {
+                return Ok(false);
+            }
+            let res = match residual.then(|| ins[1]) {
+                Some(r) if same(r.dims, od) => Some(r.data),
+                Some(_) => return Ok(false),
                 None => None,
             };
-            let conv = |xs: &[f32], rs: Option<&[f32]>| {
-                depthwise_conv2d(&shape, xs, weight, bias.as_deref(), rs, *activation)
-            };
-            let y = with_f32(x, |xs| match &res {
-                Some(r) => with_f32(r, |rs| conv(xs, Some(rs))),
-                None => Ok(Some(conv(xs, None))),
-            })?;
-            let Some(y) = y.transpose()?.flatten() else {
-                return Ok(None);
-            };
-            Ok(Some(Tensor::from_vec(
-                y,
-                (shape.n, shape.c, oh, ow),
-                x.device(),
-            )?))
+            Ok(depthwise_conv2d(
+                &shape,
+                x.data,
+                weight,
+                bias.as_deref(),
+                res,
+                *activation,
+                out,
+            ))
         }
         Prepared::BatchedMatMul { bias, activation } => {
-            let Some(b) = args.get(1) else {
-                return Ok(None);
+            let [_, b] = ins else {
+                return Ok(false);
             };
-            let (ad, bd) = (x.dims(), b.dims());
+            let (ad, bd) = (dims, b.dims);
             let (ra, rb) = (ad.len(), bd.len());
             // Equal batch dimensions only; broadcasting batches take candle's op.
             if ra < 2 || ra != rb || ad[..ra - 2] != bd[..rb - 2] || ad[ra - 1] != bd[rb - 2] {
-                return Ok(None);
+                return Ok(false);
             }
             let (m, k, n) = (ad[ra - 2], ad[ra - 1], bd[rb - 1]);
-            if bias.as_ref().is_some_and(|v| v.len() != n) || b.dtype() != DType::F32 {
-                return Ok(None);
+            if bias.as_ref().is_some_and(|v| v.len() != n)
+                || od.len() != ra
+                || od[..ra - 1] != ad[..ra - 1]
+                || od[ra - 1] != n
+            {
+                return Ok(false);
             }
             let batches: usize = ad[..ra - 2].iter().product();
-            let mut out = vec![0f32; batches * m * n];
-            let b = b.contiguous()?;
             let epi = Epilogue {
                 col_bias: bias.as_deref(),
                 activation: *activation,
                 ..Default::default()
             };
+            let (xs, bs) = (x.data, b.data);
             // Items are (batch, row range): each a small serial GEMM, all of them in parallel,
             // rather than a parallel GEMM per batch with a fork and join each.
             let parts = (2 * par::current_threads())
-                .div_ceil(batches)
+                .div_ceil(batches.max(1))
                 .clamp(1, m.max(1));
             let rows = |p: usize| (p * m / parts, (p + 1) * m / parts);
-            let done = with_f32(x, |xs| {
-                with_f32(&b, |bs| {
-                    let outp = SendPtr(out.as_mut_ptr());
-                    par::par_for(batches * parts, |item| {
-                        let (i, (r0, r1)) = (item / parts, rows(item % parts));
-                        if r0 == r1 {
-                            return;
-                        }
-                        let a0 = (i * m + r0) * k;
-                        let a = PackedA::pack(&xs[a0..a0 + (r1 - r0) * k], r1 - r0, k, k, 1);
-                        let rhs = MatrixB {
-                            data: &bs[i * k * n..(i + 1) * k * n],
-                            rs: n,
-                            cs: 1,
-                        };
-                        // SAFETY: rows r0..r1 of batch i are this item's alone, inside `out`.
-                        let c = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                outp.get().add((i * m + r0) * n),
-                                (r1 - r0) * n,
-                            )
-                        };
-                        gemm(&a, &rhs, n, c, Layout { rs: n, cs: 1 }, &epi);
-                    });
-                })
-            })?;
-            if done.transpose()?.flatten().is_none() {
-                return Ok(None);
-            }
-            let mut shape = ad.to_vec();
-            shape[ra - 1] = n;
-            Ok(Some(Tensor::from_vec(out, shape, x.device())?))
+            let outp = SendPtr(out.as_mut_ptr());
+            par::par_for(batches * parts, |item| {
+                let (i, (r0, r1)) = (item / parts, rows(item % parts));
+                if r0 == r1 {
+                    return;
+                }
+                let a0 = (i * m + r0) * k;
+                let a = PackedA::pack_scratch(&xs[a0..a0 + (r1 - r0) * k], r1 - r0, k, k, 1);
+                let rhs = MatrixB {
+                    data: &bs[i * k * n..(i + 1) * k * n],
+                    rs: n,
+                    cs: 1,
+                };
+                // SAFETY: rows r0..r1 of batch i are this item's alone, inside `out`.
+                let c = unsafe {
+                    std::slice::from_raw_parts_mut(outp.get().add((i * m + r0) * n), (r1 - r0) * n)
+                };
+                gemm(&a, &rhs, n, c, Layout { rs: n, cs: 1 }, &epi);
+                a.recycle();
+            });
+            Ok(true)
         }
         Prepared::Softmax => {
-            let Some(&cols) = x.dims().last() else {
-                return Ok(None);
+            let Some(&cols) = dims.last() else {
+                return Ok(false);
             };
-            let Some(mut y) = with_f32(x, <[f32]>::to_vec)? else {
-                return Ok(None);
-            };
-            softmax_rows(&mut y, cols);
-            Ok(Some(Tensor::from_vec(y, x.dims(), x.device())?))
+            if !same(od, dims) {
+                return Ok(false);
+            }
+            out.copy_from_slice(x.data);
+            softmax_rows(out, cols);
+            Ok(true)
         }
         Prepared::LayerNorm {
             inner,
@@ -631,22 +807,15 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
             beta,
             epsilon,
         } => {
-            if x.elem_count() % inner.max(&1) != 0 {
-                return Ok(None);
+            if !same(od, dims) || !x.data.len().is_multiple_of(*inner.max(&1)) {
+                return Ok(false);
             }
-            let mut y = vec![0f32; x.elem_count()];
-            let done = with_f32(x, |xs| {
-                layer_norm_rows(xs, &mut y, *inner, gamma, beta.as_deref(), *epsilon)
-            })?;
-            match done {
-                Some(()) => Ok(Some(Tensor::from_vec(y, x.dims(), x.device())?)),
-                None => Ok(None),
-            }
+            layer_norm_rows(x.data, out, *inner, gamma, beta.as_deref(), *epsilon);
+            Ok(true)
         }
         Prepared::MaxPool { window } => {
-            let dims = x.dims();
             if dims.len() != 4 {
-                return Ok(None);
+                return Ok(false);
             }
             let s = DepthwiseShape {
                 n: dims[0],
@@ -658,22 +827,25 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
             let Some((oh, ow)) = s.out_hw() else {
                 return bail(format!("MaxPool input {dims:?} is smaller than its window"));
             };
-            match with_f32(x, |xs| max_pool2d(&s, xs))?.flatten() {
-                Some(y) => Ok(Some(Tensor::from_vec(y, (s.n, s.c, oh, ow), x.device())?)),
-                None => Ok(None),
+            if !same(od, &[s.n, s.c, oh, ow]) {
+                return Ok(false);
             }
+            Ok(max_pool2d(&s, x.data, out))
         }
         Prepared::Linear {
             w,
             bias,
             activation,
         } => {
-            let dims = x.dims();
             let (k, n) = (w.k(), w.n());
-            if dims.last() != Some(&k) {
-                return Ok(None);
+            if dims.last() != Some(&k)
+                || od.len() != dims.len()
+                || od[..od.len() - 1] != dims[..dims.len() - 1]
+                || od.last() != Some(&n)
+            {
+                return Ok(false);
             }
-            let rows = x.elem_count() / k.max(1);
+            let rows = x.data.len() / k.max(1);
             let epi = Epilogue {
                 col_bias: bias.as_deref(),
                 activation: *activation,
@@ -681,17 +853,129 @@ pub(crate) fn run(p: &Prepared, args: &[Tensor]) -> Result<Option<Tensor>> {
             };
             // y = x · W: the rows of x (tokens) are the packed left operand, packed per frame
             // (rows × k, small beside the rows × k × n product), W the prepacked right one.
-            let Some(a) = with_f32(x, |xs| PackedA::pack(xs, rows, k, k, 1))? else {
-                return Ok(None);
-            };
-            let mut out = vec![0f32; rows * n];
-            gemm(&a, w, n, &mut out, Layout { rs: n, cs: 1 }, &epi);
-            let mut shape = dims.to_vec();
-            if let Some(last) = shape.last_mut() {
-                *last = n;
-            }
-            Ok(Some(Tensor::from_vec(out, shape, x.device())?))
+            let a = PackedA::pack_scratch(x.data, rows, k, k, 1);
+            gemm(&a, w, n, out, Layout { rs: n, cs: 1 }, &epi);
+            a.recycle();
+            Ok(true)
         }
+        Prepared::Copy => {
+            if x.data.len() != out.len() || od.iter().product::<usize>() != out.len() {
+                return Ok(false);
+            }
+            out.copy_from_slice(x.data);
+            Ok(true)
+        }
+        Prepared::Transpose { perm } => {
+            let permuted = perm.len() == dims.len()
+                && od.len() == dims.len()
+                && perm.iter().zip(od).all(|(&p, &d)| dims.get(p) == Some(&d));
+            Ok(permuted && layout::transpose(x.data, dims, perm, out))
+        }
+        Prepared::Binary {
+            op,
+            activation,
+            constant,
+        } => {
+            let (a, b) = match (constant, ins) {
+                (None, [a, b]) => (*a, *b),
+                (Some((0, c, cd)), [b]) => (In { data: c, dims: cd }, *b),
+                (Some((1, c, cd)), [a]) => (*a, In { data: c, dims: cd }),
+                _ => return Ok(false),
+            };
+            // The output shape must be exactly the broadcast of the two.
+            let r = a.dims.len().max(b.dims.len());
+            if od.len() != r {
+                return Ok(false);
+            }
+            let dim = |d: &[usize], i: usize| {
+                let lead = r - d.len();
+                if i < lead {
+                    1
+                } else {
+                    d[i - lead]
+                }
+            };
+            let broadcast_ok = (0..r).all(|i| {
+                let (p, q) = (dim(a.dims, i), dim(b.dims, i));
+                od[i] == if p == 1 { q } else { p }
+            });
+            Ok(broadcast_ok
+                && layout::binary(
+                    *op,
+                    (a.data, a.dims),
+                    (b.data, b.dims),
+                    (out, od),
+                    *activation,
+                ))
+        }
+        Prepared::GlobalPool { max } => {
+            if dims.len() < 3 || od.len() != dims.len() {
+                return Ok(false);
+            }
+            let fits = od[..2] == dims[..2] && od[2..].iter().all(|&d| d == 1);
+            let plane: usize = dims[2..].iter().product();
+            Ok(fits && layout::global_pool(x.data, plane, *max, out))
+        }
+        Prepared::Concat { axis, constants } => {
+            if constants.len() > 16 || *axis >= od.len() {
+                return Ok(false);
+            }
+            let mut parts: [&[f32]; 16] = [&[]; 16];
+            let mut chunks = [0usize; 16];
+            let mut computed = ins.iter();
+            let inner: usize = od[axis + 1..].iter().product();
+            let outer: usize = od[..*axis].iter().product();
+            let mut along = 0;
+            for (i, c) in constants.iter().enumerate() {
+                let part = match c {
+                    Some((data, d)) => In { data, dims: d },
+                    None => match computed.next() {
+                        Some(p) => *p,
+                        None => return Ok(false),
+                    },
+                };
+                let pd = part.dims;
+                let agrees = pd.len() == od.len()
+                    && pd
+                        .iter()
+                        .zip(od)
+                        .enumerate()
+                        .all(|(j, (a, b))| j == *axis || a == b);
+                if !agrees {
+                    return Ok(false);
+                }
+                along += pd[*axis];
+                parts[i] = part.data;
+                chunks[i] = pd[*axis] * inner;
+            }
+            if computed.next().is_some() || along != od[*axis] {
+                return Ok(false);
+            }
+            let n = constants.len();
+            Ok(layout::concat(&parts[..n], &chunks[..n], outer, out))
+        }
+        Prepared::Gather { axis, indices } => {
+            if *axis >= dims.len() {
+                return Ok(false);
+            }
+            let outer: usize = dims[..*axis].iter().product();
+            let inner: usize = dims[axis + 1..].iter().product();
+            if od.iter().product::<usize>() != outer * indices.len() * inner {
+                return Ok(false);
+            }
+            Ok(layout::gather(
+                x.data,
+                (outer, dims[*axis], inner),
+                indices,
+                out,
+            ))
+        }
+        // One piece: the whole input.
+        Prepared::Split { sizes, .. } if sizes.len() == 1 && same(od, dims) => {
+            out.copy_from_slice(x.data);
+            Ok(true)
+        }
+        Prepared::Split { .. } => Ok(false),
     }
 }
 
@@ -714,7 +998,12 @@ mod tests {
             residual: false,
         };
         let constant = |i: usize| (i == 1).then_some(&w);
-        let prep = |op: &Op| prepare(op, (2, 1), Some(&[1, 4, 8, 8]), Winograd::Auto, constant);
+        let x = ValueInfo {
+            shape: vec![1, 4, 8, 8],
+            dtype: ModelDType::F32,
+        };
+        let info = |i: usize| (i == 0).then_some(&x);
+        let prep = |op: &Op| prepare(op, (2, 1), info, Winograd::Auto, constant);
         assert!(prep(&conv(vec![1, 1], vec![1, 1])).is_some());
         assert!(prep(&conv(vec![0, 1], vec![1, 1])).is_none());
         assert!(prep(&conv(vec![1, 1], vec![1, 0])).is_none());

@@ -5,8 +5,9 @@
 
 use super::act::apply_activation;
 use super::gemm::{gemm, BSource, Epilogue, Isa, Layout, MatrixB, PackedA, PackedB};
-use super::par;
+use super::{par, scratch};
 use crate::graph::Activation;
+use std::cell::RefCell;
 
 /// Which operand the output positions are (see [`PackedConv::new`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,18 +223,20 @@ impl PackedConv {
                         let k = self.cin_g * self.kernel.0 * self.kernel.1;
                         // colsᵀ as the left operand: position p's row is column p of cols.
                         let a = if pointwise {
-                            PackedA::pack(xg, plane, k, 1, plane)
+                            PackedA::pack_scratch(xg, plane, k, 1, plane)
                         } else {
                             // The whole column matrix (small maps only), rows in parallel.
-                            let mut full = vec![0f32; k * plane];
+                            let mut full = scratch::take(k * plane);
                             let rows_per = k.div_ceil(2 * par::current_threads()).max(1);
                             par::par_chunks_mut(&mut full, rows_per * plane, |i, dst| {
                                 let k0 = i * rows_per;
                                 cols.pack(k0, dst.len() / plane, 0, plane, plane, dst);
                             });
-                            PackedA::pack(&full, plane, k, 1, plane)
+                            let a = PackedA::pack_scratch(&full, plane, k, 1, plane);
+                            scratch::give(full);
+                            a
                         };
-                        let mut t = vec![0f32; plane * cout_g];
+                        let mut t = scratch::take(plane * cout_g);
                         let epi = Epilogue {
                             col_bias: bias,
                             ..Default::default()
@@ -269,6 +272,8 @@ impl PackedConv {
                                 apply_activation(activation, row);
                             }
                         });
+                        scratch::give(t);
+                        a.recycle();
                     }
                 }
             }
@@ -294,7 +299,9 @@ impl<'a> Im2col<'a> {
         let sx = conv.stride.1;
         let phased = (sx > 1 && w > 0).then(|| {
             let pw = w.div_ceil(sx);
-            let mut ph = vec![0f32; x.len() / w * sx * pw];
+            // Every element is written below (a row's phases tile its sx · pw slots only
+            // where the row has values; the rest is never read).
+            let mut ph = scratch::take(x.len() / w * sx * pw);
             for (row, dst) in x.chunks_exact(w).zip(ph.chunks_exact_mut(sx * pw)) {
                 for (p, d) in dst.chunks_exact_mut(pw).enumerate() {
                     for (o, &v) in d.iter_mut().zip(row[p..].iter().step_by(sx)) {
@@ -315,25 +322,66 @@ impl<'a> Im2col<'a> {
     }
 }
 
+impl Drop for Im2col<'_> {
+    fn drop(&mut self) {
+        if let Some(ph) = self.phased.take() {
+            scratch::give(ph);
+        }
+    }
+}
+
+thread_local! {
+    /// `Im2col::pack`'s per-row taps and per-panel runs, grown once per thread.
+    static PACK_PLAN: RefCell<(Vec<Tap>, Vec<Run>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// A run of a panel's columns within one output row: (oy, ox0, len, column offset).
+type Run = (usize, usize, usize, usize);
+/// A row of the column matrix: where its channel plane starts, and the kernel tap's offsets.
+type Tap = (usize, isize, isize);
+
 impl BSource for Im2col<'_> {
     fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
+        PACK_PLAN.with(|plan| match plan.try_borrow_mut() {
+            Ok(mut plan) => {
+                let (taps, segs) = &mut *plan;
+                self.pack_with(k0, kc, n0, nc, nr, dst, taps, segs);
+            }
+            // Not reentrant in practice; stay correct if it ever is.
+            Err(_) => self.pack_with(k0, kc, n0, nc, nr, dst, &mut Vec::new(), &mut Vec::new()),
+        });
+    }
+}
+
+impl Im2col<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn pack_with(
+        &self,
+        k0: usize,
+        kc: usize,
+        n0: usize,
+        nc: usize,
+        nr: usize,
+        dst: &mut [f32],
+        taps: &mut Vec<Tap>,
+        segs: &mut Vec<Run>,
+    ) {
         let c = self.conv;
         let (kh, kw) = c.kernel;
         let (sy, sx) = c.stride;
         let (h, w, ow) = (self.h as isize, self.w as isize, self.ow);
         // Per row k of the block: where its channel plane starts and the kernel tap's offsets.
-        let taps: Vec<(usize, isize, isize)> = (k0..k0 + kc)
-            .map(|k| {
-                let (ci, r) = (k / (kh * kw), k % (kh * kw));
-                let (ky, kx) = (r / kw, r % kw);
-                (
-                    ci * self.h * self.w,
-                    (ky * c.dilation.0) as isize - c.pad_begin.0 as isize,
-                    (kx * c.dilation.1) as isize - c.pad_begin.1 as isize,
-                )
-            })
-            .collect();
-        let mut segs: Vec<(usize, usize, usize, usize)> = Vec::new();
+        taps.clear();
+        taps.extend((k0..k0 + kc).map(|k| {
+            let (ci, r) = (k / (kh * kw), k % (kh * kw));
+            let (ky, kx) = (r / kw, r % kw);
+            (
+                ci * self.h * self.w,
+                (ky * c.dilation.0) as isize - c.pad_begin.0 as isize,
+                (kx * c.dilation.1) as isize - c.pad_begin.1 as isize,
+            )
+        }));
         for p in 0..nc.div_ceil(nr) {
             // The panel's columns as runs within one output row: (oy, ox0, len, column offset).
             segs.clear();
@@ -349,7 +397,7 @@ impl BSource for Im2col<'_> {
             for (kk, &(plane, dy, dx)) in taps.iter().enumerate() {
                 let row = &mut panel[kk * nr..(kk + 1) * nr];
                 row[end - p * nr..].fill(0.0);
-                for &(oy, ox0, len, at) in &segs {
+                for &(oy, ox0, len, at) in segs.iter() {
                     let out = &mut row[at..at + len];
                     let iy = (oy * sy) as isize + dy;
                     if iy < 0 || iy >= h {

@@ -55,8 +55,9 @@ impl DepthwiseShape {
 }
 
 /// `y = act(depthwise_conv(x, weight) + bias + residual)`, x `[n, c, h, w]`, weight
-/// `[c, 1, kh, kw]`, bias `[c]`, residual like y, all contiguous row-major; returns y
-/// `[n, c, oh, ow]`. Callers check the lengths.
+/// `[c, 1, kh, kw]`, bias `[c]`, residual like y, all contiguous row-major, into y
+/// `[n, c, oh, ow]` (every element written). False, with nothing written, when a length does
+/// not fit the shape.
 pub fn depthwise_conv2d(
     s: &DepthwiseShape,
     x: &[f32],
@@ -64,12 +65,20 @@ pub fn depthwise_conv2d(
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     activation: Option<Activation>,
-) -> Vec<f32> {
+    y: &mut [f32],
+) -> bool {
     let Some((oh, ow)) = s.out_hw() else {
-        return Vec::new();
+        return false;
     };
     let plane_out = oh * ow;
-    let mut y = vec![0f32; s.n * s.c * plane_out];
+    if x.len() != s.n * s.c * s.h * s.w
+        || weight.len() != s.c * s.kh * s.kw
+        || bias.is_some_and(|b| b.len() != s.c)
+        || y.len() != s.n * s.c * plane_out
+        || residual.is_some_and(|r| r.len() != y.len())
+    {
+        return false;
+    }
     let job = Job {
         s,
         x,
@@ -81,8 +90,8 @@ pub fn depthwise_conv2d(
         ow,
     };
     if plane_out <= SMALL_PLANE && s.c >= LANES {
-        blocked(&job, &mut y);
-        return y;
+        blocked(&job, y);
+        return true;
     }
     // Several small planes per task, so per-task costs stay small beside the work.
     let per_task = (PAR_MIN / (plane_out * s.kh * s.kw).max(1)).max(1);
@@ -103,9 +112,9 @@ pub fn depthwise_conv2d(
     if s.n * s.c * plane_out * s.kh * s.kw < PAR_MIN {
         y.chunks_mut(per_task * plane_out).enumerate().for_each(one);
     } else {
-        par_chunks_mut(&mut y, per_task * plane_out, |t, out| one((t, out)));
+        par_chunks_mut(y, per_task * plane_out, |t, out| one((t, out)));
     }
-    y
+    true
 }
 
 /// Below this many multiply-adds a call runs on one thread; also the work per task.
@@ -439,14 +448,18 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (s.n, s.c, s.h, s.w), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (s.c, 1, s.kh, s.kw), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, s.c, &dev).unwrap();
-        let got = depthwise_conv2d(
+        let (oh, ow) = s.out_hw().unwrap();
+        // NaN-filled: every output element must be written.
+        let mut got = vec![f32::NAN; s.n * s.c * oh * ow];
+        assert!(depthwise_conv2d(
             &s,
             &x.flatten_all().unwrap().to_vec1().unwrap(),
             &w.flatten_all().unwrap().to_vec1().unwrap(),
             Some(&b.to_vec1::<f32>().unwrap()),
             None,
             None,
-        );
+            &mut got,
+        ));
         let xp = x
             .pad_with_zeros(2, s.pad_begin.0, s.pad_end.0)
             .unwrap()

@@ -115,17 +115,45 @@ impl PackedA {
 
     /// As [`PackedA::pack`], for a given micro-kernel.
     pub fn pack_for(isa: Isa, a: &[f32], m: usize, k: usize, rs: usize, cs: usize) -> PackedA {
+        Self::pack_into(Vec::new(), isa, a, m, k, rs, cs)
+    }
+
+    /// As [`PackedA::pack`], into a buffer from this thread's scratch pool; hand it back with
+    /// [`PackedA::recycle`].
+    pub fn pack_scratch(a: &[f32], m: usize, k: usize, rs: usize, cs: usize) -> PackedA {
+        let isa = Isa::detect();
+        let len = m.div_ceil(isa.mr()) * isa.mr() * k;
+        Self::pack_into(super::scratch::take(len), isa, a, m, k, rs, cs)
+    }
+
+    /// Returns a [`PackedA::pack_scratch`] buffer to the scratch pool.
+    pub fn recycle(self) {
+        super::scratch::give(self.data);
+    }
+
+    fn pack_into(
+        mut data: Vec<f32>,
+        isa: Isa,
+        a: &[f32],
+        m: usize,
+        k: usize,
+        rs: usize,
+        cs: usize,
+    ) -> PackedA {
         let mr = isa.mr();
         let panels = m.div_ceil(mr);
-        let mut data = vec![0f32; panels * mr * k];
+        data.clear();
+        data.resize(panels * mr * k, 0.0);
         // Layout: for each KC block (all panels of it together), for each panel, kc × MR.
-        // Packed per (block, panel) piece, in parallel when there is enough to share.
-        let pieces: Vec<(usize, usize)> = (0..k)
-            .step_by(KC)
-            .flat_map(|k0| (0..panels).map(move |p| (k0, p)))
-            .collect();
-        let fill = |(k0, p): (usize, usize), dst: &mut [f32]| {
+        // Packed per (block, panel) piece, in parallel when there is enough to share. Piece i
+        // is block i / panels, panel i % panels; every block but the last is KC deep, so
+        // piece i starts at k0 · panels · MR + p · kc · MR.
+        let piece = |i: usize| {
+            let (k0, p) = ((i / panels) * KC, i % panels);
             let kc = KC.min(k - k0);
+            (k0, p, kc, k0 * panels * mr + p * kc * mr)
+        };
+        let fill = |(k0, p, kc): (usize, usize, usize), dst: &mut [f32]| {
             for r in 0..mr.min(m - p * mr) {
                 let row = (p * mr + r) * rs + k0 * cs;
                 if cs == 1 {
@@ -140,33 +168,20 @@ impl PackedA {
                 }
             }
         };
-        let piece_len = |k0: usize| KC.min(k - k0) * mr;
+        let pieces = k.div_ceil(KC) * panels;
         if m * k < 1 << 16 {
-            let mut at = 0;
-            for &(k0, p) in &pieces {
-                let len = piece_len(k0);
-                fill((k0, p), &mut data[at..at + len]);
-                at += len;
+            for i in 0..pieces {
+                let (k0, p, kc, at) = piece(i);
+                fill((k0, p, kc), &mut data[at..at + kc * mr]);
             }
         } else {
-            // Pieces differ in length only in the last block; hand out raw, disjoint ranges.
-            let starts: Vec<usize> = pieces
-                .iter()
-                .scan(0, |at, &(k0, _)| {
-                    let s = *at;
-                    *at += piece_len(k0);
-                    Some(s)
-                })
-                .collect();
             let base = SendPtr(data.as_mut_ptr());
-            par::par_for(pieces.len(), |i| {
-                let (k0, p) = pieces[i];
-                // SAFETY: piece i owns [starts[i], starts[i] + len) of `data`, disjoint from
-                // every other piece's range, and `data` outlives the call.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(base.get().add(starts[i]), piece_len(k0))
-                };
-                fill((k0, p), dst);
+            par::par_for(pieces, |i| {
+                let (k0, p, kc, at) = piece(i);
+                // SAFETY: piece i owns [at, at + kc · MR) of `data`, disjoint from every
+                // other piece's range, and `data` outlives the call.
+                let dst = unsafe { std::slice::from_raw_parts_mut(base.get().add(at), kc * mr) };
+                fill((k0, p, kc), dst);
             });
         }
         PackedA { isa, m, k, data }
@@ -443,9 +458,8 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
     let m_parts = m_parts.min(m_panels);
     // Item (mi, nj): panels [mi·M/parts, (mi+1)·M/parts) × [nj·N/chunks, (nj+1)·N/chunks).
     let split = |i: usize, total: usize, parts: usize| (i * total / parts, (i + 1) * total / parts);
-    let items: Vec<(usize, usize)> = (0..n_chunks)
-        .flat_map(|nj| (0..m_parts).map(move |mi| (mi, nj)))
-        .collect();
+    // Item i is (i % m_parts, i / m_parts).
+    let items = n_chunks * m_parts;
     // Bias, residual and a clamp-like activation run in the micro-kernel's registers as it
     // stores the last k block; anything else in a pass over the stored tile.
     let (fusable, lo, hi) = match epi.activation {
@@ -460,7 +474,8 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
         Some(_) => (false, 0.0, 0.0),
     };
     let cptr = SendPtr(c.as_mut_ptr());
-    let run = |&(mi, nj): &(usize, usize)| {
+    let run = |i: usize| {
+        let (mi, nj) = (i % m_parts, i / m_parts);
         let (p0, p1) = split(mi, m_panels, m_parts);
         let (q0, q1) = split(nj, n_panels, n_chunks);
         let n0 = q0 * nr;
@@ -542,10 +557,10 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
             }
         });
     };
-    if items.len() == 1 || threads == 1 {
-        items.iter().for_each(run);
+    if items == 1 || threads == 1 {
+        (0..items).for_each(run);
     } else {
-        par::par_for(items.len(), |i| run(&items[i]));
+        par::par_for(items, run);
     }
 }
 

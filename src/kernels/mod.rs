@@ -6,9 +6,11 @@ pub mod act;
 pub mod conv;
 pub mod depthwise;
 pub mod gemm;
+pub mod layout;
 pub mod par;
 pub mod pool;
 pub mod rowwise;
+pub mod scratch;
 pub mod winograd;
 
 /// Seeded pseudo-random data for the kernels' tests (reproducible failures, no dependency).

@@ -41,6 +41,9 @@ struct Shared {
 /// Worker threads for one executor's frames.
 pub struct SpinPool {
     shared: Arc<Shared>,
+    /// Finished jobs, reused once no worker holds them any more: a frame runs ~100 parallel
+    /// regions and none of them should cost an allocation.
+    spare: Mutex<Vec<Arc<Job>>>,
     workers: Vec<JoinHandle<()>>,
     threads: usize,
 }
@@ -75,6 +78,7 @@ impl SpinPool {
         }
         Ok(SpinPool {
             shared,
+            spare: Mutex::new(Vec::new()),
             workers,
             threads,
         })
@@ -113,12 +117,28 @@ impl SpinPool {
         // SAFETY: erases the closure's lifetime; every call of it happens before this
         // function returns (we wait for `pending` to reach zero), see `Job`.
         let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
-        let job = Arc::new(Job {
+        let fresh = Job {
             f,
             n,
             next: AtomicUsize::new(0),
             pending: AtomicUsize::new(n),
-        });
+        };
+        let reused = {
+            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+            // Unique (no worker still holds it): safe to overwrite.
+            let at = spare.iter_mut().position(|j| Arc::get_mut(j).is_some());
+            at.map(|i| spare.swap_remove(i))
+        };
+        let job = match reused {
+            Some(mut j) => match Arc::get_mut(&mut j) {
+                Some(slot) => {
+                    *slot = fresh;
+                    j
+                }
+                None => Arc::new(fresh),
+            },
+            None => Arc::new(fresh),
+        };
         {
             let mut slot = self.shared.job.lock().unwrap_or_else(|e| e.into_inner());
             slot.0 += 1;
@@ -130,9 +150,15 @@ impl SpinPool {
         while job.pending.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
         }
-        // Drop our reference to the closure before it goes out of scope.
-        let mut slot = self.shared.job.lock().unwrap_or_else(|e| e.into_inner());
-        slot.1 = None;
+        // Drop the shared reference to the closure before it goes out of scope.
+        {
+            let mut slot = self.shared.job.lock().unwrap_or_else(|e| e.into_inner());
+            slot.1 = None;
+        }
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < 4 {
+            spare.push(job);
+        }
     }
 }
 

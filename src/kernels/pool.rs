@@ -13,15 +13,16 @@ thread_local! {
 }
 
 /// Max pooling of `x` (`[n, c, h, w]`) with the window, strides and pads of `s` (its `c` is the
-/// channel count, `dilation` the window dilation); padding never wins (-∞). Returns
-/// `[n, c, oh, ow]`, or `None` when the window does not fit.
-pub fn max_pool2d(s: &DepthwiseShape, x: &[f32]) -> Option<Vec<f32>> {
-    let (oh, ow) = s.out_hw()?;
+/// channel count, `dilation` the window dilation); padding never wins (-∞). Writes `y`
+/// (`[n, c, oh, ow]`); false, with nothing written, when the window or a length does not fit.
+pub fn max_pool2d(s: &DepthwiseShape, x: &[f32], y: &mut [f32]) -> bool {
+    let Some((oh, ow)) = s.out_hw() else {
+        return false;
+    };
     let (plane_in, plane_out) = (s.h * s.w, oh * ow);
-    if x.len() != s.n * s.c * plane_in {
-        return None;
+    if x.len() != s.n * s.c * plane_in || y.len() != s.n * s.c * plane_out {
+        return false;
     }
-    let mut y = vec![0f32; s.n * s.c * plane_out];
     let one = |(nc, out): (usize, &mut [f32])| {
         SCRATCH.with(|scr| {
             let mut scr = scr.borrow_mut();
@@ -37,9 +38,9 @@ pub fn max_pool2d(s: &DepthwiseShape, x: &[f32]) -> Option<Vec<f32>> {
     if s.n * s.c * plane_out * s.kh * s.kw < 1 << 15 {
         y.chunks_mut(plane_out).enumerate().for_each(one);
     } else {
-        par_chunks_mut(&mut y, plane_out, |t, out| one((t, out)));
+        par_chunks_mut(y, plane_out, |t, out| one((t, out)));
     }
-    Some(y)
+    true
 }
 
 fn plane(
@@ -102,7 +103,13 @@ mod tests {
                 pad_begin: (pad, pad),
                 pad_end: (pad, pad),
             };
-            let got = max_pool2d(&s, &x.flatten_all().unwrap().to_vec1().unwrap()).unwrap();
+            let (oh, ow) = s.out_hw().unwrap();
+            let mut got = vec![f32::NAN; 2 * 3 * oh * ow];
+            assert!(max_pool2d(
+                &s,
+                &x.flatten_all().unwrap().to_vec1().unwrap(),
+                &mut got
+            ));
             let neg = f64::NEG_INFINITY;
             let xp = Tensor::cat(
                 &[

@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 
 use super::par::{par_chunks_mut, par_for, SendPtr};
+use super::scratch;
 
 use super::act::apply_activation;
 use super::gemm::{gemm, Epilogue, Isa, Layout, MatrixB, PackedA};
@@ -274,10 +275,12 @@ unsafe fn input_channel(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *
     let (tw, t) = (g.tw, g.th * g.tw);
     let width = 2 * tw + 2;
     let half = tw + 1;
-    let mut row = vec![0f32; width];
+    // Every part is written before it is read.
+    let mut buf = scratch::take(width + 16 * tw + 2 * half);
+    let (row, rest) = buf.split_at_mut(width);
     // Row transforms of the tile row's 4 input rows: h[r][c][tx].
-    let mut h = vec![0f32; 16 * tw];
-    let (mut even, mut odd) = (vec![0f32; half], vec![0f32; half]);
+    let (h, rest) = rest.split_at_mut(16 * tw);
+    let (even, odd) = rest.split_at_mut(half);
     for ty in 0..g.th {
         for r in 0..4 {
             let iy = (2 * ty + r) as isize - g.pad.0;
@@ -331,6 +334,7 @@ unsafe fn input_channel(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *
             }
         }
     }
+    scratch::give(buf);
 }
 
 /// One output channel's transform `Aᵀ m A` over all tiles, into the channel's plane.
@@ -362,8 +366,10 @@ unsafe fn output_avx2(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [
 #[inline(always)]
 fn output_body(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
     let (tw, t) = (g.tw, g.th * g.tw);
-    let mut s = vec![0f32; 8 * tw];
-    let (mut even, mut odd) = (vec![0f32; tw], vec![0f32; tw]);
+    // Every part is written before it is read.
+    let mut buf = scratch::take(10 * tw);
+    let (s, rest) = buf.split_at_mut(8 * tw);
+    let (even, odd) = rest.split_at_mut(tw);
     for ty in 0..g.th {
         let ms =
             |xi: usize| &m[(xi * cout + co) * t + ty * tw..(xi * cout + co) * t + (ty + 1) * tw];
@@ -387,7 +393,7 @@ fn output_body(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
                 odd[tx] = q1[tx] - q2[tx] - q3[tx];
             }
             let dst = &mut o[y * g.ow..(y + 1) * g.ow];
-            for (pair, (e, od)) in dst.chunks_exact_mut(2).zip(even.iter().zip(&odd)) {
+            for (pair, (e, od)) in dst.chunks_exact_mut(2).zip(even.iter().zip(odd.iter())) {
                 pair[0] = *e;
                 pair[1] = *od;
             }
@@ -396,6 +402,7 @@ fn output_body(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
             }
         }
     }
+    scratch::give(buf);
 }
 
 #[cfg(test)]
