@@ -142,7 +142,8 @@ impl PackedA {
     ) -> PackedA {
         let mr = isa.mr();
         let panels = m.div_ceil(mr);
-        data.clear();
+        // Every element is written below (rows past m as zeros): no fill first.
+        data.truncate(panels * mr * k);
         data.resize(panels * mr * k, 0.0);
         // Layout: for each KC block (all panels of it together), for each panel, kc × MR.
         // Packed per (block, panel) piece, in parallel when there is enough to share. Piece i
@@ -154,8 +155,33 @@ impl PackedA {
             (k0, p, kc, k0 * panels * mr + p * kc * mr)
         };
         let fill = |(k0, p, kc): (usize, usize, usize), dst: &mut [f32]| {
-            for r in 0..mr.min(m - p * mr) {
-                let row = (p * mr + r) * rs + k0 * cs;
+            let rows = mr.min(m - p * mr);
+            let first = p * mr * rs + k0 * cs;
+            if rows == mr && rs == 1 {
+                // The panel's rows are adjacent in memory: MR contiguous values per k.
+                for (kk, d) in dst.chunks_exact_mut(mr).take(kc).enumerate() {
+                    let at = first + kk * cs;
+                    d.copy_from_slice(&a[at..at + mr]);
+                }
+                return;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if rows == 8 && mr == 8 && cs == 1 && std::arch::is_x86_feature_detected!("avx") {
+                let need = first + 7 * rs + kc;
+                assert!(need <= a.len() && dst.len() >= kc * 8);
+                // SAFETY: AVX is present; rows first + r·rs .. + kc (r < 8) lie inside `a`
+                // (checked above) and dst holds kc · 8 values.
+                unsafe { x86::transpose_8_rows(a.as_ptr().add(first), rs, kc, dst.as_mut_ptr()) };
+                return;
+            }
+            for r in 0..mr {
+                if r >= rows {
+                    for kk in 0..kc {
+                        dst[kk * mr + r] = 0.0;
+                    }
+                    continue;
+                }
+                let row = first + r * rs;
                 if cs == 1 {
                     // A row of A read contiguously, written every MR-th value.
                     for (kk, &v) in a[row..row + kc].iter().enumerate() {
@@ -739,6 +765,51 @@ mod portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    /// Packs 8 rows (at `a + r · rs`) of `kc` values k-major: `dst[kk · 8 + r] = row_r[kk]`,
+    /// 8 × 8 blocks transposed in registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX; each row holds `kc` values and `dst` `kc · 8`.
+    #[target_feature(enable = "avx")]
+    pub unsafe fn transpose_8_rows(a: *const f32, rs: usize, kc: usize, dst: *mut f32) {
+        let mut kk = 0;
+        while kk + 8 <= kc {
+            let r = |i: usize| _mm256_loadu_ps(a.add(i * rs + kk));
+            let (r0, r1, r2, r3, r4, r5, r6, r7) = (r(0), r(1), r(2), r(3), r(4), r(5), r(6), r(7));
+            let t0 = _mm256_unpacklo_ps(r0, r1);
+            let t1 = _mm256_unpackhi_ps(r0, r1);
+            let t2 = _mm256_unpacklo_ps(r2, r3);
+            let t3 = _mm256_unpackhi_ps(r2, r3);
+            let t4 = _mm256_unpacklo_ps(r4, r5);
+            let t5 = _mm256_unpackhi_ps(r4, r5);
+            let t6 = _mm256_unpacklo_ps(r6, r7);
+            let t7 = _mm256_unpackhi_ps(r6, r7);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let d = dst.add(kk * 8);
+            _mm256_storeu_ps(d, _mm256_permute2f128_ps::<0x20>(u0, u4));
+            _mm256_storeu_ps(d.add(8), _mm256_permute2f128_ps::<0x20>(u1, u5));
+            _mm256_storeu_ps(d.add(16), _mm256_permute2f128_ps::<0x20>(u2, u6));
+            _mm256_storeu_ps(d.add(24), _mm256_permute2f128_ps::<0x20>(u3, u7));
+            _mm256_storeu_ps(d.add(32), _mm256_permute2f128_ps::<0x31>(u0, u4));
+            _mm256_storeu_ps(d.add(40), _mm256_permute2f128_ps::<0x31>(u1, u5));
+            _mm256_storeu_ps(d.add(48), _mm256_permute2f128_ps::<0x31>(u2, u6));
+            _mm256_storeu_ps(d.add(56), _mm256_permute2f128_ps::<0x31>(u3, u7));
+            kk += 8;
+        }
+        for k in kk..kc {
+            for r in 0..8 {
+                *dst.add(k * 8 + r) = *a.add(r * rs + k);
+            }
+        }
+    }
+
     use super::Fused;
     use std::arch::x86_64::*;
 
@@ -878,6 +949,51 @@ mod tests {
             }
         }
         c
+    }
+
+    /// Every packed value against the layout's definition, for every micro-kernel, both
+    /// operand orders (rows contiguous or columns contiguous), ragged sizes and the parallel
+    /// path; rows past m must be zero even in a reused buffer.
+    #[test]
+    fn packed_a_holds_a_in_panel_order() {
+        for isa in Isa::available() {
+            let mr = isa.mr();
+            for &(m, k) in &[
+                (1usize, 1usize),
+                (8, 8),
+                (13, 19),
+                (197, 192),
+                (61, 300),
+                (300, 260),
+            ] {
+                let a = rand(m * k, (m * 31 + k) as u64);
+                for &(rs, cs) in &[(k, 1usize), (1, m)] {
+                    let p = PackedA::pack_into(vec![f32::NAN; 7], isa, &a, m, k, rs, cs);
+                    for k0 in (0..k).step_by(KC) {
+                        let kc = KC.min(k - k0);
+                        for pi in 0..m.div_ceil(mr) {
+                            let panel = p.panel(k0, pi);
+                            for kk in 0..kc {
+                                for r in 0..mr {
+                                    let i = pi * mr + r;
+                                    let want = if i < m {
+                                        a[i * rs + (k0 + kk) * cs]
+                                    } else {
+                                        0.0
+                                    };
+                                    assert_eq!(
+                                        panel[kk * mr + r],
+                                        want,
+                                        "{isa:?} m {m} k {k} rs {rs} cs {cs} at ({i}, {})",
+                                        k0 + kk
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
