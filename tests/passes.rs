@@ -49,13 +49,21 @@ fn vit_tiny_gelu_chains_become_one_activation() {
         .filter(|n| match &n.op {
             Op::Activation { activation } => Some(*activation) == gelu,
             Op::Binary { activation, .. }
-            | Op::MatMul { activation }
+            | Op::MatMul { activation, .. }
             | Op::Gemm { activation, .. }
             | Op::Conv { activation, .. } => *activation == gelu,
             _ => false,
         })
         .count();
     assert_eq!(gelus, passes.gelu_fused, "every recognised GELU runs once");
+    // The transformer's residual stream: each block's two adds join the linear layer before.
+    let residual_matmuls = graph
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::MatMul { residual: true, .. }))
+        .count();
+    assert!(residual_matmuls > 0, "no residual add fused into a MatMul");
+    assert_eq!(residual_matmuls, passes.residuals_fused);
 
     let inputs = read_tensors(&fixture("vit_tiny/input.safetensors"));
     let expected = read_tensors(&fixture("vit_tiny/expected.safetensors"));

@@ -188,6 +188,8 @@ pub(crate) enum Prepared {
         w: PackedB,
         bias: Option<Vec<f32>>,
         activation: Option<Activation>,
+        /// The second computed input, shaped like the output, is added before the activation.
+        residual: bool,
     },
     /// Reshape or Identity: the same elements under the planned shape.
     Copy,
@@ -401,6 +403,7 @@ pub(crate) fn prepare<'a, 'b>(
                 w: packed,
                 bias,
                 activation: *activation,
+                residual: false,
             })
         }
         Op::Pool {
@@ -529,7 +532,10 @@ pub(crate) fn prepare<'a, 'b>(
             })
         }
         // Both operands computed per frame (attention): batched products on our GEMM.
-        Op::MatMul { activation } if constant(1).is_none() && float(0) && float(1) => {
+        Op::MatMul {
+            activation,
+            residual: false,
+        } if constant(1).is_none() && float(0) && float(1) => {
             let bias = match (n_inputs, constant(2)) {
                 (2, _) => None,
                 (3, Some(b)) if b.rank() == 1 => Some(host_f32(b)?),
@@ -540,14 +546,17 @@ pub(crate) fn prepare<'a, 'b>(
                 activation: *activation,
             })
         }
-        Op::MatMul { activation } => {
+        Op::MatMul {
+            activation,
+            residual,
+        } => {
             let w = constant(1)?;
-            if w.rank() != 2 {
+            if w.rank() != 2 || (*residual && constant(n_inputs - 1).is_some()) {
                 return None;
             }
             let (k, n) = (w.dims()[0], w.dims()[1]);
             // A fused bias (third input) must be a constant over the last axis.
-            let bias = match (n_inputs, constant(2)) {
+            let bias = match (n_inputs - usize::from(*residual), constant(2)) {
                 (2, _) => None,
                 (3, Some(b)) if b.elem_count() == n && b.dims().last() == Some(&n) => {
                     Some(host_f32(b)?)
@@ -558,6 +567,7 @@ pub(crate) fn prepare<'a, 'b>(
                 w: PackedB::pack(&host_f32(w)?, k, n, n, 1),
                 bias,
                 activation: *activation,
+                residual: *residual,
             })
         }
         _ => None,
@@ -836,8 +846,17 @@ fn run_one(p: &Prepared, x: In, ins: &[In], out: &mut [f32], od: &[usize]) -> Re
             w,
             bias,
             activation,
+            residual,
         } => {
             let (k, n) = (w.k(), w.n());
+            if ins.len() != 1 + usize::from(*residual) {
+                return Ok(false);
+            }
+            let res = match residual.then(|| ins[1]) {
+                Some(r) if same(r.dims, od) => Some(r.data),
+                Some(_) => return Ok(false),
+                None => None,
+            };
             if dims.last() != Some(&k)
                 || od.len() != dims.len()
                 || od[..od.len() - 1] != dims[..dims.len() - 1]
@@ -848,6 +867,7 @@ fn run_one(p: &Prepared, x: In, ins: &[In], out: &mut [f32], od: &[usize]) -> Re
             let rows = x.data.len() / k.max(1);
             let epi = Epilogue {
                 col_bias: bias.as_deref(),
+                residual: res,
                 activation: *activation,
                 ..Default::default()
             };

@@ -108,11 +108,17 @@ pub fn eval(op: &Op, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
                 UnaryKind::Erf => x.erf()?,
             })
         }
-        Op::MatMul { activation } => {
+        Op::MatMul {
+            activation,
+            residual,
+        } => {
             let mut y = matmul(x()?, input(inputs, 1, "MatMul")?)?;
             // A fused bias (set by the load-time passes) broadcasts over the last axis.
-            if let Some(b) = inputs.get(2) {
-                y = y.broadcast_add(b)?;
+            if inputs.len() == 3 + usize::from(*residual) {
+                y = y.broadcast_add(&inputs[2])?;
+            }
+            if *residual {
+                y = y.broadcast_add(input(inputs, inputs.len() - 1, "MatMul residual")?)?;
             }
             one(apply_activation(y, activation.as_ref())?)
         }

@@ -159,11 +159,16 @@ pub enum Op {
         /// Which one.
         kind: UnaryKind,
     },
-    /// numpy matmul. Inputs: A, B.
+    /// numpy matmul. Inputs: A, B, then (set by the load-time passes) an optional bias over
+    /// the last axis and, with `residual`, a value shaped like the output.
     MatMul {
         /// Fused activation.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         activation: Option<Activation>,
+        /// A fused residual add: the last input is added before the activation (load-time
+        /// passes only, never stored by import).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        residual: bool,
     },
     /// alpha·A'·B' + beta·C. Inputs: A, B, optional C.
     Gemm {
@@ -609,7 +614,10 @@ impl Op {
             Op::Binary { kind, activation } => act(&format!("{kind:?}"), activation),
             Op::Variadic { kind } => format!("{kind:?}"),
             Op::Unary { kind } => format!("{kind:?}"),
-            Op::MatMul { activation } => act("MatMul", activation),
+            Op::MatMul {
+                activation,
+                residual,
+            } => act(if *residual { "MatMul+Add" } else { "MatMul" }, activation),
             Op::Gemm { activation, .. } => act("Gemm", activation),
             Op::Pool { kind, .. } => format!("{kind:?}Pool"),
             Op::GlobalPool { kind } => format!("Global{kind:?}Pool"),

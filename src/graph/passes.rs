@@ -41,8 +41,10 @@ pub fn optimize(
         ..Default::default()
     };
     report.batchnorm_folded = fold_batchnorm(graph, weights, protected)?;
-    report.residuals_fused = fuse_residual_adds(graph, protected);
+    report.residuals_fused = fuse_residual_adds(graph, weights, protected);
     report.matmul_biases_fused = fuse_matmul_bias(graph, weights, protected);
+    // Again: a linear layer's residual add follows its bias add, fused only just now.
+    report.residuals_fused += fuse_residual_adds(graph, weights, protected);
     // Before activation fusion, so the GELU it makes can join the MatMul/Add before it.
     report.gelu_fused = fuse_gelu(graph, weights, protected);
     report.activations_fused = fuse_activations(graph, protected);
@@ -217,7 +219,13 @@ fn fuse_matmul_bias(
                     n.outputs.len() == 1
                         && &n.outputs[0] == x
                         && n.inputs.len() == 2
-                        && matches!(n.op, Op::MatMul { activation: None })
+                        && matches!(
+                            n.op,
+                            Op::MatMul {
+                                activation: None,
+                                residual: false
+                            }
+                        )
                 })?;
                 let out_shape = &graph.values.get(x)?.shape;
                 let n = *out_shape.last()?;
@@ -242,9 +250,15 @@ fn fuse_matmul_bias(
     fused
 }
 
-/// `Add(Conv(x), r)` → `Conv(x) + r` in the conv's epilogue, when the conv output feeds only
-/// the add, `r` has the output's shape and is ready before the conv runs (a ResNet shortcut).
-fn fuse_residual_adds(graph: &mut Graph, protected: &HashSet<String>) -> usize {
+/// `Add(Conv(x), r)` → `Conv(x) + r` in the conv's epilogue (a ResNet shortcut), and the same
+/// for a linear layer (`MatMul` with constant weights, a transformer's residual stream), when
+/// the producer's output feeds only the add, `r` has the output's shape and is ready before
+/// the producer runs.
+fn fuse_residual_adds(
+    graph: &mut Graph,
+    weights: &HashMap<String, Tensor>,
+    protected: &HashSet<String>,
+) -> usize {
     let mut fused = 0;
     let mut i = 0;
     while i < graph.nodes.len() {
@@ -263,14 +277,19 @@ fn fuse_residual_adds(graph: &mut Graph, protected: &HashSet<String>) -> usize {
             let p = graph.nodes[..i].iter().position(|n| {
                 n.outputs.len() == 1
                     && &n.outputs[0] == x
-                    && matches!(
-                        n.op,
+                    && match n.op {
                         Op::Conv {
                             activation: None,
                             residual: false,
                             ..
-                        }
-                    )
+                        } => true,
+                        // Linear layers (constant weights) only: their kernel has the epilogue.
+                        Op::MatMul {
+                            activation: None,
+                            residual: false,
+                        } => n.inputs.get(1).is_some_and(|w| weights.contains_key(w)),
+                        _ => false,
+                    }
             })?;
             // r must exist before the conv runs: a graph input or an earlier node's output.
             let ready = graph.inputs.iter().any(|inp| &inp.name == r)
@@ -285,11 +304,11 @@ fn fuse_residual_adds(graph: &mut Graph, protected: &HashSet<String>) -> usize {
             i += 1;
             continue;
         };
-        let conv = &mut graph.nodes[p];
-        if let Op::Conv { residual, .. } = &mut conv.op {
+        let producer = &mut graph.nodes[p];
+        if let Op::Conv { residual, .. } | Op::MatMul { residual, .. } = &mut producer.op {
             *residual = true;
         }
-        conv.inputs.push(r);
+        producer.inputs.push(r);
         absorb(graph, p, i, &x);
         fused += 1;
     }
@@ -552,7 +571,7 @@ fn fuse_activations(graph: &mut Graph, protected: &HashSet<String>) -> usize {
         let slot = match &mut graph.nodes[p].op {
             Op::Conv { activation: a, .. }
             | Op::Binary { activation: a, .. }
-            | Op::MatMul { activation: a }
+            | Op::MatMul { activation: a, .. }
             | Op::Gemm { activation: a, .. }
                 if a.is_none() =>
             {
@@ -653,7 +672,10 @@ mod tests {
         };
         let mut nodes = vec![Node {
             name: "mm".into(),
-            op: Op::MatMul { activation: None },
+            op: Op::MatMul {
+                activation: None,
+                residual: false,
+            },
             inputs: vec!["in".into(), "w".into()],
             outputs: vec!["h".into()],
         }];
@@ -772,7 +794,8 @@ mod tests {
                     assert_eq!(
                         graph.nodes[0].op,
                         Op::MatMul {
-                            activation: Some(Activation::Gelu { tanh: false })
+                            activation: Some(Activation::Gelu { tanh: false }),
+                            residual: false,
                         },
                         "{case}"
                     );

@@ -1067,7 +1067,13 @@ impl Importer {
                     (Op::Variadic { kind }, ins)
                 }
             }
-            "MatMul" => (Op::MatMul { activation: None }, data_inputs(2)),
+            "MatMul" => (
+                Op::MatMul {
+                    activation: None,
+                    residual: false,
+                },
+                data_inputs(2),
+            ),
             "Gemm" => (
                 Op::Gemm {
                     alpha: a.float("alpha", 1.0),
