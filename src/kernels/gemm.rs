@@ -488,6 +488,15 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
     let items = n_chunks * m_parts;
     // Bias, residual and a clamp-like activation run in the micro-kernel's registers as it
     // stores the last k block; anything else in a pass over the stored tile.
+    // Other activations (GELU, SiLU, ...) are deferred when C's rows are contiguous: applied
+    // once per row panel over all the item's columns after its last tile is stored (still in
+    // cache), rather than in a call per tile row of 32 values.
+    let clamp_like = matches!(
+        epi.activation,
+        None | Some(Activation::Relu) | Some(Activation::Clip { .. })
+    );
+    let defer = !clamp_like && layout.cs == 1;
+    let activation = epi.activation;
     let (fusable, lo, hi) = match epi.activation {
         _ if a.isa == Isa::Portable => (false, 0.0, 0.0),
         None => (true, f32::NEG_INFINITY, f32::INFINITY),
@@ -497,8 +506,14 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
             min.unwrap_or(f32::NEG_INFINITY),
             max.unwrap_or(f32::INFINITY),
         ),
+        Some(_) if defer => (true, f32::NEG_INFINITY, f32::INFINITY),
         Some(_) => (false, 0.0, 0.0),
     };
+    let tile_epi = Epilogue {
+        activation: if defer { None } else { epi.activation },
+        ..*epi
+    };
+    let epi = &tile_epi;
     let cptr = SendPtr(c.as_mut_ptr());
     let run = |i: usize| {
         let (mi, nj) = (i % m_parts, i / m_parts);
@@ -577,6 +592,19 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
                                 final_block,
                                 epi,
                             );
+                        }
+                    }
+                    if final_block && defer {
+                        for r in 0..rows {
+                            // SAFETY: row p*mr + r, columns n0 .. n0 + nc (unit stride) lie in
+                            // C and belong to this item only.
+                            let row = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    cptr.get().add((p * mr + r) * layout.rs + n0),
+                                    nc,
+                                )
+                            };
+                            apply_activation(activation, row);
                         }
                     }
                 }
@@ -1084,6 +1112,51 @@ mod tests {
                         ct[j * m + i],
                         want[i * n + j]
                     );
+                }
+            }
+        }
+    }
+
+    /// Activations that cannot run in registers are applied per row panel after the last
+    /// tile (deferred): over ragged tiles, several column chunks, with every other term.
+    #[test]
+    fn deferred_activations_follow_bias_and_residual() {
+        for act in [
+            Activation::Gelu { tanh: false },
+            Activation::Sigmoid,
+            Activation::HardSwish,
+        ] {
+            for &(m, k, n) in &[(37usize, 70usize, 300usize), (5, 3, 17), (64, 260, 64)] {
+                let (a, b) = (rand(m * k, 11), rand(k * n, 12));
+                let (bias, cb, res) = (rand(m, 13), rand(n, 14), rand(m * n, 15));
+                let mut want = naive(&a, &b, m, k, n);
+                for i in 0..m {
+                    for j in 0..n {
+                        want[i * n + j] += bias[i] + cb[j] + res[i * n + j];
+                    }
+                }
+                crate::kernels::act::apply_activation(Some(act), &mut want);
+                for isa in Isa::available() {
+                    let pa = PackedA::pack_for(isa, &a, m, k, k, 1);
+                    let mut c = vec![f32::NAN; m * n];
+                    let epi = Epilogue {
+                        bias: Some(&bias),
+                        col_bias: Some(&cb),
+                        residual: Some(&res),
+                        activation: Some(act),
+                    };
+                    let rhs = MatrixB {
+                        data: &b,
+                        rs: n,
+                        cs: 1,
+                    };
+                    gemm(&pa, &rhs, n, &mut c, Layout { rs: n, cs: 1 }, &epi);
+                    for (i, (g, w)) in c.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() < 1e-4,
+                            "{act:?} {isa:?} {m}x{k}x{n} at {i}: {g} vs {w}"
+                        );
+                    }
                 }
             }
         }
