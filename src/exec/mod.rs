@@ -63,6 +63,8 @@ pub struct Executor {
     arena: ArenaPlan,
     /// Per slot: the planned shape (empty when unknown).
     dims: Vec<Vec<usize>>,
+    /// Per slot: shares its producer's input region (a Reshape's output).
+    aliased: Vec<bool>,
     /// Arenas of finished frames, for the next ones (one per concurrent frame).
     workspaces: Mutex<Vec<Vec<f32>>>,
     graph: Graph,
@@ -332,8 +334,35 @@ impl Executor {
                 dims[*s] = info.shape.clone();
             }
         }
-        let arena = ArenaPlan::new(&sizes, &live);
+        // A Reshape (or Identity) only renames its input's elements: its output shares the
+        // input's region (the pair planned as one value alive as long as either), and the step
+        // is skipped while the input is in the arena.
+        let mut alias: Vec<Option<usize>> = vec![None; slots.len()];
+        for (i, step) in steps.iter().enumerate() {
+            let node = &graph.nodes[step.node];
+            let renames = matches!(node.op, Op::Reshape { .. } | Op::Identity);
+            let (Some(Ref::Slot(src)), [out]) = (step.inputs.first(), step.outputs.as_slice())
+            else {
+                continue;
+            };
+            if !renames || step.inputs.len() != 1 || prepared[i].is_none() {
+                continue;
+            }
+            let root = alias[*src].unwrap_or(*src);
+            if sizes[root].is_some() && sizes[root] == sizes[*out] {
+                alias[*out] = Some(root);
+                sizes[*out] = None;
+                live[root].1 = live[root].1.max(live[*out].1);
+            }
+        }
+        let mut arena = ArenaPlan::new(&sizes, &live);
+        for (s, root) in alias.iter().enumerate() {
+            if let Some(r) = root {
+                arena.regions[s] = arena.regions[*r];
+            }
+        }
         let mut exec = Executor {
+            aliased: alias.iter().map(Option::is_some).collect(),
             arena,
             dims,
             workspaces: Mutex::new(Vec::new()),
@@ -575,7 +604,15 @@ impl Executor {
                 source: Box::new(source),
             };
             let mut done = false;
-            if let Some(p) = &self.prepared[si] {
+            if let ([Ref::Slot(src)], [out]) = (step.inputs.as_slice(), step.outputs.as_slice()) {
+                if self.aliased[*out] && resident[*src] {
+                    // The elements are already where the output lives.
+                    resident[*out] = true;
+                    values[*out] = None;
+                    done = true;
+                }
+            }
+            if let Some(p) = self.prepared[si].as_ref().filter(|_| !done) {
                 // Computed inputs from the arena (or the caller's input), outputs into it.
                 let mut ins = [In {
                     data: &[],
@@ -792,5 +829,113 @@ impl Executor {
     /// True when a node of this op kind is in the plan (used by tests of the passes).
     pub fn contains_op(&self, pred: impl Fn(&Op) -> bool) -> bool {
         self.graph.nodes.iter().any(|n| pred(&n.op))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::graph::{BinaryKind, InputSpec, Node, OutputMeaning, OutputSpec, ValueInfo};
+
+    fn node(name: &str, op: Op, inputs: &[&str], output: &str) -> Node {
+        Node {
+            name: name.into(),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: vec![output.into()],
+        }
+    }
+
+    /// Reshapes share their input's arena region: values read after the reshape (its input,
+    /// a reshape of a transpose, a reshape that is a graph output or a tap) keep their
+    /// contents, on our kernels exactly as on candle's.
+    #[test]
+    fn reshapes_alias_their_input_and_nothing_is_overwritten() {
+        let add = |kind| Op::Binary {
+            kind,
+            activation: None,
+        };
+        let nodes = vec![
+            node("a", add(BinaryKind::Mul), &["in", "two"], "a"),
+            node("b", Op::Reshape { shape: vec![3, 4] }, &["a"], "b"),
+            node("c", Op::Transpose { perm: vec![1, 0] }, &["b"], "c"),
+            node("d", Op::Reshape { shape: vec![2, 6] }, &["c"], "d"),
+            node("e", add(BinaryKind::Add), &["d", "a"], "out"),
+        ];
+        let f32v = |shape: Vec<usize>| ValueInfo {
+            shape,
+            dtype: DType::F32,
+        };
+        let values: BTreeMap<String, ValueInfo> = [
+            ("in", vec![2, 6]),
+            ("a", vec![2, 6]),
+            ("b", vec![3, 4]),
+            ("c", vec![4, 3]),
+            ("d", vec![2, 6]),
+            ("out", vec![2, 6]),
+        ]
+        .into_iter()
+        .map(|(n, s)| (n.to_string(), f32v(s)))
+        .collect();
+        let graph = Graph {
+            name: "alias".into(),
+            inputs: vec![InputSpec {
+                name: "in".into(),
+                shape: vec![2, 6],
+                dtype: DType::F32,
+                preprocess: None,
+            }],
+            outputs: ["out", "b"]
+                .iter()
+                .map(|n| OutputSpec {
+                    name: n.to_string(),
+                    meaning: OutputMeaning::Tensor,
+                })
+                .collect(),
+            nodes,
+            values,
+        };
+        let x = Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 6))
+            .unwrap();
+        let mut results = Vec::new();
+        for kernels in [Kernels::Native, Kernels::Candle] {
+            let weights: HashMap<String, Tensor> = [(
+                "two".to_string(),
+                Tensor::new(&[2f32], &Device::Cpu).unwrap(),
+            )]
+            .into();
+            let options = ExecOptions {
+                kernels,
+                ..Default::default()
+            };
+            let exec = Executor::new(graph.clone(), weights, Device::Cpu, options).unwrap();
+            if kernels == Kernels::Native {
+                assert_eq!(exec.native_nodes(), 5);
+                assert_eq!(
+                    exec.arena_values(),
+                    5,
+                    "every value but the input is planned"
+                );
+            }
+            let run = exec
+                .run(&[("in".into(), x.clone())], &["b".into(), "c".into()])
+                .unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut got: Vec<Vec<f32>> = run.outputs.iter().map(|(_, t)| flat(t)).collect();
+            got.push(flat(&run.taps["b"]));
+            got.push(flat(&run.taps["c"]));
+            results.push(got);
+        }
+        // By hand: a = 2x; d = reshape(transpose(reshape(a, 3×4)), 2×6); out = d + a.
+        let a: Vec<f32> = (0..12).map(|i| 2.0 * i as f32).collect();
+        let c: Vec<f32> = (0..12).map(|i| a[(i % 3) * 4 + i / 3]).collect();
+        let out: Vec<f32> = (0..12).map(|i| c[i] + a[i]).collect();
+        let want = vec![out, a.clone(), a, c];
+        assert_eq!(results[0], want, "native");
+        assert_eq!(results[1], want, "candle");
     }
 }

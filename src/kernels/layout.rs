@@ -6,7 +6,32 @@
 //! written nothing, when they disagree; it then writes every element of its output.
 
 use super::act::apply_activation;
+use super::par::{self, SendPtr};
 use crate::graph::Activation;
+
+/// Outputs smaller than this (elements) are written on one thread: a fork costs more.
+const PAR_MIN: usize = 1 << 15;
+
+/// Pieces of `len` elements to split a parallel write into (1 when it is small).
+fn pieces(len: usize) -> usize {
+    if len < PAR_MIN {
+        1
+    } else {
+        (2 * par::current_threads()).min(len / (PAR_MIN / 4)).max(1)
+    }
+}
+
+/// `out = src` in parallel pieces (a Reshape's copy).
+pub fn copy(src: &[f32], out: &mut [f32]) -> bool {
+    if src.len() != out.len() {
+        return false;
+    }
+    let chunk = out.len().div_ceil(pieces(out.len())).max(1);
+    par::par_chunks_mut(out, chunk, |i, o| {
+        o.copy_from_slice(&src[i * chunk..i * chunk + o.len()]);
+    });
+    true
+}
 
 /// The most axes a strided walk supports (ONNX models in practice stay below 8).
 pub const MAX_RANK: usize = 8;
@@ -24,24 +49,34 @@ fn strides_of(dims: &[usize], out: &mut [usize; MAX_RANK]) {
     }
 }
 
-/// Calls `f(src_offset, dst_offset)` for every row (all axes but the last) of `dims`, where a
-/// step along axis i moves the source by `src[i]` and the destination is contiguous; rows of
-/// `dims[last]` elements.
-fn for_each_row(dims: &[usize], src: &[usize], mut f: impl FnMut(usize, usize)) {
+/// Calls `f(src_offset, dst_offset)` for rows `r0 .. r1` (rows: all axes but the last) of
+/// `dims`, where a step along axis i moves the source by `src[i]` and the destination is
+/// contiguous; rows of `dims[last]` elements.
+fn for_each_row(
+    dims: &[usize],
+    src: &[usize],
+    (r0, r1): (usize, usize),
+    mut f: impl FnMut(usize, usize),
+) {
     let r = dims.len();
     if r == 0 || dims.contains(&0) {
-        if r == 0 {
+        if r == 0 && r0 == 0 && r1 > 0 {
             f(0, 0);
         }
         return;
     }
     let inner = dims[r - 1];
-    let rows = numel(&dims[..r - 1]);
+    // The odometer at row r0.
     let mut idx = [0usize; MAX_RANK];
     let mut off = 0usize;
-    for row in 0..rows {
+    let mut rest = r0;
+    for ax in (0..r - 1).rev() {
+        idx[ax] = rest % dims[ax];
+        rest /= dims[ax];
+        off += idx[ax] * src[ax];
+    }
+    for row in r0..r1 {
         f(off, row * inner);
-        // Odometer over the outer axes.
         for ax in (0..r - 1).rev() {
             idx[ax] += 1;
             off += src[ax];
@@ -52,6 +87,26 @@ fn for_each_row(dims: &[usize], src: &[usize], mut f: impl FnMut(usize, usize)) 
             idx[ax] = 0;
         }
     }
+}
+
+/// Runs `f(row range, out)` over `rows` rows of `inner` elements of `out` in parallel pieces;
+/// `f` writes exactly the rows of its range, which start at `out[0]` of the slice it gets.
+fn par_rows(
+    out: &mut [f32],
+    rows: usize,
+    inner: usize,
+    f: impl Fn((usize, usize), &mut [f32]) + Sync,
+) {
+    let parts = pieces(out.len()).min(rows.max(1));
+    let base = SendPtr(out.as_mut_ptr());
+    let len = out.len();
+    par::par_for(parts, |p| {
+        let (r0, r1) = (p * rows / parts, (p + 1) * rows / parts);
+        let (a, b) = (r0 * inner, (r1 * inner).min(len));
+        // SAFETY: piece p owns rows r0..r1 of `out`, disjoint from every other piece's.
+        let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(a), b - a) };
+        f((r0, r1), o);
+    });
 }
 
 /// `out = x.permute(perm)` for a contiguous `x` of shape `dims`.
@@ -81,9 +136,13 @@ pub fn transpose(x: &[f32], dims: &[usize], perm: &[usize], out: &mut [f32]) -> 
     }
     let inner = od[r - 1];
     let step = src[r - 1];
+    let rows = numel(&od[..r - 1]);
     if step == 1 {
-        for_each_row(&od[..r], &src[..r], |s, d| {
-            out[d..d + inner].copy_from_slice(&x[s..s + inner]);
+        par_rows(out, rows, inner, |(r0, r1), o| {
+            for_each_row(&od[..r], &src[..r], (r0, r1), |s, d| {
+                let d = d - r0 * inner;
+                o[d..d + inner].copy_from_slice(&x[s..s + inner]);
+            });
         });
         return true;
     }
@@ -91,43 +150,48 @@ pub fn transpose(x: &[f32], dims: &[usize], perm: &[usize], out: &mut [f32]) -> 
     // cache, when the previous output axis is the input's contiguous one (a plain matrix
     // transpose, the common case); a strided gather otherwise.
     if r >= 2 && src[r - 2] == 1 {
-        let rows = od[r - 2];
+        let m_rows = od[r - 2];
         let outer = numel(&od[..r - 2]);
-        let mut outer_src = [0usize; MAX_RANK];
-        outer_src[..r - 2].copy_from_slice(&src[..r - 2]);
         const T: usize = 16;
-        let mut o = 0;
-        // Walk the outer axes with their own odometer, one rows × inner matrix each.
-        let mut idx = [0usize; MAX_RANK];
-        let mut off = 0usize;
-        for _ in 0..outer {
-            let dst = &mut out[o..o + rows * inner];
-            for i0 in (0..rows).step_by(T) {
-                for j0 in (0..inner).step_by(T) {
-                    for i in i0..(i0 + T).min(rows) {
-                        for j in j0..(j0 + T).min(inner) {
-                            dst[i * inner + j] = x[off + i + j * step];
-                        }
+        // Items: (matrix, block of T rows), all disjoint in `out`.
+        let blocks = m_rows.div_ceil(T);
+        let base = SendPtr(out.as_mut_ptr());
+        let work = |item: usize| {
+            let (o, i0) = (item / blocks, (item % blocks) * T);
+            let i1 = (i0 + T).min(m_rows);
+            // The matrix's source offset: its outer index through the outer strides.
+            let mut off = 0;
+            let mut rest = o;
+            for ax in (0..r - 2).rev() {
+                off += (rest % od[ax]) * src[ax];
+                rest /= od[ax];
+            }
+            let at = (o * m_rows + i0) * inner;
+            // SAFETY: rows i0..i1 of matrix o are this item's alone, inside `out`.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(base.get().add(at), (i1 - i0) * inner) };
+            for j0 in (0..inner).step_by(T) {
+                for i in i0..i1 {
+                    for j in j0..(j0 + T).min(inner) {
+                        dst[(i - i0) * inner + j] = x[off + i + j * step];
                     }
                 }
             }
-            o += rows * inner;
-            for ax in (0..r.saturating_sub(2)).rev() {
-                idx[ax] += 1;
-                off += outer_src[ax];
-                if idx[ax] < od[ax] {
-                    break;
-                }
-                off -= outer_src[ax] * od[ax];
-                idx[ax] = 0;
-            }
+        };
+        if out.len() < PAR_MIN {
+            (0..outer * blocks).for_each(work);
+        } else {
+            par::par_for(outer * blocks, work);
         }
         return true;
     }
-    for_each_row(&od[..r], &src[..r], |s, d| {
-        for (j, v) in out[d..d + inner].iter_mut().enumerate() {
-            *v = x[s + j * step];
-        }
+    par_rows(out, rows, inner, |(r0, r1), o| {
+        for_each_row(&od[..r], &src[..r], (r0, r1), |s, d| {
+            let d = d - r0 * inner;
+            for (j, v) in o[d..d + inner].iter_mut().enumerate() {
+                *v = x[s + j * step];
+            }
+        });
     });
     true
 }
@@ -263,20 +327,35 @@ pub fn binary(
     {
         return false;
     }
-    if a.len() == out.len() && b.len() == out.len() {
-        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-            *o = op.apply(x, y);
-        }
-    } else if b.len() == 1 && a.len() == out.len() {
-        let y = b[0];
-        for (o, &x) in out.iter_mut().zip(a) {
-            *o = op.apply(x, y);
-        }
-    } else if a.len() == 1 && b.len() == out.len() {
-        let x = a[0];
-        for (o, &y) in out.iter_mut().zip(b) {
-            *o = op.apply(x, y);
-        }
+    let n = out.len();
+    let chunk = n.div_ceil(pieces(n)).max(1);
+    if a.len() == n && (b.len() == n || b.len() == 1) || a.len() == 1 && b.len() == n {
+        // Elementwise or against one scalar: flat pieces in parallel.
+        par::par_chunks_mut(out, chunk, |i, o| {
+            let at = i * chunk;
+            let len = o.len();
+            match (a.len() == 1, b.len() == 1) {
+                (false, false) => {
+                    for ((o, &x), &y) in o.iter_mut().zip(&a[at..at + len]).zip(&b[at..]) {
+                        *o = op.apply(x, y);
+                    }
+                }
+                (false, true) => {
+                    let y = b[0];
+                    for (o, &x) in o.iter_mut().zip(&a[at..at + len]) {
+                        *o = op.apply(x, y);
+                    }
+                }
+                _ => {
+                    let x = a[0];
+                    for (o, &y) in o.iter_mut().zip(&b[at..at + len]) {
+                        *o = op.apply(x, y);
+                    }
+                }
+            }
+            apply_activation(activation, o);
+        });
+        return true;
     } else if r == 0 {
         out[0] = op.apply(a[0], b[0]);
     } else {
