@@ -183,14 +183,33 @@ impl PackedConv {
             return Err(NotSupported("output or residual of the wrong size".into()));
         }
         let cout_g = self.cout / group;
-        let pointwise = self.kernel == (1, 1)
-            && self.stride == (1, 1)
-            && self.pad_begin == (0, 0)
-            && self.pad_end == (0, 0);
+        let one_by_one =
+            self.kernel == (1, 1) && self.pad_begin == (0, 0) && self.pad_end == (0, 0);
+        // A strided 1 × 1 convolution (a ResNet downsample) reads one input position in
+        // `sy · sx`: the input is subsampled first (a quarter of it for stride 2) and the rest
+        // runs as a plain GEMM, instead of phase-splitting the whole input for im2col.
+        let subsample = one_by_one && self.stride != (1, 1);
         for img in 0..n {
             for g in 0..group {
                 let xg = &x[(img * cin + g * self.cin_g) * h * w
                     ..(img * cin + (g + 1) * self.cin_g) * h * w];
+                let sub = subsample.then(|| {
+                    let (sy, sx) = self.stride;
+                    let mut v = scratch::take(self.cin_g * plane);
+                    for (c, dst) in v.chunks_exact_mut(plane).enumerate() {
+                        let src = &xg[c * h * w..(c + 1) * h * w];
+                        for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+                            let line = &src[oy * sy * w..];
+                            for (o, &v) in row.iter_mut().zip(line.iter().step_by(sx)) {
+                                *o = v;
+                            }
+                        }
+                    }
+                    v
+                });
+                // From here on the input of a pointwise product: `plane` positions per channel.
+                let pointwise = one_by_one && (subsample || self.stride == (1, 1));
+                let xg: &[f32] = sub.as_deref().unwrap_or(xg);
                 let c0 = (img * self.cout + g * cout_g) * plane;
                 let c1 = c0 + cout_g * plane;
                 let bias = self
@@ -198,7 +217,7 @@ impl PackedConv {
                     .as_deref()
                     .map(|b| &b[g * cout_g..(g + 1) * cout_g]);
                 let res = residual.map(|r| &r[c0..c1]);
-                let cols = Im2col::new(self, xg, h, w, ow);
+                let cols = (!pointwise).then(|| Im2col::new(self, xg, h, w, ow));
                 match &self.form {
                     Form::Direct(ws) => {
                         let epi = Epilogue {
@@ -208,23 +227,22 @@ impl PackedConv {
                             activation,
                         };
                         let layout = Layout { rs: plane, cs: 1 };
-                        if pointwise {
-                            let b = MatrixB {
-                                data: xg,
-                                rs: h * w,
-                                cs: 1,
-                            };
-                            gemm(&ws[g], &b, plane, &mut out[c0..c1], layout, &epi);
-                        } else {
-                            gemm(&ws[g], &cols, plane, &mut out[c0..c1], layout, &epi);
+                        match &cols {
+                            Some(cols) => gemm(&ws[g], cols, plane, &mut out[c0..c1], layout, &epi),
+                            None => {
+                                let b = MatrixB {
+                                    data: xg,
+                                    rs: plane,
+                                    cs: 1,
+                                };
+                                gemm(&ws[g], &b, plane, &mut out[c0..c1], layout, &epi);
+                            }
                         }
                     }
                     Form::Transposed(ws) => {
                         let k = self.cin_g * self.kernel.0 * self.kernel.1;
                         // colsᵀ as the left operand: position p's row is column p of cols.
-                        let a = if pointwise {
-                            PackedA::pack_scratch(xg, plane, k, 1, plane)
-                        } else {
+                        let a = if let Some(cols) = &cols {
                             // The whole column matrix (small maps only), rows in parallel.
                             let mut full = scratch::take(k * plane);
                             let rows_per = k.div_ceil(2 * par::current_threads()).max(1);
@@ -235,6 +253,8 @@ impl PackedConv {
                             let a = PackedA::pack_scratch(&full, plane, k, 1, plane);
                             scratch::give(full);
                             a
+                        } else {
+                            PackedA::pack_scratch(xg, plane, k, 1, plane)
                         };
                         let mut t = scratch::take(plane * cout_g);
                         let epi = Epilogue {
@@ -275,6 +295,10 @@ impl PackedConv {
                         scratch::give(t);
                         a.recycle();
                     }
+                }
+                drop(cols);
+                if let Some(v) = sub {
+                    scratch::give(v);
                 }
             }
         }

@@ -543,69 +543,70 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
                 };
                 let first = k0 == 0;
                 let final_block = k0 + kc == k;
-                // Row panels outside, column panels inside: the tile walks along MR rows of C
-                // (few pages) while the packed B block stays in cache.
-                for p in p0..p1 {
+                let tile = |p: usize, np: usize| {
                     let ap = a.panel(k0, p);
                     let rows = mr.min(m - p * mr);
-                    for np in 0..nc.div_ceil(nr) {
-                        let bp = &block[np * kc * nr..(np + 1) * kc * nr];
-                        let cols = nr.min(nc - np * nr);
-                        if rows == mr && cols == nr && layout.cs == 1 {
-                            // Whole tile, unit column stride: the kernel adds into C itself.
-                            let (i0, j0) = (p * mr, n0 + np * nr);
-                            // SAFETY: the tile lies inside C (checked against `last` above) and
-                            // belongs to this work item only.
-                            unsafe {
-                                let cp = cptr.get().add(i0 * layout.rs + j0);
-                                let fused = (final_block && fusable).then(|| Fused {
-                                    bias: epi.bias.map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
-                                    col_bias: epi
-                                        .col_bias
-                                        .map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
-                                    residual: epi.residual.map_or(std::ptr::null(), |r| {
-                                        r[i0 * layout.rs + j0..].as_ptr()
-                                    }),
-                                    lo,
-                                    hi,
-                                });
-                                micro(a.isa, kc, ap, bp, cp, layout.rs, !first, fused.as_ref());
-                                if final_block && !fusable {
-                                    epilogue_in_place(cp, layout.rs, (i0, j0), (mr, nr), epi);
-                                }
-                            }
-                            continue;
-                        }
-                        let mut tile = [0f32; TILE_MAX];
-                        // SAFETY: the tile buffer holds MR × NR values at row stride NR.
-                        unsafe { micro(a.isa, kc, ap, bp, tile.as_mut_ptr(), nr, false, None) };
-                        // SAFETY: rows p*mr.. and columns n0+np*nr.. belong to this item only.
+                    let bp = &block[np * kc * nr..(np + 1) * kc * nr];
+                    let cols = nr.min(nc - np * nr);
+                    if rows == mr && cols == nr && layout.cs == 1 {
+                        // Whole tile, unit column stride: the kernel adds into C itself.
+                        let (i0, j0) = (p * mr, n0 + np * nr);
+                        // SAFETY: the tile lies inside C (checked against `last` above) and
+                        // belongs to this work item only.
                         unsafe {
-                            store(
-                                &tile[..mr * nr],
-                                nr,
-                                cptr.get(),
-                                layout,
-                                (p * mr, n0 + np * nr),
-                                (rows, cols),
-                                first,
-                                final_block,
-                                epi,
-                            );
+                            let cp = cptr.get().add(i0 * layout.rs + j0);
+                            let fused = (final_block && fusable).then(|| Fused {
+                                bias: epi.bias.map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
+                                col_bias: epi
+                                    .col_bias
+                                    .map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
+                                residual: epi.residual.map_or(std::ptr::null(), |r| {
+                                    r[i0 * layout.rs + j0..].as_ptr()
+                                }),
+                                lo,
+                                hi,
+                            });
+                            micro(a.isa, kc, ap, bp, cp, layout.rs, !first, fused.as_ref());
+                            if final_block && !fusable {
+                                epilogue_in_place(cp, layout.rs, (i0, j0), (mr, nr), epi);
+                            }
                         }
+                        return;
                     }
-                    if final_block && defer {
-                        for r in 0..rows {
-                            // SAFETY: row p*mr + r, columns n0 .. n0 + nc (unit stride) lie in
-                            // C and belong to this item only.
-                            let row = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    cptr.get().add((p * mr + r) * layout.rs + n0),
-                                    nc,
-                                )
-                            };
-                            apply_activation(activation, row);
-                        }
+                    let mut tile = [0f32; TILE_MAX];
+                    // SAFETY: the tile buffer holds MR × NR values at row stride NR.
+                    unsafe { micro(a.isa, kc, ap, bp, tile.as_mut_ptr(), nr, false, None) };
+                    // SAFETY: rows p*mr.. and columns n0+np*nr.. belong to this item only.
+                    unsafe {
+                        store(
+                            &tile[..mr * nr],
+                            nr,
+                            cptr.get(),
+                            layout,
+                            (p * mr, n0 + np * nr),
+                            (rows, cols),
+                            first,
+                            final_block,
+                            epi,
+                        );
+                    }
+                };
+                // Row panels outside, column panels inside: the tile walks along MR rows of C
+                // (few pages) while the packed B block stays in cache. (Column panels outside
+                // measured the same on ResNet-50, ViT-Tiny and MobileNetV2.)
+                for p in p0..p1 {
+                    for np in 0..nc.div_ceil(nr) {
+                        tile(p, np);
+                    }
+                }
+                if final_block && defer {
+                    for i in p0 * mr..(p1 * mr).min(m) {
+                        // SAFETY: row i, columns n0 .. n0 + nc (unit stride) lie in C and
+                        // belong to this item only.
+                        let row = unsafe {
+                            std::slice::from_raw_parts_mut(cptr.get().add(i * layout.rs + n0), nc)
+                        };
+                        apply_activation(activation, row);
                     }
                 }
             }
