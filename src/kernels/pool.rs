@@ -43,7 +43,51 @@ pub fn max_pool2d(s: &DepthwiseShape, x: &[f32], y: &mut [f32]) -> bool {
     true
 }
 
+/// `plane_body` compiled for the widest vectors the CPU has (the max and the NaN test per
+/// element vectorise; baseline x86-64 would run them 4 wide).
 fn plane(
+    s: &DepthwiseShape,
+    x: &[f32],
+    out: &mut [f32],
+    hw: (usize, usize),
+    scratch: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match super::gemm::Isa::detect() {
+        // SAFETY: detect() saw these features on this CPU.
+        super::gemm::Isa::Avx512 => return unsafe { plane_avx512(s, x, out, hw, scratch) },
+        super::gemm::Isa::Avx2 => return unsafe { plane_avx2(s, x, out, hw, scratch) },
+        super::gemm::Isa::Portable => {}
+    }
+    plane_body(s, x, out, hw, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn plane_avx512(
+    s: &DepthwiseShape,
+    x: &[f32],
+    out: &mut [f32],
+    hw: (usize, usize),
+    scratch: &mut Vec<f32>,
+) {
+    plane_body(s, x, out, hw, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn plane_avx2(
+    s: &DepthwiseShape,
+    x: &[f32],
+    out: &mut [f32],
+    hw: (usize, usize),
+    scratch: &mut Vec<f32>,
+) {
+    plane_body(s, x, out, hw, scratch)
+}
+
+#[inline(always)]
+fn plane_body(
     s: &DepthwiseShape,
     x: &[f32],
     out: &mut [f32],
