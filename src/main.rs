@@ -592,6 +592,15 @@ fn run(a: RunArgs) -> Result<()> {
         .build()
         .with_context(|| format!("loading {}", a.model.display()))?;
     tracing::info!(device = %rt.device().name, reason = %rt.device().reason, "device selected");
+    let exec = &rt.model().exec;
+    tracing::info!(
+        native_nodes = exec.native_nodes(),
+        nodes = exec.node_count(),
+        arena_mb = format!("{:.2}", exec.arena_bytes() as f64 / 1e6),
+        arena_values = exec.arena_values(),
+        kernels = ?exec.kernel_counts(),
+        "planned"
+    );
     if let Some(path) = &a.input_tensor {
         return run_tensors(&rt, path, a.dump_outputs.as_deref(), a.repeat);
     }
