@@ -75,6 +75,35 @@ pub fn select(req: DeviceRequest) -> Result<DeviceChoice> {
     }
 }
 
+/// The first usable device of a preference list (a board profile's `devices`); the reason
+/// says what was passed over. An error only when none is usable.
+pub fn select_first(prefs: &[DeviceRequest]) -> Result<DeviceChoice> {
+    let mut skipped = Vec::new();
+    for &req in prefs {
+        match select(req) {
+            Ok(mut c) => {
+                if !skipped.is_empty() {
+                    c.reason = format!("{}; next in the preference list", skipped.join("; "));
+                }
+                return Ok(c);
+            }
+            Err(e) => skipped.push(e.to_string()),
+        }
+    }
+    Err(Error::Device {
+        requested: prefs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        reason: if skipped.is_empty() {
+            "no device listed".into()
+        } else {
+            skipped.join("; ")
+        },
+    })
+}
+
 #[cfg(feature = "cuda")]
 fn try_cuda(n: usize) -> std::result::Result<DeviceChoice, String> {
     match Device::new_cuda(n) {

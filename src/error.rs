@@ -94,14 +94,45 @@ pub enum Error {
         reason: String,
     },
 
-    /// File system errors outside the model file reader.
-    #[error("{path}: {source}")]
+    /// A board profile that cannot be used (unknown name, bad key or value).
+    #[error("board {board}: {reason}")]
+    Board {
+        /// The board's name or file.
+        board: String,
+        /// What is wrong, naming the key.
+        reason: String,
+    },
+
+    /// The model does not fit the board's memory budget.
+    #[error(
+        "model {model} needs about {need_mb:.0} MB (weights {weights_mb:.0} MB + activations \
+         {activations_mb:.0} MB + workspace {workspace_mb:.0} MB), board {board} allows {budget_mb} MB"
+    )]
+    OverMemory {
+        /// The model.
+        model: String,
+        /// The board.
+        board: String,
+        /// The estimate in MB.
+        need_mb: f64,
+        /// Its weights part.
+        weights_mb: f64,
+        /// Its activations part.
+        activations_mb: f64,
+        /// Its workspace part.
+        workspace_mb: f64,
+        /// The board's memory budget.
+        budget_mb: u64,
+    },
+
+    /// File system errors outside the model file reader. The OS error is part of the message
+    /// (not a chained source), so it is printed once however the error is displayed.
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: String,
         /// The OS error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     /// Tensor engine errors outside a node (loading weights, moving tensors).

@@ -59,6 +59,44 @@ enum Command {
     Run(RunArgs),
     /// List the supported ONNX op types.
     Ops,
+    /// List the shipped board profiles (use one with --board NAME, or --board FILE.toml).
+    Boards,
+}
+
+/// Where a model runs: a board profile, and explicit settings that override it.
+#[derive(Args, Debug, Clone)]
+struct TargetArgs {
+    /// A board profile: a shipped name (see `edgeinfer boards`) or a .toml file. Sets the
+    /// device preference, CPU threads, frame budget and memory budget; the flags below
+    /// override it.
+    #[arg(long)]
+    board: Option<String>,
+    /// auto, cpu or cuda:N (default: the board's preference, else auto).
+    #[arg(long)]
+    device: Option<DeviceRequest>,
+    /// Per-frame budget, e.g. 200ms (default: the board's, else 200ms).
+    #[arg(long, value_parser = parse_budget)]
+    budget: Option<Duration>,
+    #[command(flatten)]
+    cpu: CpuArgs,
+}
+
+impl TargetArgs {
+    /// A runtime builder with the board applied first, then the explicit flags.
+    fn builder(&self) -> Result<edgeinfer::runtime::RuntimeBuilder> {
+        let mut b = Runtime::builder();
+        if let Some(name) = &self.board {
+            b = b.board(edgeinfer::board::Board::load(name)?);
+        }
+        b = self.cpu.apply(b);
+        if let Some(d) = self.device {
+            b = b.device(d);
+        }
+        if let Some(budget) = self.budget {
+            b = b.budget(budget);
+        }
+        Ok(b)
+    }
 }
 
 /// How the CPU runs a frame.
@@ -67,7 +105,7 @@ struct CpuArgs {
     /// CPU kernels: native (ours, default) or candle (the reference ops).
     #[arg(long, default_value = "native")]
     kernels: Kernels,
-    /// Threads per frame (default: RAYON_NUM_THREADS, else one per core).
+    /// Threads per frame (default: the board's, else RAYON_NUM_THREADS, else one per core).
     #[arg(long)]
     threads: Option<usize>,
     /// Winograd F(2x2,3x3) for 3x3 stride-1 convolutions: auto (measured per layer at load),
@@ -91,14 +129,8 @@ struct DemoArgs {
     /// Folder for the JSON lines report.
     #[arg(long, default_value = "out")]
     out: PathBuf,
-    /// auto, cpu or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: DeviceRequest,
-    /// Per-frame budget (e.g. 200ms).
-    #[arg(long, default_value = "200ms", value_parser = parse_budget)]
-    budget: Duration,
     #[command(flatten)]
-    cpu: CpuArgs,
+    target: TargetArgs,
 }
 
 #[derive(Args)]
@@ -167,12 +199,6 @@ struct RunArgs {
     /// Write every graph output, keyed by output name, to this safetensors file.
     #[arg(long)]
     dump_outputs: Option<PathBuf>,
-    /// Per-frame budget (e.g. 200ms).
-    #[arg(long, default_value = "200ms", value_parser = parse_budget)]
-    budget: Duration,
-    /// auto, cpu or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: DeviceRequest,
     /// Write one FrameReport JSON line per frame here (default: stdout).
     #[arg(long)]
     jsonl: Option<PathBuf>,
@@ -187,7 +213,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 1)]
     repeat: usize,
     #[command(flatten)]
-    cpu: CpuArgs,
+    target: TargetArgs,
 }
 
 fn main() {
@@ -210,6 +236,7 @@ fn main() {
             }
             Ok(())
         }
+        Command::Boards => boards(),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -217,13 +244,31 @@ fn main() {
     }
 }
 
+fn boards() -> Result<()> {
+    println!(
+        "{:<22} {:<26} {:<14} {:>7} {:>10} {:>9}  description",
+        "board", "target", "devices", "threads", "memory", "budget"
+    );
+    for b in edgeinfer::board::Board::builtin()? {
+        println!(
+            "{:<22} {:<26} {:<14} {:>7} {:>7} MB {:>6} ms  {}",
+            b.name,
+            b.target,
+            b.devices.join(","),
+            b.cpu_threads,
+            b.memory_mb,
+            b.budget_ms,
+            b.description
+        );
+    }
+    Ok(())
+}
+
 fn demo(a: DemoArgs) -> Result<()> {
     let rt = a
-        .cpu
-        .apply(Runtime::builder())
+        .target
+        .builder()?
         .model_bytes(DEFAULT_MODEL, "embedded:mobilenet_v2.safetensors")
-        .device(a.device)
-        .budget(a.budget)
         .top_k(3)
         .build()
         .context("loading the embedded model")?;
@@ -232,7 +277,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         rt.model().stored.name,
         rt.device().name,
         rt.device().reason,
-        a.budget.as_secs_f64() * 1e3
+        rt.budget().as_secs_f64() * 1e3
     );
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let path = a.out.join("demo.jsonl");
@@ -582,11 +627,9 @@ fn run(a: RunArgs) -> Result<()> {
         bail!("give --input (images) or --input-tensor (a safetensors file)");
     }
     let rt = a
-        .cpu
-        .apply(Runtime::builder())
+        .target
+        .builder()?
         .model(&a.model)
-        .device(a.device)
-        .budget(a.budget)
         .top_k(a.top_k)
         .optimize(!a.no_optimize)
         .build()

@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use candle_core::{DType as CDType, Tensor};
 
+use crate::board::Board;
 use crate::budget::{FrameTimer, Stage};
 use crate::device::{self, DeviceChoice, DeviceRequest};
 use crate::error::{Error, Result};
 use crate::exec::{load_weights, ExecOptions, Executor, Kernels, RunOutputs, Winograd};
 use crate::graph::passes::{optimize, PassReport};
+use crate::graph::stats::stats;
 use crate::graph::{Graph, OutputMeaning, META_LABELS, META_PROVENANCE};
 use crate::model::ModelFile;
 use crate::pipeline::preprocess::image_to_tensor;
@@ -30,7 +32,9 @@ enum ModelSource {
 #[derive(Debug, Clone)]
 pub struct RuntimeBuilder {
     source: Option<ModelSource>,
-    device: DeviceRequest,
+    /// Devices in order of preference (one, unless a board profile lists several).
+    devices: Vec<DeviceRequest>,
+    board: Option<Board>,
     budget: Duration,
     top_k: usize,
     taps: Vec<String>,
@@ -42,7 +46,8 @@ impl Default for RuntimeBuilder {
     fn default() -> Self {
         RuntimeBuilder {
             source: None,
-            device: DeviceRequest::Auto,
+            devices: vec![DeviceRequest::Auto],
+            board: None,
             budget: Duration::from_millis(200),
             top_k: 5,
             taps: Vec::new(),
@@ -65,9 +70,20 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Device preference.
+    /// Device preference (overrides a board profile's list when called after [`Self::board`]).
     pub fn device(mut self, device: DeviceRequest) -> Self {
-        self.device = device;
+        self.devices = vec![device];
+        self
+    }
+
+    /// Applies a board profile: its device preference, CPU threads and frame budget (calls
+    /// after this one override them), and its memory budget, which `build` checks the model
+    /// against before loading it.
+    pub fn board(mut self, board: Board) -> Self {
+        self.devices = board.device_requests();
+        self.exec.threads = Some(board.cpu_threads);
+        self.budget = Duration::from_secs_f64(board.budget_ms / 1e3);
+        self.board = Some(board);
         self
     }
 
@@ -125,7 +141,10 @@ impl RuntimeBuilder {
                 })
             }
         };
-        let choice = device::select(self.device)?;
+        if let Some(board) = &self.board {
+            check_memory(&file, board)?;
+        }
+        let choice = device::select_first(&self.devices)?;
         let model = LoadedModel::load(
             Arc::new(file),
             &choice,
@@ -140,6 +159,37 @@ impl RuntimeBuilder {
             top_k: self.top_k,
         })
     }
+}
+
+/// Runtime memory beyond weights and activations (thread stacks, kernel scratch, the binary):
+/// the allowance measured on the four benchmark models (see README, "Memory").
+const WORKSPACE_BYTES: u64 = 20 << 20;
+
+/// Refuses a model whose weights (as computed, f32) + activation peak + workspace exceed the
+/// board's memory budget, before anything is loaded.
+fn check_memory(file: &ModelFile, board: &Board) -> Result<()> {
+    let graph = Graph::from_model_file(file)?;
+    let st = stats(&graph, |n| {
+        file.get(n).map(|v| (v.info.shape.clone(), v.info.dtype))
+    });
+    // Float weights are computed in f32 whatever their storage (f16 halves only the file).
+    let weights = st.params as u64 * 4;
+    // The stored graph's peak bounds the planned one (the passes only remove values).
+    let activations = st.peak_activation_bytes as u64;
+    let need = weights + activations + WORKSPACE_BYTES;
+    if need > board.memory_bytes() {
+        let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
+        return Err(Error::OverMemory {
+            model: file.label().to_string(),
+            board: board.name.clone(),
+            need_mb: mb(need),
+            weights_mb: mb(weights),
+            activations_mb: mb(activations),
+            workspace_mb: mb(WORKSPACE_BYTES),
+            budget_mb: board.memory_mb,
+        });
+    }
+    Ok(())
 }
 
 /// A model file loaded for one device: the graph as stored, the planned executor, labels.

@@ -159,7 +159,7 @@ pub fn import_onnx(path: &Path, opts: &ImportOptions) -> Result<Imported> {
     let label = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: label.clone(),
-        source,
+        cause: source,
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut opts = opts.clone();

@@ -70,7 +70,7 @@ pub fn frames_from_paths(paths: &[PathBuf]) -> Result<Vec<Frame>> {
         if p.is_dir() {
             let rd = std::fs::read_dir(p).map_err(|source| Error::Io {
                 path: p.display().to_string(),
-                source,
+                cause: source,
             })?;
             let mut found: Vec<PathBuf> = rd
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -83,7 +83,7 @@ pub fn frames_from_paths(paths: &[PathBuf]) -> Result<Vec<Frame>> {
         } else {
             return Err(Error::Io {
                 path: p.display().to_string(),
-                source: std::io::Error::new(
+                cause: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "no such file or directory",
                 ),
