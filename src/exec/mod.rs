@@ -275,7 +275,7 @@ impl Executor {
                     .flatten();
                 for r in &step.inputs {
                     if let Ref::Weight(w) = r {
-                        candle_needs[*w] |= prep.is_none();
+                        candle_needs[*w] |= !prep.as_ref().is_some_and(Prepared::owns_weights);
                         users[*w] -= 1;
                         if users[*w] == 0 && !candle_needs[*w] {
                             weight_vec[*w] = Tensor::zeros(0, CDType::F32, &Device::Cpu)?;
@@ -680,7 +680,14 @@ impl Executor {
                             node: node.name.clone(),
                             op: node.op.name(),
                             source: Box::new(candle_core::Error::Msg(format!(
-                                "the native kernel does not take inputs {:?}",
+                                "the kernel cannot make the recorded output shape{} {:?} from \
+                                 inputs {:?}: the model file's value shapes disagree with its \
+                                 weights",
+                                if step.outputs.len() > 1 { "s" } else { "" },
+                                step.outputs
+                                    .iter()
+                                    .map(|&o| self.dims[o].clone())
+                                    .collect::<Vec<_>>(),
                                 args.iter().map(|a| a.dims().to_vec()).collect::<Vec<_>>()
                             ))),
                         })?
@@ -937,5 +944,130 @@ mod tests {
         let want = vec![out, a.clone(), a, c];
         assert_eq!(results[0], want, "native");
         assert_eq!(results[1], want, "candle");
+    }
+}
+
+#[cfg(test)]
+mod lying_shapes {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::graph::{BinaryKind, InputSpec, Node, OutputMeaning, OutputSpec, ValueInfo};
+
+    /// A file whose recorded value shapes are wrong must not corrupt the arena: kernels that
+    /// see a different shape decline, candle's op runs, and its result stays a tensor.
+    #[test]
+    fn a_wrong_recorded_shape_falls_back_and_still_answers() {
+        let node = |name: &str, op: Op, inputs: &[&str], out: &str| Node {
+            name: name.into(),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: vec![out.into()],
+        };
+        let mul = Op::Binary {
+            kind: BinaryKind::Mul,
+            activation: None,
+        };
+        let info = |shape: Vec<usize>| ValueInfo {
+            shape,
+            dtype: DType::F32,
+        };
+        for lie in [vec![2, 7], vec![3, 4], vec![100]] {
+            let values: BTreeMap<String, ValueInfo> = [
+                ("in".to_string(), info(vec![2, 6])),
+                ("a".to_string(), info(lie.clone())),
+                ("out".to_string(), info(vec![2, 6])),
+            ]
+            .into();
+            let graph = Graph {
+                name: "lie".into(),
+                inputs: vec![InputSpec {
+                    name: "in".into(),
+                    shape: vec![2, 6],
+                    dtype: DType::F32,
+                    preprocess: None,
+                }],
+                outputs: vec![OutputSpec {
+                    name: "out".into(),
+                    meaning: OutputMeaning::Tensor,
+                }],
+                nodes: vec![
+                    node("a", mul.clone(), &["in", "two"], "a"),
+                    node("b", mul.clone(), &["a", "two"], "out"),
+                ],
+                values,
+            };
+            let weights: HashMap<String, Tensor> = [(
+                "two".to_string(),
+                Tensor::new(&[2f32], &Device::Cpu).unwrap(),
+            )]
+            .into();
+            let exec = Executor::new(graph, weights, Device::Cpu, ExecOptions::default()).unwrap();
+            let x = Tensor::arange(0f32, 12.0, &Device::Cpu)
+                .unwrap()
+                .reshape((2, 6))
+                .unwrap();
+            let out = exec.run(&[("in".into(), x)], &[]).unwrap();
+            let got = out.outputs[0]
+                .1
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let want: Vec<f32> = (0..12).map(|i| 4.0 * i as f32).collect();
+            assert_eq!(got, want, "recorded shape {lie:?}");
+        }
+    }
+
+    /// A convolution keeps only its packed weights, so candle cannot stand in: a recorded
+    /// output shape the kernel cannot make is an error saying so, not a panic.
+    #[test]
+    fn a_wrong_recorded_conv_shape_is_a_clear_error() {
+        let info = |shape: Vec<usize>| ValueInfo {
+            shape,
+            dtype: DType::F32,
+        };
+        let graph = Graph {
+            name: "lie".into(),
+            inputs: vec![InputSpec {
+                name: "in".into(),
+                shape: vec![1, 2, 5, 5],
+                dtype: DType::F32,
+                preprocess: None,
+            }],
+            outputs: vec![OutputSpec {
+                name: "out".into(),
+                meaning: OutputMeaning::Tensor,
+            }],
+            nodes: vec![Node {
+                name: "conv".into(),
+                op: Op::Conv {
+                    strides: vec![1, 1],
+                    pads: vec![1; 4],
+                    dilations: vec![1, 1],
+                    group: 1,
+                    activation: None,
+                    residual: false,
+                },
+                inputs: vec!["in".into(), "w".into()],
+                outputs: vec!["out".into()],
+            }],
+            values: [
+                ("in".to_string(), info(vec![1, 2, 5, 5])),
+                ("out".to_string(), info(vec![1, 3, 4, 4])),
+            ]
+            .into(),
+        };
+        let w = Tensor::ones((3, 2, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let exec = Executor::new(
+            graph,
+            [("w".to_string(), w)].into(),
+            Device::Cpu,
+            ExecOptions::default(),
+        )
+        .unwrap();
+        let x = Tensor::ones((1, 2, 5, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let err = exec.run(&[("in".into(), x)], &[]).unwrap_err().to_string();
+        assert!(err.contains("conv") && err.contains("disagree"), "{err}");
     }
 }

@@ -219,6 +219,20 @@ pub(crate) enum Prepared {
 pub(crate) type Constant = (usize, Vec<f32>, Vec<usize>);
 
 impl Prepared {
+    /// Whether the node's weights live on in packed form here, so candle's copy can be
+    /// dropped. Small constants (an elementwise operand, a concatenated token) are copied and
+    /// candle keeps its own, so its op can still take over when a frame's shapes surprise the
+    /// kernel.
+    pub(crate) fn owns_weights(&self) -> bool {
+        matches!(
+            self,
+            Prepared::Conv { .. }
+                | Prepared::Depthwise { .. }
+                | Prepared::Linear { .. }
+                | Prepared::LayerNorm { .. }
+        )
+    }
+
     /// Which kernel runs the node (for profiles).
     pub(crate) fn kernel_name(&self) -> &'static str {
         match self {
