@@ -1,8 +1,11 @@
 //! Runs a planned [`Graph`] on a candle [`Device`].
 //!
-//! The plan resolves every value name to a slot index once, so a frame only indexes vectors;
-//! each value is dropped right after its last consumer, so peak memory follows the graph's
-//! liveness rather than its size. Named values can be kept ("taps") for the explain layer.
+//! The plan resolves every value name to a slot index once, so a frame only indexes vectors.
+//! On the CPU with our kernels, every f32 value has a region of one activation arena planned
+//! from the values' lifetimes (`arena.rs`): kernels write into it and a frame allocates nothing
+//! for its activations. Elsewhere (candle's ops, CUDA, values whose shape the file does not
+//! record) values are tensors dropped right after their last consumer, so peak memory follows
+//! the graph's liveness either way. Named values can be kept ("taps") for the explain layer.
 
 mod arena;
 pub mod native;

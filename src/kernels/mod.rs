@@ -1,6 +1,9 @@
 //! Our own CPU kernels for the shapes where candle's generic path is slow: a packed GEMM with
-//! a fused epilogue (convolutions, linear layers), depthwise convolution, and the activations
-//! those epilogues apply. Each is checked against the candle reference in its tests.
+//! a fused epilogue (convolutions, linear layers), Winograd and depthwise convolution, pooling,
+//! row-wise softmax and LayerNorm, the layout and elementwise ops between them, and the
+//! activations the epilogues apply. They read and write plain slices (the executor's arena),
+//! take temporaries from per-thread [`scratch`] pools, and split work over [`par`]'s threads.
+//! Each is checked against the candle reference in its tests.
 
 pub mod act;
 pub mod conv;
