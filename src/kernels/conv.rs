@@ -325,13 +325,25 @@ impl<'a> Im2col<'a> {
             let pw = w.div_ceil(sx);
             // Every element is written below (a row's phases tile its sx · pw slots only
             // where the row has values; the rest is never read).
-            let mut ph = scratch::take(x.len() / w * sx * pw);
-            for (row, dst) in x.chunks_exact(w).zip(ph.chunks_exact_mut(sx * pw)) {
-                for (p, d) in dst.chunks_exact_mut(pw).enumerate() {
-                    for (o, &v) in d.iter_mut().zip(row[p..].iter().step_by(sx)) {
-                        *o = v;
+            let rows = x.len() / w;
+            let mut ph = scratch::take(rows * sx * pw);
+            let split = |r0: usize, dst: &mut [f32]| {
+                let src = x[r0 * w..].chunks_exact(w);
+                for (row, dst) in src.zip(dst.chunks_exact_mut(sx * pw)) {
+                    for (p, d) in dst.chunks_exact_mut(pw).enumerate() {
+                        for (o, &v) in d.iter_mut().zip(row[p..].iter().step_by(sx)) {
+                            *o = v;
+                        }
                     }
                 }
+            };
+            // A whole input's worth of copying: in parallel when large (a stride-2 layer's
+            // input is 0.4–1.6 M values in a ResNet).
+            if x.len() < 1 << 16 {
+                split(0, &mut ph);
+            } else {
+                let per = rows.div_ceil(2 * par::current_threads()).max(1);
+                par::par_chunks_mut(&mut ph, per * sx * pw, |i, dst| split(i * per, dst));
             }
             ph
         });
