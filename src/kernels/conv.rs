@@ -374,8 +374,23 @@ thread_local! {
 
 /// A run of a panel's columns within one output row: (oy, ox0, len, column offset).
 type Run = (usize, usize, usize, usize);
-/// A row of the column matrix: where its channel plane starts, and the kernel tap's offsets.
-type Tap = (usize, isize, isize);
+/// A row of the column matrix: its input channel and kernel tap, with everything a strided
+/// copy needs worked out once (no divisions per copied run).
+#[derive(Debug, Clone, Copy)]
+struct Tap {
+    /// Start of the channel's plane in x.
+    plane: usize,
+    /// The channel's first row among all rows (for the phase-split copy).
+    chan_row: usize,
+    /// Row and column offset of the tap, padding included.
+    dy: isize,
+    dx: isize,
+    /// Stride phase of the tap's columns, and `dx` in phase columns (floor of dx / sx).
+    phase: usize,
+    dxq: isize,
+    /// For output column ox, input columns stay inside the row while ox < `lim`.
+    lim: isize,
+}
 
 impl BSource for Im2col<'_> {
     fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
@@ -407,17 +422,25 @@ impl Im2col<'_> {
         let (kh, kw) = c.kernel;
         let (sy, sx) = c.stride;
         let (h, w, ow) = (self.h as isize, self.w as isize, self.ow);
-        // Per row k of the block: where its channel plane starts and the kernel tap's offsets.
+        // Per row k of the block: its channel plane, the kernel tap's offsets, and for strided
+        // inputs its phase and bounds.
+        let sxi = sx as isize;
         taps.clear();
         taps.extend((k0..k0 + kc).map(|k| {
             let (ci, r) = (k / (kh * kw), k % (kh * kw));
             let (ky, kx) = (r / kw, r % kw);
-            (
-                ci * self.h * self.w,
-                (ky * c.dilation.0) as isize - c.pad_begin.0 as isize,
-                (kx * c.dilation.1) as isize - c.pad_begin.1 as isize,
-            )
+            let dx = (kx * c.dilation.1) as isize - c.pad_begin.1 as isize;
+            Tap {
+                plane: ci * self.h * self.w,
+                chan_row: ci * self.h,
+                dy: (ky * c.dilation.0) as isize - c.pad_begin.0 as isize,
+                dx,
+                phase: dx.rem_euclid(sxi) as usize,
+                dxq: dx.div_euclid(sxi),
+                lim: (w - 1 - dx).div_euclid(sxi) + 1,
+            }
         }));
+        let pw = self.w.div_ceil(sx);
         for p in 0..nc.div_ceil(nr) {
             // The panel's columns as runs within one output row: (oy, ox0, len, column offset).
             segs.clear();
@@ -430,7 +453,8 @@ impl Im2col<'_> {
                 col += len;
             }
             let panel = &mut dst[p * kc * nr..(p + 1) * kc * nr];
-            for (kk, &(plane, dy, dx)) in taps.iter().enumerate() {
+            for (kk, tap) in taps.iter().enumerate() {
+                let (plane, dy, dx) = (tap.plane, tap.dy, tap.dx);
                 let row = &mut panel[kk * nr..(kk + 1) * nr];
                 row[end - p * nr..].fill(0.0);
                 for &(oy, ox0, len, at) in segs.iter() {
@@ -454,28 +478,20 @@ impl Im2col<'_> {
                         }
                         out[hi..].fill(0.0);
                     } else {
-                        // Valid outputs are those with 0 ≤ ix0 + j·sx < w.
-                        let sxi = sx as isize;
-                        let lo = if ix0 >= 0 {
-                            0
-                        } else {
-                            ((-ix0 + sxi - 1) / sxi) as usize
-                        }
-                        .min(len);
-                        let hi = if w > ix0 {
-                            (((w - ix0 - 1) / sxi) + 1) as usize
-                        } else {
-                            0
-                        }
-                        .clamp(lo, len);
+                        // Valid outputs are those with 0 ≤ ix0 + j·sx < w, i.e. ox0 + j from
+                        // -dxq to lim (worked out per tap).
+                        let ox0i = ox0 as isize;
+                        let lo = (-tap.dxq - ox0i).clamp(0, len as isize) as usize;
+                        let hi = (tap.lim - ox0i).clamp(lo as isize, len as isize) as usize;
                         out[..lo].fill(0.0);
                         if hi > lo {
                             let s0 = (ix0 + lo as isize * sxi) as usize;
                             match &self.phased {
                                 Some(ph) => {
-                                    let pw = self.w.div_ceil(sx);
-                                    let row = plane / self.w + iy as usize;
-                                    let at = (row * sx + s0 % sx) * pw + s0 / sx;
+                                    // Column s0 = (ox0 + lo + dxq)·sx + phase of the row.
+                                    let row = tap.chan_row + iy as usize;
+                                    let col = (ox0i + lo as isize + tap.dxq) as usize;
+                                    let at = (row * sx + tap.phase) * pw + col;
                                     out[lo..hi].copy_from_slice(&ph[at..at + hi - lo]);
                                 }
                                 None => {
