@@ -844,8 +844,6 @@ impl Executor {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::graph::{BinaryKind, InputSpec, Node, OutputMeaning, OutputSpec, ValueInfo};
 
@@ -858,46 +856,18 @@ mod tests {
         }
     }
 
-    /// Reshapes share their input's arena region: values read after the reshape (its input,
-    /// a reshape of a transpose, a reshape that is a graph output or a tap) keep their
-    /// contents, on our kernels exactly as on candle's.
-    #[test]
-    fn reshapes_alias_their_input_and_nothing_is_overwritten() {
-        let add = |kind| Op::Binary {
-            kind,
-            activation: None,
-        };
-        let nodes = vec![
-            node("a", add(BinaryKind::Mul), &["in", "two"], "a"),
-            node("b", Op::Reshape { shape: vec![3, 4] }, &["a"], "b"),
-            node("c", Op::Transpose { perm: vec![1, 0] }, &["b"], "c"),
-            node("d", Op::Reshape { shape: vec![2, 6] }, &["c"], "d"),
-            node("e", add(BinaryKind::Add), &["d", "a"], "out"),
-        ];
-        let f32v = |shape: Vec<usize>| ValueInfo {
-            shape,
-            dtype: DType::F32,
-        };
-        let values: BTreeMap<String, ValueInfo> = [
-            ("in", vec![2, 6]),
-            ("a", vec![2, 6]),
-            ("b", vec![3, 4]),
-            ("c", vec![4, 3]),
-            ("d", vec![2, 6]),
-            ("out", vec![2, 6]),
-        ]
-        .into_iter()
-        .map(|(n, s)| (n.to_string(), f32v(s)))
-        .collect();
-        let graph = Graph {
-            name: "alias".into(),
+    /// A graph with one f32 input `in`, the given nodes, f32 values of the given shapes (the
+    /// input's first) and outputs.
+    fn graph(nodes: Vec<Node>, values: &[(&str, Vec<usize>)], outputs: &[&str]) -> Graph {
+        Graph {
+            name: "test".into(),
             inputs: vec![InputSpec {
                 name: "in".into(),
-                shape: vec![2, 6],
+                shape: values[0].1.clone(),
                 dtype: DType::F32,
                 preprocess: None,
             }],
-            outputs: ["out", "b"]
+            outputs: outputs
                 .iter()
                 .map(|n| OutputSpec {
                     name: n.to_string(),
@@ -905,24 +875,70 @@ mod tests {
                 })
                 .collect(),
             nodes,
-            values,
-        };
+            values: values
+                .iter()
+                .map(|(n, shape)| {
+                    let info = ValueInfo {
+                        shape: shape.clone(),
+                        dtype: DType::F32,
+                    };
+                    (n.to_string(), info)
+                })
+                .collect(),
+        }
+    }
+
+    fn binary(kind: BinaryKind) -> Op {
+        Op::Binary {
+            kind,
+            activation: None,
+        }
+    }
+
+    fn two() -> HashMap<String, Tensor> {
+        [(
+            "two".to_string(),
+            Tensor::new(&[2f32], &Device::Cpu).unwrap(),
+        )]
+        .into()
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    /// Reshapes share their input's arena region: values read after the reshape (its input,
+    /// a reshape of a transpose, a reshape that is a graph output or a tap) keep their
+    /// contents, on our kernels exactly as on candle's.
+    #[test]
+    fn reshapes_alias_their_input_and_nothing_is_overwritten() {
+        let nodes = vec![
+            node("a", binary(BinaryKind::Mul), &["in", "two"], "a"),
+            node("b", Op::Reshape { shape: vec![3, 4] }, &["a"], "b"),
+            node("c", Op::Transpose { perm: vec![1, 0] }, &["b"], "c"),
+            node("d", Op::Reshape { shape: vec![2, 6] }, &["c"], "d"),
+            node("e", binary(BinaryKind::Add), &["d", "a"], "out"),
+        ];
+        let values = [
+            ("in", vec![2, 6]),
+            ("a", vec![2, 6]),
+            ("b", vec![3, 4]),
+            ("c", vec![4, 3]),
+            ("d", vec![2, 6]),
+            ("out", vec![2, 6]),
+        ];
+        let graph = graph(nodes, &values, &["out", "b"]);
         let x = Tensor::arange(0f32, 12.0, &Device::Cpu)
             .unwrap()
             .reshape((2, 6))
             .unwrap();
         let mut results = Vec::new();
         for kernels in [Kernels::Native, Kernels::Candle] {
-            let weights: HashMap<String, Tensor> = [(
-                "two".to_string(),
-                Tensor::new(&[2f32], &Device::Cpu).unwrap(),
-            )]
-            .into();
             let options = ExecOptions {
                 kernels,
                 ..Default::default()
             };
-            let exec = Executor::new(graph.clone(), weights, Device::Cpu, options).unwrap();
+            let exec = Executor::new(graph.clone(), two(), Device::Cpu, options).unwrap();
             if kernels == Kernels::Native {
                 assert_eq!(exec.native_nodes(), 5);
                 assert_eq!(
@@ -934,7 +950,6 @@ mod tests {
             let run = exec
                 .run(&[("in".into(), x.clone())], &["b".into(), "c".into()])
                 .unwrap();
-            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mut got: Vec<Vec<f32>> = run.outputs.iter().map(|(_, t)| flat(t)).collect();
             got.push(flat(&run.taps["b"]));
             got.push(flat(&run.taps["c"]));
@@ -948,77 +963,26 @@ mod tests {
         assert_eq!(results[0], want, "native");
         assert_eq!(results[1], want, "candle");
     }
-}
-
-#[cfg(test)]
-mod lying_shapes {
-    use std::collections::BTreeMap;
-
-    use super::*;
-    use crate::graph::{BinaryKind, InputSpec, Node, OutputMeaning, OutputSpec, ValueInfo};
 
     /// A file whose recorded value shapes are wrong must not corrupt the arena: kernels that
     /// see a different shape decline, candle's op runs, and its result stays a tensor.
     #[test]
     fn a_wrong_recorded_shape_falls_back_and_still_answers() {
-        let node = |name: &str, op: Op, inputs: &[&str], out: &str| Node {
-            name: name.into(),
-            op,
-            inputs: inputs.iter().map(|s| s.to_string()).collect(),
-            outputs: vec![out.into()],
-        };
-        let mul = Op::Binary {
-            kind: BinaryKind::Mul,
-            activation: None,
-        };
-        let info = |shape: Vec<usize>| ValueInfo {
-            shape,
-            dtype: DType::F32,
-        };
         for lie in [vec![2, 7], vec![3, 4], vec![100]] {
-            let values: BTreeMap<String, ValueInfo> = [
-                ("in".to_string(), info(vec![2, 6])),
-                ("a".to_string(), info(lie.clone())),
-                ("out".to_string(), info(vec![2, 6])),
-            ]
-            .into();
-            let graph = Graph {
-                name: "lie".into(),
-                inputs: vec![InputSpec {
-                    name: "in".into(),
-                    shape: vec![2, 6],
-                    dtype: DType::F32,
-                    preprocess: None,
-                }],
-                outputs: vec![OutputSpec {
-                    name: "out".into(),
-                    meaning: OutputMeaning::Tensor,
-                }],
-                nodes: vec![
-                    node("a", mul.clone(), &["in", "two"], "a"),
-                    node("b", mul.clone(), &["a", "two"], "out"),
-                ],
-                values,
-            };
-            let weights: HashMap<String, Tensor> = [(
-                "two".to_string(),
-                Tensor::new(&[2f32], &Device::Cpu).unwrap(),
-            )]
-            .into();
-            let exec = Executor::new(graph, weights, Device::Cpu, ExecOptions::default()).unwrap();
+            let nodes = vec![
+                node("a", binary(BinaryKind::Mul), &["in", "two"], "a"),
+                node("b", binary(BinaryKind::Mul), &["a", "two"], "out"),
+            ];
+            let values = [("in", vec![2, 6]), ("a", lie.clone()), ("out", vec![2, 6])];
+            let graph = graph(nodes, &values, &["out"]);
+            let exec = Executor::new(graph, two(), Device::Cpu, ExecOptions::default()).unwrap();
             let x = Tensor::arange(0f32, 12.0, &Device::Cpu)
                 .unwrap()
                 .reshape((2, 6))
                 .unwrap();
             let out = exec.run(&[("in".into(), x)], &[]).unwrap();
-            let got = out.outputs[0]
-                .1
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
             let want: Vec<f32> = (0..12).map(|i| 4.0 * i as f32).collect();
-            assert_eq!(got, want, "recorded shape {lie:?}");
+            assert_eq!(flat(&out.outputs[0].1), want, "recorded shape {lie:?}");
         }
     }
 
@@ -1026,49 +990,20 @@ mod lying_shapes {
     /// output shape the kernel cannot make is an error saying so, not a panic.
     #[test]
     fn a_wrong_recorded_conv_shape_is_a_clear_error() {
-        let info = |shape: Vec<usize>| ValueInfo {
-            shape,
-            dtype: DType::F32,
+        let conv = Op::Conv {
+            strides: vec![1, 1],
+            pads: vec![1; 4],
+            dilations: vec![1, 1],
+            group: 1,
+            activation: None,
+            residual: false,
         };
-        let graph = Graph {
-            name: "lie".into(),
-            inputs: vec![InputSpec {
-                name: "in".into(),
-                shape: vec![1, 2, 5, 5],
-                dtype: DType::F32,
-                preprocess: None,
-            }],
-            outputs: vec![OutputSpec {
-                name: "out".into(),
-                meaning: OutputMeaning::Tensor,
-            }],
-            nodes: vec![Node {
-                name: "conv".into(),
-                op: Op::Conv {
-                    strides: vec![1, 1],
-                    pads: vec![1; 4],
-                    dilations: vec![1, 1],
-                    group: 1,
-                    activation: None,
-                    residual: false,
-                },
-                inputs: vec!["in".into(), "w".into()],
-                outputs: vec!["out".into()],
-            }],
-            values: [
-                ("in".to_string(), info(vec![1, 2, 5, 5])),
-                ("out".to_string(), info(vec![1, 3, 4, 4])),
-            ]
-            .into(),
-        };
+        let nodes = vec![node("conv", conv, &["in", "w"], "out")];
+        let values = [("in", vec![1, 2, 5, 5]), ("out", vec![1, 3, 4, 4])];
+        let graph = graph(nodes, &values, &["out"]);
         let w = Tensor::ones((3, 2, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let exec = Executor::new(
-            graph,
-            [("w".to_string(), w)].into(),
-            Device::Cpu,
-            ExecOptions::default(),
-        )
-        .unwrap();
+        let weights = [("w".to_string(), w)].into();
+        let exec = Executor::new(graph, weights, Device::Cpu, ExecOptions::default()).unwrap();
         let x = Tensor::ones((1, 2, 5, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
         let err = exec.run(&[("in".into(), x)], &[]).unwrap_err().to_string();
         assert!(err.contains("conv") && err.contains("disagree"), "{err}");
