@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use super::par::par_chunks_mut;
 
 use super::act::apply_activation;
+#[cfg(target_arch = "x86_64")]
 use super::gemm::Isa;
 use crate::graph::Activation;
 

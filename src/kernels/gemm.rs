@@ -704,7 +704,11 @@ unsafe fn micro(
         Isa::Avx512 => x86::kernel_8x32(kc, a, b, c, ldc, accumulate, fused),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => x86::kernel_6x16(kc, a, b, c, ldc, accumulate, fused),
-        _ => portable::kernel_4x16(kc, a, b, c, ldc, accumulate),
+        _ => {
+            // The portable kernel stores plain sums; the caller's epilogue pass does the rest.
+            let _ = fused;
+            portable::kernel_4x16(kc, a, b, c, ldc, accumulate)
+        }
     }
 }
 
@@ -712,6 +716,7 @@ unsafe fn micro(
 /// col_bias[j] + residual[r, j], lo, hi)`; null pointers are absent terms. NaN passes the
 /// clamp unchanged, as in the reference.
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Fused {
     /// MR row biases, or null.
     bias: *const f32,

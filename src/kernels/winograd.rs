@@ -12,7 +12,9 @@ use super::par::{par_chunks_mut, par_for, SendPtr};
 use super::scratch;
 
 use super::act::apply_activation;
-use super::gemm::{gemm, Epilogue, Isa, Layout, MatrixB, PackedA};
+#[cfg(target_arch = "x86_64")]
+use super::gemm::Isa;
+use super::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA};
 use crate::graph::Activation;
 
 /// Work below this many multiply-adds per frame runs serially: rayon's fork costs more.
