@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash cross/build-aarch64.sh
 cargo build --release --locked
-arm=(qemu-aarch64 -L /usr/aarch64-linux-gnu target/aarch64-unknown-linux-gnu/release/edgeinfer)
+arm=(qemu-aarch64 -L /usr/aarch64-linux-gnu target/aarch64-unknown-linux-gnu/dist/edgeinfer)
 x86=(target/release/edgeinfer)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
