@@ -22,6 +22,9 @@ struct Job {
     n: usize,
     next: AtomicUsize,
     pending: AtomicUsize,
+    /// The first panic of an item, re-raised on the caller's thread once every item is done
+    /// (a worker that died instead would leave the caller waiting forever).
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 // SAFETY: `f` is Sync and is only called while the owning `par_for` waits for it.
@@ -122,6 +125,7 @@ impl SpinPool {
             n,
             next: AtomicUsize::new(0),
             pending: AtomicUsize::new(n),
+            panic: Mutex::new(None),
         };
         let reused = {
             let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
@@ -155,6 +159,10 @@ impl SpinPool {
             let mut slot = self.shared.job.lock().unwrap_or_else(|e| e.into_inner());
             slot.1 = None;
         }
+        let panicked = job.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(payload) = panicked {
+            std::panic::resume_unwind(payload);
+        }
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
         if spare.len() < 4 {
             spare.push(job);
@@ -184,7 +192,13 @@ fn work(job: &Job) {
             return;
         }
         // SAFETY: item i was claimed, so the caller is still waiting for it (see `Job`).
-        unsafe { (*job.f)(i) };
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*job.f)(i) }));
+        if let Err(payload) = ran {
+            job.panic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(payload);
+        }
         job.pending.fetch_sub(1, Ordering::Release);
     }
 }
@@ -311,6 +325,34 @@ impl<T> SendPtr<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A panicking item reaches the caller as a panic (after every other item ran), instead
+    /// of killing a worker and leaving the caller waiting; the pool keeps working after it.
+    #[test]
+    fn a_panicking_item_panics_the_caller_and_the_pool_survives() {
+        let pool = Arc::new(SpinPool::new(2).unwrap());
+        let done = AtomicUsize::new(0);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.install(|| {
+                par_for(64, |i| {
+                    if i == 17 {
+                        panic!("item 17");
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                })
+            })
+        }));
+        let msg = r.expect_err("the panic reaches the caller");
+        assert_eq!(msg.downcast_ref::<&str>(), Some(&"item 17"));
+        assert_eq!(done.load(Ordering::Relaxed), 63);
+        let hits = AtomicUsize::new(0);
+        pool.install(|| {
+            par_for(100, |_| {
+                hits.fetch_add(1, Ordering::Relaxed);
+            })
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 100);
+    }
 
     #[test]
     fn every_item_runs_once_on_the_pool_and_without_it() {
