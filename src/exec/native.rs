@@ -1005,8 +1005,7 @@ fn run_one(p: &Prepared, x: In, ins: &[In], out: &mut [f32], od: &[usize]) -> Re
         }
         // One piece: the whole input.
         Prepared::Split { sizes, .. } if sizes.len() == 1 && same(od, dims) => {
-            out.copy_from_slice(x.data);
-            Ok(true)
+            Ok(layout::copy(x.data, out))
         }
         Prepared::Split { .. } => Ok(false),
     }
