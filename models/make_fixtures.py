@@ -191,7 +191,11 @@ def make_resnet18_pruned() -> None:
     _write_fixture("resnet18_pruned", model, (1, 3, 224, 224), input_seed=100, info=info, max_onnx_mb=8.0)
 
 
-def make_vit_tiny() -> None:
+def build_vit_tiny() -> tuple[torch.nn.Module, OrderedDict]:
+    """The vit_tiny model (eval mode, weights not yet f16-rounded) and its info dict.
+
+    Also used by make_explain_fixtures.py; `_write_fixture` rounds the weights to f16.
+    """
     import timm
     from timm.layers import set_fused_attn
     from timm.models.vision_transformer import VisionTransformer
@@ -231,6 +235,11 @@ def make_vit_tiny() -> None:
         ("params", _count_params(model)),
         ("tokens", 1 + (64 // 8) ** 2),
     ])
+    return model, info
+
+
+def make_vit_tiny() -> None:
+    model, info = build_vit_tiny()
     _write_fixture("vit_tiny", model, (1, 3, 64, 64), input_seed=200, info=info, max_onnx_mb=6.0)
 
 

@@ -135,6 +135,15 @@ pub enum Error {
         cause: std::io::Error,
     },
 
+    /// An explanation could not be made (no suitable layer, bad target class, ...).
+    #[error("explain ({method}): {reason}")]
+    Explain {
+        /// The method asked for.
+        method: String,
+        /// Why it cannot run.
+        reason: String,
+    },
+
     /// Tensor engine errors outside a node (loading weights, moving tensors).
     #[error("tensor engine: {0}")]
     Candle(Box<candle_core::Error>),

@@ -12,6 +12,7 @@ pub mod budget;
 pub mod device;
 pub mod error;
 pub mod exec;
+pub mod explain;
 pub mod graph;
 pub mod import;
 pub mod kernels;

@@ -12,12 +12,13 @@ use crate::board::Board;
 use crate::budget::{FrameTimer, Stage};
 use crate::device::{self, DeviceChoice, DeviceRequest};
 use crate::error::{Error, Result};
+use crate::explain::{Choice, ExplainOptions, Explainer, Explanation};
 use crate::exec::{load_weights, ExecOptions, Executor, Kernels, RunOutputs, Winograd};
 use crate::graph::passes::{optimize, PassReport};
 use crate::graph::stats::stats;
 use crate::graph::{Graph, OutputMeaning, META_LABELS, META_PROVENANCE};
 use crate::model::ModelFile;
-use crate::pipeline::preprocess::image_to_tensor;
+use crate::pipeline::preprocess::{image_to_tensor, InputGeometry};
 use crate::pipeline::Frame;
 use crate::report::{FrameReport, OutputSummary, TopClass, Verdict};
 
@@ -40,6 +41,7 @@ pub struct RuntimeBuilder {
     taps: Vec<String>,
     optimize: bool,
     exec: ExecOptions,
+    explain: ExplainOptions,
 }
 
 impl Default for RuntimeBuilder {
@@ -53,6 +55,7 @@ impl Default for RuntimeBuilder {
             taps: Vec::new(),
             optimize: true,
             exec: ExecOptions::default(),
+            explain: ExplainOptions::default(),
         }
     }
 }
@@ -105,6 +108,12 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Explain every frame (method, target class / layer, threshold); off by default.
+    pub fn explain(mut self, options: ExplainOptions) -> Self {
+        self.explain = options;
+        self
+    }
+
     /// Run the load-time graph passes (on by default; off runs the graph as imported).
     pub fn optimize(mut self, on: bool) -> Self {
         self.optimize = on;
@@ -145,18 +154,25 @@ impl RuntimeBuilder {
             check_memory(&file, board)?;
         }
         let choice = device::select_first(&self.devices)?;
-        let model = LoadedModel::load(
-            Arc::new(file),
-            &choice,
-            &self.taps,
-            self.optimize,
-            self.exec,
-        )?;
+        let mut taps = self.taps;
+        let explainer = match self.explain.choice {
+            Choice::Off => None,
+            _ => {
+                let stored = Graph::from_model_file(&file)?;
+                let e = Explainer::new(&stored, &file, self.explain)?;
+                taps.extend(e.taps());
+                Some(e)
+            }
+        };
+        let model = LoadedModel::load(Arc::new(file), &choice, &taps, self.optimize, self.exec)?;
+        let frame_taps = explainer.as_ref().map(Explainer::taps).unwrap_or_default();
         Ok(Runtime {
             model,
             device: choice,
             budget: self.budget,
             top_k: self.top_k,
+            explainer,
+            frame_taps,
         })
     }
 }
@@ -264,6 +280,19 @@ pub struct Runtime {
     device: DeviceChoice,
     budget: Duration,
     top_k: usize,
+    explainer: Option<Explainer>,
+    /// Values each frame keeps for the explainer.
+    frame_taps: Vec<String>,
+}
+
+/// A frame's report with what the explain layer made of it.
+pub struct Explained {
+    /// The report (its `explain` object already filled).
+    pub report: FrameReport,
+    /// The explanation, when one ran.
+    pub explanation: Option<Explanation>,
+    /// The decoded frame, when an explanation ran (for overlays).
+    pub image: Option<Arc<image::DynamicImage>>,
 }
 
 impl Runtime {
@@ -292,9 +321,19 @@ impl Runtime {
         self.model.exec.run(feeds, taps)
     }
 
+    /// The explainer, when explanations are on.
+    pub fn explainer(&self) -> Option<&Explainer> {
+        self.explainer.as_ref()
+    }
+
     /// Decodes, preprocesses and runs one frame. Always returns a report: a frame that fails
     /// gets verdict `error` with the reason, so a bad frame never loses the others.
     pub fn infer(&self, frame: &Frame) -> FrameReport {
+        self.infer_explained(frame).report
+    }
+
+    /// [`Self::infer`], also returning the explanation and the decoded frame (for overlays).
+    pub fn infer_explained(&self, frame: &Frame) -> Explained {
         let mut timer = FrameTimer::start(self.budget);
         let mut report = FrameReport {
             frame: frame.id,
@@ -312,17 +351,26 @@ impl Runtime {
             degraded: Vec::new(),
             error: None,
         };
-        if let Err(e) = self.infer_into(frame, &mut timer, &mut report) {
+        let mut explained = (None, None);
+        if let Err(e) = self.infer_into(frame, &mut timer, &mut report, &mut explained) {
             report.verdict = Verdict::Error;
             report.error = Some(e.to_string());
             report.stages = timer.stages.clone();
             report.total_ms = timer.total_ms();
-            return report;
+            return Explained {
+                report,
+                explanation: None,
+                image: None,
+            };
         }
         report.stages = timer.stages.clone();
         report.total_ms = timer.total_ms();
         report.verdict = timer.verdict();
-        report
+        Explained {
+            report,
+            explanation: explained.0,
+            image: explained.1,
+        }
     }
 
     fn infer_into(
@@ -330,6 +378,7 @@ impl Runtime {
         frame: &Frame,
         timer: &mut FrameTimer,
         report: &mut FrameReport,
+        explained: &mut (Option<Explanation>, Option<Arc<image::DynamicImage>>),
     ) -> Result<()> {
         let img = frame.decode()?;
         timer.mark(Stage::Decode);
@@ -354,7 +403,10 @@ impl Runtime {
                 reason,
             })?;
         timer.mark(Stage::Preprocess);
-        let out = self.model.exec.run(&[(input.name.clone(), tensor)], &[])?;
+        let out = self
+            .model
+            .exec
+            .run(&[(input.name.clone(), tensor)], &self.frame_taps)?;
         // Reading results back synchronises the device, so inference time is real time.
         let first = out.outputs.first().map(|(_, t)| t.clone());
         let host = match &first {
@@ -379,6 +431,31 @@ impl Runtime {
             }
         }
         timer.mark(Stage::Post);
+        if let Some(explainer) = &self.explainer {
+            let top1 = match report.top.first() {
+                Some(t) => t.class,
+                None => match &first {
+                    Some(t) => argmax(t)?,
+                    None => 0,
+                },
+            };
+            let (method, degraded) = explainer.choose(Some(timer.remaining()));
+            report.degraded.extend(degraded);
+            if let Some(m) = method {
+                let e = explainer.run(m, &out.taps, explainer.target_class(top1))?;
+                let frame_bbox = match (e.bbox, InputGeometry::of(img.width(), img.height(), input)) {
+                    (Some(b), Some(g)) => {
+                        let [x0, y0, x1, y1] = g.to_frame([b.x0, b.y0, b.x1, b.y1], img.width(), img.height());
+                        Some(crate::explain::mask::BBox { x0, y0, x1, y1 })
+                    }
+                    _ => None,
+                };
+                report.explain = Some(explainer.report_json(&e, frame_bbox));
+                explained.0 = Some(e);
+                explained.1 = Some(img);
+            }
+            timer.mark(Stage::Explain);
+        }
         Ok(())
     }
 
@@ -406,4 +483,14 @@ impl Runtime {
             })
             .collect())
     }
+}
+
+/// Index of the largest element of `t` (flattened).
+fn argmax(t: &Tensor) -> Result<usize> {
+    let v = t.flatten_all()?.to_dtype(CDType::F32)?.to_vec1::<f32>()?;
+    Ok(v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap_or(0))
 }

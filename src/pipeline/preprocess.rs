@@ -69,9 +69,19 @@ pub fn image_to_tensor(
 
 /// Resize-shorter-side then centre crop (torchvision's recipe), or a plain stretch.
 fn fit(img: &DynamicImage, pre: &Preprocess, w: u32, h: u32) -> DynamicImage {
+    let (rw, rh, x, y) = fit_plan(img.width(), img.height(), pre, w, h);
+    let resized = img.resize_exact(rw, rh, FilterType::Triangle);
+    if (x, y, rw, rh) == (0, 0, w, h) {
+        resized
+    } else {
+        resized.crop_imm(x, y, w, h)
+    }
+}
+
+/// The resized size and the crop offset of [`fit`].
+fn fit_plan(iw: u32, ih: u32, pre: &Preprocess, w: u32, h: u32) -> (u32, u32, u32, u32) {
     match pre.resize_shorter {
-        Some(short) => {
-            let (iw, ih) = (img.width(), img.height());
+        Some(short) if iw > 0 && ih > 0 => {
             let (nw, nh) = if iw <= ih {
                 (
                     short,
@@ -83,13 +93,76 @@ fn fit(img: &DynamicImage, pre: &Preprocess, w: u32, h: u32) -> DynamicImage {
                     short,
                 )
             };
-            let resized = img.resize_exact(nw.max(w), nh.max(h), FilterType::Triangle);
-            let x = centre_offset(resized.width() - w);
-            let y = centre_offset(resized.height() - h);
-            resized.crop_imm(x, y, w, h)
+            let (rw, rh) = (nw.max(w), nh.max(h));
+            (rw, rh, centre_offset(rw - w), centre_offset(rh - h))
         }
-        None => img.resize_exact(w, h, FilterType::Triangle),
+        _ => (w, h, 0, 0),
     }
+}
+
+/// Where the model input lies in the frame: input pixel `u` covers frame x
+/// `(u + offset_x) / scale_x` (and the same for y).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InputGeometry {
+    /// Resized width / frame width.
+    pub scale_x: f64,
+    /// Resized height / frame height.
+    pub scale_y: f64,
+    /// Crop offset in resized pixels.
+    pub offset_x: f64,
+    /// Crop offset in resized pixels.
+    pub offset_y: f64,
+}
+
+impl InputGeometry {
+    /// How a `frame_w × frame_h` frame becomes `input`'s tensor (`None` for a non-image input).
+    pub fn of(frame_w: u32, frame_h: u32, input: &InputSpec) -> Option<Self> {
+        let pre = input.preprocess.as_ref()?;
+        let (h, w) = match (pre.layout.as_str(), input.shape.as_slice()) {
+            ("NHWC", &[_, h, w, _]) | ("NCHW", &[_, _, h, w]) => (h as u32, w as u32),
+            _ => return None,
+        };
+        if frame_w == 0 || frame_h == 0 {
+            return None;
+        }
+        let (rw, rh, x, y) = fit_plan(frame_w, frame_h, pre, w, h);
+        Some(InputGeometry {
+            scale_x: rw as f64 / frame_w as f64,
+            scale_y: rh as f64 / frame_h as f64,
+            offset_x: x as f64,
+            offset_y: y as f64,
+        })
+    }
+
+    /// Input pixel rectangle `[x0, x1) × [y0, y1)` in frame pixels, rounded outwards and
+    /// clipped to the frame.
+    pub fn to_frame(&self, r: [u32; 4], frame_w: u32, frame_h: u32) -> [u32; 4] {
+        let fx = |u: u32, up: bool| {
+            let v = (u as f64 + self.offset_x) / self.scale_x;
+            let v = if up { v.ceil() } else { v.floor() };
+            (v.max(0.0) as u32).min(frame_w)
+        };
+        let fy = |u: u32, up: bool| {
+            let v = (u as f64 + self.offset_y) / self.scale_y;
+            let v = if up { v.ceil() } else { v.floor() };
+            (v.max(0.0) as u32).min(frame_h)
+        };
+        [fx(r[0], false), fy(r[1], false), fx(r[2], true), fy(r[3], true)]
+    }
+}
+
+/// The frame as the model sees it (resized and cropped to the input size), in RGB: the
+/// picture a heat map is drawn over.
+pub fn model_view(img: &DynamicImage, input: &InputSpec) -> Option<image::RgbImage> {
+    let pre = input.preprocess.as_ref()?;
+    let (h, w) = match (pre.layout.as_str(), input.shape.as_slice()) {
+        ("NHWC", &[_, h, w, _]) | ("NCHW", &[_, _, h, w]) => (h as u32, w as u32),
+        _ => return None,
+    };
+    if img.width() == 0 || img.height() == 0 {
+        return None;
+    }
+    Some(fit(img, pre, w, h).to_rgb8())
 }
 
 /// torchvision's CenterCrop offset, `round(spare / 2)` with Python's round-half-to-even, so an
