@@ -21,6 +21,9 @@ use edgeinfer::pipeline::{frames_from_paths, Frame, FrameData};
 use edgeinfer::report::{FrameReport, Verdict};
 use edgeinfer::Runtime;
 
+mod cli;
+use cli::explain::{ExplainArgs, MapDump, OverlaySink};
+
 /// The embedded default model (MobileNetV2, ImageNet, f16 storage) and sample photos, so `demo`
 /// needs no network, no Python and no files next to the binary.
 const DEFAULT_MODEL: &[u8] = include_bytes!("../models/mobilenet_v2.safetensors");
@@ -61,6 +64,37 @@ enum Command {
     Ops,
     /// List the shipped board profiles (use one with --board NAME, or --board FILE.toml).
     Boards,
+    /// Explain one image: a side-by-side picture (input | heat map | overlay) and the JSON.
+    Explain(ExplainCmdArgs),
+    /// Benchmarks: `--explain` times each explain method against one forward pass.
+    Bench(BenchCmdArgs),
+    /// Accuracy, and each explain method's localisation (IoU, Dice, pointing game, energy)
+    /// against known defect masks.
+    Eval(EvalCmdArgs),
+}
+
+#[derive(Args)]
+struct ExplainCmdArgs {
+    #[command(flatten)]
+    cmd: cli::explain::ExplainCmd,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+#[derive(Args)]
+struct BenchCmdArgs {
+    #[command(flatten)]
+    cmd: cli::bench::BenchCmd,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+#[derive(Args)]
+struct EvalCmdArgs {
+    #[command(flatten)]
+    cmd: cli::explain::EvalCmd,
+    #[command(flatten)]
+    target: TargetArgs,
 }
 
 /// Where a model runs: a board profile, and explicit settings that override it.
@@ -126,11 +160,13 @@ impl CpuArgs {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Folder for the JSON lines report.
+    /// Folder for the JSON lines report and the heat-map overlays.
     #[arg(long, default_value = "out")]
     out: PathBuf,
     #[command(flatten)]
     target: TargetArgs,
+    #[command(flatten)]
+    explain: ExplainArgs,
 }
 
 #[derive(Args)]
@@ -212,8 +248,13 @@ struct RunArgs {
     /// median, p95 and min latency.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// Folder for heat-map overlays of explained frames (`<frame>-<name>.png`).
+    #[arg(long)]
+    out: Option<PathBuf>,
     #[command(flatten)]
     target: TargetArgs,
+    #[command(flatten)]
+    explain: ExplainArgs,
 }
 
 fn main() {
@@ -237,6 +278,18 @@ fn main() {
             Ok(())
         }
         Command::Boards => boards(),
+        Command::Explain(a) => a
+            .target
+            .builder()
+            .and_then(|b| cli::explain::explain_cmd(&a.cmd, b)),
+        Command::Bench(a) => a
+            .target
+            .builder()
+            .and_then(|b| cli::bench::bench_cmd(&a.cmd, b, DEFAULT_MODEL, SAMPLES[0].1)),
+        Command::Eval(a) => a
+            .target
+            .builder()
+            .and_then(|b| cli::explain::eval_cmd(&a.cmd, b)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -265,9 +318,13 @@ fn boards() -> Result<()> {
 }
 
 fn demo(a: DemoArgs) -> Result<()> {
+    let choice = a
+        .explain
+        .explain
+        .unwrap_or(edgeinfer::explain::Choice::Auto);
     let rt = a
-        .target
-        .builder()?
+        .explain
+        .apply(a.target.builder()?, choice)?
         .model_bytes(DEFAULT_MODEL, "embedded:mobilenet_v2.safetensors")
         .top_k(3)
         .build()
@@ -282,6 +339,8 @@ fn demo(a: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let path = a.out.join("demo.jsonl");
     let mut sink = JsonLines::create(Some(&path))?;
+    let overlays = OverlaySink::create(&a.out)?;
+    let mut dump = a.explain.dump_maps.as_ref().map(|_| MapDump::default());
     // A warm-up frame so the first report is not dominated by one-time page faults.
     let warm = Frame {
         id: u64::MAX,
@@ -290,8 +349,8 @@ fn demo(a: DemoArgs) -> Result<()> {
     };
     let _ = rt.infer(&warm);
     println!(
-        "{:<14} {:<40} {:>7} {:>7} {:>7} {:>7}  verdict",
-        "image", "top-3 (score)", "decode", "prep", "infer", "total"
+        "{:<14} {:<40} {:>7} {:>7} {:>7} {:>7} {:>7}  verdict",
+        "image", "top-3 (score)", "decode", "prep", "infer", "explain", "total"
     );
     let mut reports = Vec::new();
     for (i, (name, bytes)) in SAMPLES.iter().enumerate() {
@@ -300,20 +359,30 @@ fn demo(a: DemoArgs) -> Result<()> {
             source: (*name).to_string(),
             data: FrameData::Encoded(Arc::from(*bytes)),
         };
-        let r = rt.infer(&frame);
+        let mut x = rt.infer_explained(&frame);
+        overlays.write(&rt, &mut x)?;
+        if let (Some(d), Some(e)) = (dump.as_mut(), &x.explanation) {
+            d.add(frame.id, e)?;
+        }
+        let r = x.report;
         let tops: Vec<String> = r
             .top
             .iter()
             .map(|t| format!("{} ({:.2})", t.label.as_deref().unwrap_or("?"), t.score))
             .collect();
         let mut lines = tops.into_iter();
+        let explain = match (r.stages.explain, &r.explain) {
+            (Some(ms), Some(_)) => format!("{ms:.1}"),
+            _ => "-".into(),
+        };
         println!(
-            "{:<14} {:<40} {:>7.1} {:>7.1} {:>7.1} {:>7.1}  {}",
+            "{:<14} {:<40} {:>7.1} {:>7.1} {:>7.1} {:>7} {:>7.1}  {}",
             name,
             truncate(&lines.next().unwrap_or_default(), 40),
             r.stages.decode,
             r.stages.preprocess,
             r.stages.infer,
+            explain,
             r.total_ms,
             verdict_text(&r)
         );
@@ -324,7 +393,17 @@ fn demo(a: DemoArgs) -> Result<()> {
         reports.push(r);
     }
     sink.finish()?;
+    if let (Some(d), Some(p)) = (dump, &a.explain.dump_maps) {
+        d.finish(p)?;
+    }
+    let explained: Vec<&str> = reports
+        .iter()
+        .filter_map(|r| r.explain.as_ref()?.get("map")?.as_str())
+        .collect();
     eprintln!("{} frames, reports in {}", reports.len(), path.display());
+    if !explained.is_empty() {
+        eprintln!("heat-map overlays: {}", explained.join(", "));
+    }
     Ok(())
 }
 
@@ -626,9 +705,10 @@ fn run(a: RunArgs) -> Result<()> {
     if a.input.is_empty() && a.input_tensor.is_none() {
         bail!("give --input (images) or --input-tensor (a safetensors file)");
     }
+    let choice = a.explain.explain.unwrap_or_default();
     let rt = a
-        .target
-        .builder()?
+        .explain
+        .apply(a.target.builder()?, choice)?
         .model(&a.model)
         .top_k(a.top_k)
         .optimize(!a.no_optimize)
@@ -655,10 +735,22 @@ fn run(a: RunArgs) -> Result<()> {
         bail!("no images found in {:?}", a.input);
     }
     let mut sink = JsonLines::create(a.jsonl.as_deref())?;
+    let overlays = a.out.as_deref().map(OverlaySink::create).transpose()?;
+    let mut dump = a.explain.dump_maps.as_ref().map(|_| MapDump::default());
     let (mut ok, mut over, mut err) = (0, 0, 0);
     let mut totals = Vec::new();
     for f in &frames {
-        let r = rt.infer(f);
+        let mut x = rt.infer_explained(f);
+        if let Some(o) = &overlays {
+            // A picture that cannot be written is that frame's problem, not the run's.
+            if let Err(e) = o.write(&rt, &mut x) {
+                eprintln!("frame {}: overlay not written: {e:#}", f.id);
+            }
+        }
+        if let (Some(d), Some(e)) = (dump.as_mut(), &x.explanation) {
+            d.add(f.id, e)?;
+        }
+        let r = x.report;
         match r.verdict {
             Verdict::Ok => ok += 1,
             Verdict::OverBudget => over += 1,
@@ -677,6 +769,9 @@ fn run(a: RunArgs) -> Result<()> {
         sink.write(&r)?;
     }
     sink.finish()?;
+    if let (Some(d), Some(p)) = (dump, &a.explain.dump_maps) {
+        d.finish(p)?;
+    }
     totals.sort_by(f64::total_cmp);
     let median = totals.get(totals.len() / 2).copied().unwrap_or(0.0);
     eprintln!(

@@ -12,8 +12,8 @@ use crate::board::Board;
 use crate::budget::{FrameTimer, Stage};
 use crate::device::{self, DeviceChoice, DeviceRequest};
 use crate::error::{Error, Result};
-use crate::explain::{Choice, ExplainOptions, Explainer, Explanation};
 use crate::exec::{load_weights, ExecOptions, Executor, Kernels, RunOutputs, Winograd};
+use crate::explain::{Choice, ExplainOptions, Explainer, Explanation};
 use crate::graph::passes::{optimize, PassReport};
 use crate::graph::stats::stats;
 use crate::graph::{Graph, OutputMeaning, META_LABELS, META_PROVENANCE};
@@ -326,6 +326,59 @@ impl Runtime {
         self.explainer.as_ref()
     }
 
+    /// Preprocesses a decoded image into the model's (single) input tensor.
+    pub fn image_tensor(&self, img: &image::DynamicImage) -> Result<(String, Tensor)> {
+        let input = self.single_input()?;
+        let t =
+            image_to_tensor(img, input, &self.device.device).map_err(|reason| Error::BadInput {
+                name: input.name.clone(),
+                reason,
+            })?;
+        Ok((input.name.clone(), t))
+    }
+
+    fn single_input(&self) -> Result<&crate::graph::InputSpec> {
+        let graph = self.model.exec.graph();
+        match graph.inputs.as_slice() {
+            [input] => Ok(input),
+            inputs => Err(Error::InvalidGraph {
+                file: self.model.file.label().to_string(),
+                reason: format!(
+                    "the model has {} inputs; frames feed single-input models",
+                    inputs.len()
+                ),
+            }),
+        }
+    }
+
+    /// Runs `feeds` and explains the result with `method` (no budget check, no fallback):
+    /// for evaluations and single-image explanations. `class` defaults to the top-1. Returns
+    /// the first output (on the host) and the explanation.
+    pub fn explain_tensors(
+        &self,
+        feeds: &[(String, Tensor)],
+        method: crate::explain::Method,
+        class: Option<usize>,
+    ) -> Result<(Tensor, Explanation)> {
+        let explainer = self.explainer.as_ref().ok_or_else(|| Error::Explain {
+            method: method.name().into(),
+            reason: "the runtime was built without explanations".into(),
+        })?;
+        let out = self.model.exec.run(feeds, &self.frame_taps)?;
+        let first = out
+            .outputs
+            .first()
+            .map(|(_, t)| t.to_device(&candle_core::Device::Cpu))
+            .transpose()?
+            .ok_or_else(|| Error::Explain {
+                method: method.name().into(),
+                reason: "the model has no outputs".into(),
+            })?;
+        let class = class.unwrap_or(argmax(&first)?);
+        let e = explainer.run(method, &out.taps, class)?;
+        Ok((first, e))
+    }
+
     /// Decodes, preprocesses and runs one frame. Always returns a report: a frame that fails
     /// gets verdict `error` with the reason, so a bad frame never loses the others.
     pub fn infer(&self, frame: &Frame) -> FrameReport {
@@ -443,9 +496,11 @@ impl Runtime {
             report.degraded.extend(degraded);
             if let Some(m) = method {
                 let e = explainer.run(m, &out.taps, explainer.target_class(top1))?;
-                let frame_bbox = match (e.bbox, InputGeometry::of(img.width(), img.height(), input)) {
+                let frame_bbox = match (e.bbox, InputGeometry::of(img.width(), img.height(), input))
+                {
                     (Some(b), Some(g)) => {
-                        let [x0, y0, x1, y1] = g.to_frame([b.x0, b.y0, b.x1, b.y1], img.width(), img.height());
+                        let [x0, y0, x1, y1] =
+                            g.to_frame([b.x0, b.y0, b.x1, b.y1], img.width(), img.height());
                         Some(crate::explain::mask::BBox { x0, y0, x1, y1 })
                     }
                     _ => None,
@@ -486,7 +541,7 @@ impl Runtime {
 }
 
 /// Index of the largest element of `t` (flattened).
-fn argmax(t: &Tensor) -> Result<usize> {
+pub fn argmax(t: &Tensor) -> Result<usize> {
     let v = t.flatten_all()?.to_dtype(CDType::F32)?.to_vec1::<f32>()?;
     Ok(v.iter()
         .enumerate()

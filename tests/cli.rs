@@ -55,6 +55,131 @@ fn demo_runs_offline_and_writes_one_report_per_photo() {
     // Chelsea is a tabby cat: ImageNet classes 281-285 are the domestic cats.
     let chelsea = reports[0]["top"][0]["class"].as_u64().unwrap();
     assert!((281..=285).contains(&chelsea), "chelsea top-1 = {chelsea}");
+    // Every photo is explained (CAM: MobileNetV2's head is GAP -> linear), with an overlay.
+    for r in &reports {
+        let e = &r["explain"];
+        assert_eq!(e["method"], "cam", "{r}");
+        assert!(r["stages"]["explain"].as_f64().is_some(), "{r}");
+        let map = std::path::PathBuf::from(e["map"].as_str().unwrap());
+        let img = image::open(&map).unwrap();
+        assert_eq!((img.width(), img.height()), (224, 224));
+    }
+    // The cat's map is on the cat: the hot box of chelsea.png (451 x 300 frame pixels) lies
+    // on the cat's face and chest, not on the background at the left edge of the photo.
+    let b: Vec<u64> = reports[0]["explain"]["bbox"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(
+        b[0] >= 90 && b[2] <= 400 && b[1] < b[3] && b[3] <= 300,
+        "bbox {b:?}"
+    );
+    // The espresso's box lies on the cup (the top two thirds of the 224 crop), not the saucer
+    // or the spoon below it.
+    let ib: Vec<u64> = reports[1]["explain"]["input_bbox"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(
+        ib[1] < 60 && ib[3] <= 170 && ib[0] >= 20 && ib[2] <= 210,
+        "coffee input bbox {ib:?}"
+    );
+}
+
+#[test]
+fn explain_writes_a_side_by_side_picture_and_run_dumps_raw_maps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = root().join("models/mobilenet_v2.safetensors");
+    let out = bin()
+        .args([
+            "explain", "--device", "cpu", "--method", "gradcam", "--model",
+        ])
+        .arg(&model)
+        .arg("--input")
+        .arg(root().join("models/samples/coffee.png"))
+        .arg("--out")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["method"], "gradcam");
+    assert_eq!(j["label"], "espresso");
+    let pic = image::open(tmp.path().join("coffee.explain.png")).unwrap();
+    assert_eq!((pic.width(), pic.height()), (3 * 224 + 2 * 8, 224));
+
+    let dump = tmp.path().join("maps.safetensors");
+    let jsonl = tmp.path().join("r.jsonl");
+    let out = bin()
+        .args(["run", "--device", "cpu", "--explain", "eigencam", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(root().join("models/samples/chelsea.png"))
+        .arg(root().join("models/samples/astronaut.png"))
+        .arg("--dump-maps")
+        .arg(&dump)
+        .arg("--jsonl")
+        .arg(&jsonl)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let maps: std::collections::HashMap<String, candle_core::Tensor> =
+        read_tensors(&dump).into_iter().collect();
+    for f in 0..2 {
+        assert_eq!(maps[&format!("frame{f}.raw")].dims(), &[7, 7]);
+        assert_eq!(maps[&format!("frame{f}.input")].dims(), &[224, 224]);
+    }
+    let text = std::fs::read_to_string(&jsonl).unwrap();
+    for line in text.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(r["explain"]["method"], "eigencam", "{r}");
+        assert!(
+            r["explain"].get("map").is_none(),
+            "no --out, no picture: {r}"
+        );
+    }
+}
+
+#[test]
+fn explain_flags_that_cannot_work_are_refused_up_front() {
+    let model = root().join("models/mobilenet_v2.safetensors");
+    let photo = root().join("models/samples/chelsea.png");
+    for (flags, want) in [
+        (vec!["--explain", "rollout"], "softmax"),
+        (vec!["--explain", "cam", "--target-class", "1000"], "1000"),
+        (
+            vec!["--explain", "gradcam", "--target-layer", "nope"],
+            "nope",
+        ),
+        (vec!["--explain", "sparkles"], "sparkles"),
+    ] {
+        let out = bin()
+            .args(["run", "--device", "cpu", "--model"])
+            .arg(&model)
+            .arg("--input")
+            .arg(&photo)
+            .args(&flags)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{flags:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }
 
 #[test]

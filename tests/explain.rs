@@ -63,7 +63,9 @@ fn runtime(model: &std::path::Path, options: ExplainOptions) -> Runtime {
 
 /// Runs `method` on the case's input and returns (our raw map, our top-1).
 fn explain_case(rt: &Runtime, c: &Value, method: Method) -> (HeatMap, usize) {
-    let input = tensors(c["input"].as_str().unwrap()).remove("input").unwrap();
+    let input = tensors(c["input"].as_str().unwrap())
+        .remove("input")
+        .unwrap();
     let ex = rt.explainer().unwrap();
     let out = rt
         .run_tensors(&[("input".into(), input)], &ex.taps())
@@ -96,7 +98,10 @@ fn cam_gradcam_and_eigencam_match_pytorch_grad_cam_on_mobilenet_v2() {
     ] {
         let c = case(id);
         assert_eq!(head.feature, c["target_layer"].as_str().unwrap());
-        let refs = tensors(&format!("tests/fixtures/explain/{}", c["file"].as_str().unwrap()));
+        let refs = tensors(&format!(
+            "tests/fixtures/explain/{}",
+            c["file"].as_str().unwrap()
+        ));
         let (cam, top1) = explain_case(&rt_grad, &c, Method::Cam);
         assert_eq!(top1 as u64, c["target_class"].as_u64().unwrap(), "{id}");
         let (grad, _) = explain_case(&rt_grad, &c, Method::GradCam);
@@ -139,7 +144,10 @@ fn gradcam_backward_through_a_conv_tail_matches_the_reference() {
             ..Default::default()
         },
     );
-    let refs = tensors(&format!("tests/fixtures/explain/{}", c["file"].as_str().unwrap()));
+    let refs = tensors(&format!(
+        "tests/fixtures/explain/{}",
+        c["file"].as_str().unwrap()
+    ));
     let (grad, _) = explain_case(&rt, &c, Method::GradCam);
     let r = pearson(&grad.data, &flat(&refs["gradcam.raw"]));
     eprintln!("features_17 gradcam pearson {r:.6}");
@@ -149,7 +157,10 @@ fn gradcam_backward_through_a_conv_tail_matches_the_reference() {
 #[test]
 fn rollout_matches_the_numpy_reference_on_the_stored_attention() {
     let c = case("vit_tiny.rollout");
-    let refs = tensors(&format!("tests/fixtures/explain/{}", c["file"].as_str().unwrap()));
+    let refs = tensors(&format!(
+        "tests/fixtures/explain/{}",
+        c["file"].as_str().unwrap()
+    ));
     let layers: Vec<Vec<f32>> = (0..4).map(|i| flat(&refs[&format!("attn.{i}")])).collect();
     let refs_l: Vec<&[f32]> = layers.iter().map(Vec::as_slice).collect();
     for (fusion, discard, key) in [
@@ -174,10 +185,18 @@ fn rollout_matches_the_numpy_reference_on_the_stored_attention() {
 fn rollout_end_to_end_on_our_executor_matches_the_reference() {
     let c = case("vit_tiny.rollout");
     let dir = tempfile::tempdir().unwrap();
-    let model = common::import_to(dir.path(), &common::fixture("vit_tiny/model.onnx"), DType::F16);
+    let model = common::import_to(
+        dir.path(),
+        &common::fixture("vit_tiny/model.onnx"),
+        DType::F16,
+    );
     let rt = runtime(&model, options(Choice::Auto));
     let ex = rt.explainer().unwrap();
-    assert_eq!(ex.primary(), Method::Rollout, "auto picks rollout for a ViT");
+    assert_eq!(
+        ex.primary(),
+        Method::Rollout,
+        "auto picks rollout for a ViT"
+    );
     let att = ex.targets().attention.clone().unwrap();
     let names: Vec<&str> = c["target_layers"]
         .as_array()
@@ -186,12 +205,17 @@ fn rollout_end_to_end_on_our_executor_matches_the_reference() {
         .map(|v| v.as_str().unwrap())
         .collect();
     assert_eq!(att.softmaxes, names);
-    let input = tensors(c["input"].as_str().unwrap()).remove("input").unwrap();
+    let input = tensors(c["input"].as_str().unwrap())
+        .remove("input")
+        .unwrap();
     let out = rt
         .run_tensors(&[("input".into(), input)], &ex.taps())
         .unwrap();
     let e = ex.run(Method::Rollout, &out.taps, 0).unwrap();
-    let refs = tensors(&format!("tests/fixtures/explain/{}", c["file"].as_str().unwrap()));
+    let refs = tensors(&format!(
+        "tests/fixtures/explain/{}",
+        c["file"].as_str().unwrap()
+    ));
     let want = flat(&refs["rollout.mean.d0.0.mask"]);
     let worst = e
         .raw
@@ -210,7 +234,10 @@ fn a_short_budget_falls_back_to_a_cheaper_method_then_skips() {
     let ex = rt.explainer().unwrap();
     let c = case("mobilenet_v2.features_18.chelsea");
     // Never measured: each method gets its first try.
-    assert_eq!(ex.choose(Some(Duration::ZERO)), (Some(Method::GradCam), vec![]));
+    assert_eq!(
+        ex.choose(Some(Duration::ZERO)),
+        (Some(Method::GradCam), vec![])
+    );
     explain_case(&rt, &c, Method::GradCam);
     // Grad-CAM's measured cost no longer fits in nothing; CAM is still unmeasured.
     let (m, degraded) = ex.choose(Some(Duration::ZERO));

@@ -40,6 +40,10 @@ import numpy as np
 from PIL import Image
 
 CLASSES = ("ok", "scratch", "spot", "crack")
+# stroke widths in px at 128x128 (scaled with --size)
+SCRATCH_WIDTH = (4.0, 7.0)
+CRACK_WIDTH = (4.5, 6.5)   # widest point; the ends taper to CRACK_END_WIDTH
+CRACK_END_WIDTH = 4.0
 SURFACES = ("metal", "wood", "fabric", "cast")
 
 
@@ -214,7 +218,7 @@ def draw_scratch(rng, img: np.ndarray, amp: float):
     size = img.shape[0]
     s = size / 128.0
     length = rng.uniform(35, 110) * s
-    width = rng.uniform(4.0, 7.0) * s
+    width = rng.uniform(*SCRATCH_WIDTH) * s
     th = rng.uniform(0, math.pi)
     c = _place(rng, size, 14 * s)
     d = np.array([math.cos(th), math.sin(th)])
@@ -229,7 +233,7 @@ def draw_scratch(rng, img: np.ndarray, amp: float):
     t = np.linspace(0, 1, 12)[:, None]
     pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * ctrl + t ** 2 * p1
     widths = np.full(len(pts), width)
-    widths[0] = widths[-1] = max(4.0 * s, width * 0.75)
+    widths[0] = widths[-1] = max(SCRATCH_WIDTH[0] * s, width * 0.75)
     sd, tpar = _stroke_distance(size, pts, widths)
     alpha = _alpha_from_sd(sd)
     # streaks along the stroke
@@ -305,9 +309,9 @@ def draw_crack(rng, img: np.ndarray, amp: float):
     start = np.clip(start, 8 * s, size - 8 * s)
     pts = _crack_walk(rng, start, heading, steps, step_len, 0.7)
     pts = np.clip(pts, 5 * s, size - 5 * s)
-    wmax = rng.uniform(4.5, 6.5) * s
+    wmax = rng.uniform(*CRACK_WIDTH) * s
     tt = np.linspace(0, 1, len(pts))
-    widths = 4.0 * s + (wmax - 4.0 * s) * np.sin(math.pi * tt) ** 0.7 * rng.uniform(0.8, 1.0, len(pts))
+    widths = CRACK_END_WIDTH * s + (wmax - CRACK_END_WIDTH * s) * np.sin(math.pi * tt) ** 0.7 * rng.uniform(0.8, 1.0, len(pts))
     sd, _ = _stroke_distance(size, pts, widths)
     side = _side(size, pts)
     if rng.uniform() < 0.5:  # one branch from an interior vertex
@@ -315,7 +319,7 @@ def draw_crack(rng, img: np.ndarray, amp: float):
         bh = heading + rng.choice([-1, 1]) * rng.uniform(0.5, 1.1)
         bpts = _crack_walk(rng, pts[j], bh, int(rng.integers(3, 7)), step_len, 0.6)
         bpts = np.clip(bpts, 5 * s, size - 5 * s)
-        bw = np.linspace(widths[j] * 0.9, 4.0 * s, len(bpts))
+        bw = np.linspace(widths[j] * 0.9, CRACK_END_WIDTH * s, len(bpts))
         bsd, _ = _stroke_distance(size, bpts, bw)
         sd = np.minimum(sd, bsd)
     alpha = _alpha_from_sd(sd)

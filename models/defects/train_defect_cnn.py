@@ -59,8 +59,11 @@ class DefectCNN(nn.Module):
     def __init__(self, layers, classes: int = 4):
         super().__init__()
         blocks, c = [], 3
-        for out, stride, dil in layers:
-            blocks += [nn.Conv2d(c, out, 3, stride, padding=dil, dilation=dil, bias=False),
+        for out, stride, dil, *k in layers:
+            k = k[0] if k else 3
+            # padding (k-1)//2: a 4x4 stride-2 conv with padding 1 puts output cell i at input
+            # position 2i+0.5, the half-pixel grid that bilinear upsampling assumes
+            blocks += [nn.Conv2d(c, out, k, stride, padding=dil * (k - 1) // 2, dilation=dil, bias=False),
                        nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
             c = out
         self.features = nn.Sequential(*blocks)
@@ -78,10 +81,16 @@ def build_model(layers=None, classes: int = 4) -> DefectCNN:
 
 def receptive_field(layers) -> int:
     rf, jump = 1, 1
-    for _, stride, dil in layers:
-        rf += 2 * dil * jump
+    for _, stride, dil, *k in layers:
+        rf += ((k[0] if k else 3) - 1) * dil * jump
         jump *= stride
     return rf
+
+
+def feature_size(layers, size: int = 128) -> int:
+    for _, stride, *_ in layers:
+        size = (size + stride - 1) // stride
+    return size
 
 
 # ----------------------------------------------------------------------------- data
@@ -148,7 +157,7 @@ def train(a) -> DefectCNN:
 
     model = build_model(LAYERS).to(memory_format=torch.channels_last)
     print(f"model: {sum(p.numel() for p in model.parameters())} params, receptive field "
-          f"{receptive_field(LAYERS)} px, feature map {128 // 4}x{128 // 4}", flush=True)
+          f"{receptive_field(LAYERS)} px, feature map {feature_size(LAYERS)}x{feature_size(LAYERS)}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     steps_per_epoch = len(ytr) // a.batch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.epochs * steps_per_epoch,
@@ -168,7 +177,7 @@ def train(a) -> DefectCNN:
             loss.backward()
             opt.step()
             sched.step()
-            tl += float(loss) * len(idx)
+            tl += float(loss.detach()) * len(idx)
             tc += int((logits.argmax(1) == yb).sum())
         n = steps_per_epoch * a.batch
         msg = f"epoch {ep + 1}/{a.epochs}: loss {tl / n:.4f} train acc {tc / n:.3f}"
@@ -284,7 +293,7 @@ def main() -> None:
         "model": {
             "layers_out_stride_dilation": LAYERS,
             "receptive_field_px": receptive_field(LAYERS),
-            "feature_map": [LAYERS[-1][0], 32, 32],
+            "feature_map": [LAYERS[-1][0], feature_size(LAYERS), feature_size(LAYERS)],
             "params": int(sum(p.numel() for p in model.parameters())),
             "head": "GlobalAveragePool -> Flatten -> Gemm",
             "onnx_feature_map_value": info_export["feature_map_value"],

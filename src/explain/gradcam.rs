@@ -23,12 +23,11 @@ impl GradientTail {
     /// Prepares the tail of `graph` after `feature`, with its weights read from `file` as f32
     /// CPU tensors (their own copies: the executor may have packed and dropped its own).
     pub fn new(graph: &Graph, file: &ModelFile, feature: &str) -> Result<Self> {
-        let nodes = super::plan::gradient_tail(graph, feature).map_err(|reason| {
-            Error::Explain {
+        let nodes =
+            super::plan::gradient_tail(graph, feature).map_err(|reason| Error::Explain {
                 method: "gradcam".into(),
                 reason,
-            }
-        })?;
+            })?;
         let produced: std::collections::HashSet<&str> = nodes
             .iter()
             .flat_map(|n| n.outputs.iter().map(String::as_str))
@@ -67,7 +66,11 @@ impl GradientTail {
             method: "gradcam".into(),
             reason,
         };
-        let x = Var::from_tensor(&feature.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F32)?)?;
+        let x = Var::from_tensor(
+            &feature
+                .to_device(&Device::Cpu)?
+                .to_dtype(candle_core::DType::F32)?,
+        )?;
         let mut values: HashMap<&str, Tensor> = HashMap::new();
         values.insert(self.feature.as_str(), x.as_tensor().clone());
         for node in &self.nodes {

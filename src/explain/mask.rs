@@ -122,16 +122,42 @@ pub fn threshold_value(map: &HeatMap, t: Threshold) -> f32 {
 
 /// Otsu's threshold on a [`OTSU_BINS`]-bin histogram; see [`threshold_value`].
 fn otsu(values: &[f32]) -> f32 {
-    let mut hist = [0u64; OTSU_BINS];
-    let mut top: Option<f32> = None;
-    for v in values.iter().filter(|v| !v.is_nan()) {
-        let v = v.clamp(0.0, 1.0);
-        hist[otsu_bin(v)] += 1;
-        top = Some(top.map_or(v, |t| t.max(v)));
+    // Four interleaved histograms: a smooth map puts neighbours in the same bin, and one
+    // histogram would make every increment wait for the previous one to the same counter.
+    let mut parts = [[0u32; OTSU_BINS]; 4];
+    // Eight independent maxima (a single running max is one long dependency chain); NaN
+    // fails every comparison, so it is skipped here as in the histogram.
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = values.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            if v > *m {
+                *m = v;
+            }
+        }
     }
-    let Some(top) = top else {
+    let top = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    for chunk in values.chunks(4) {
+        for (part, &v) in parts.iter_mut().zip(chunk) {
+            if !v.is_nan() {
+                part[otsu_bin(v.clamp(0.0, 1.0))] += 1;
+            }
+        }
+    }
+    if top == f32::NEG_INFINITY {
         return 0.0;
-    };
+    }
+    let top = top.clamp(0.0, 1.0);
+    let mut hist = [0u64; OTSU_BINS];
+    for part in &parts {
+        for (h, &p) in hist.iter_mut().zip(part) {
+            *h += u64::from(p);
+        }
+    }
     match best_split(&hist) {
         Some(k) => k as f32 / OTSU_BINS as f32,
         // `+ 0.0` turns a clamped -0.0 into +0.0, whose next value up is positive.
@@ -290,53 +316,83 @@ fn scale_up(v: u32, s: f64) -> u32 {
 ///
 /// On a tie the region reached first in row-major order wins. `None` when no cell is in
 /// (including a zero-sized mask).
+///
+/// Works on runs of set cells, joined with a union-find when a run touches one in the row
+/// above (diagonals included): a frame's mask has a few runs per row, so this touches each
+/// cell once, where a flood fill visits every neighbour of every cell.
 pub fn largest_region(mask: &Mask) -> Option<(BBox, usize)> {
     let (w, h) = (mask.width, mask.height);
-    let is_in = |i: usize| mask.data.get(i).copied().unwrap_or(false);
-    let mut seen = vec![false; w * h];
-    let mut best: Option<(BBox, usize)> = None;
-    for start in 0..w * h {
-        if seen[start] || !is_in(start) {
-            continue;
-        }
-        let region = flood(&is_in, &mut seen, w, h, start);
-        if best.is_none_or(|(_, n)| region.1 > n) {
-            best = Some(region);
-        }
+    if w == 0 || h == 0 {
+        return None;
     }
-    best
-}
-
-/// Marks the 8-connected region holding `start` as seen; returns its box and size.
-///
-/// An explicit stack rather than recursion, so a region as large as the whole map
-/// cannot overflow the call stack.
-fn flood(
-    is_in: &impl Fn(usize) -> bool,
-    seen: &mut [bool],
-    w: usize,
-    h: usize,
-    start: usize,
-) -> (BBox, usize) {
-    let (mut x0, mut y0, mut x1, mut y1) = (start % w, start / w, start % w, start / w);
-    let mut count = 0;
-    let mut stack = vec![start];
-    seen[start] = true;
-    while let Some(i) = stack.pop() {
-        let (x, y) = (i % w, i / w);
-        count += 1;
-        (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
-        for ny in y.saturating_sub(1)..=(y + 1).min(h - 1) {
-            for nx in x.saturating_sub(1)..=(x + 1).min(w - 1) {
-                let j = ny * w + nx;
-                if !seen[j] && is_in(j) {
-                    seen[j] = true;
-                    stack.push(j);
+    let is_in = |i: usize| mask.data.get(i).copied().unwrap_or(false);
+    // Per run: (row, x0, x1 exclusive); per root: size and box.
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    let mut parent: Vec<usize> = Vec::new();
+    let mut prev_row = 0..0; // indices into `runs` of the previous row's runs
+    for y in 0..h {
+        let row_start = runs.len();
+        let mut x = 0;
+        while x < w {
+            if !is_in(y * w + x) {
+                x += 1;
+                continue;
+            }
+            let x0 = x;
+            while x < w && is_in(y * w + x) {
+                x += 1;
+            }
+            let id = runs.len();
+            runs.push((y, x0, x));
+            parent.push(id);
+            for p in prev_row.clone() {
+                let (_, px0, px1) = runs[p];
+                // 8-connected: the runs overlap once widened by one cell.
+                if px0 <= x && x0 <= px1 {
+                    union(&mut parent, p, id);
                 }
             }
         }
+        prev_row = if y + 1 < h {
+            row_start..runs.len()
+        } else {
+            0..0
+        };
     }
-    (box_from_corners(x0, y0, x1 + 1, y1 + 1), count)
+    // Regions by root: (first run index, size, x0, y0, x1, y1).
+    let mut regions: std::collections::HashMap<usize, (usize, usize, usize, usize, usize, usize)> =
+        std::collections::HashMap::new();
+    for (i, &(y, x0, x1)) in runs.iter().enumerate() {
+        let r = find(&mut parent, i);
+        let e = regions.entry(r).or_insert((i, 0, x0, y, x1, y + 1));
+        e.1 += x1 - x0;
+        e.2 = e.2.min(x0);
+        e.3 = e.3.min(y);
+        e.4 = e.4.max(x1);
+        e.5 = e.5.max(y + 1);
+    }
+    regions
+        .into_values()
+        // Largest first; among equals, the one whose first run comes first.
+        .min_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)))
+        .map(|(_, n, x0, y0, x1, y1)| (box_from_corners(x0, y0, x1, y1), n))
+}
+
+fn find(parent: &mut [usize], mut i: usize) -> usize {
+    while parent[i] != i {
+        parent[i] = parent[parent[i]];
+        i = parent[i];
+    }
+    i
+}
+
+/// Joins two sets under the smaller index, so a root is always its region's first run.
+fn union(parent: &mut [usize], a: usize, b: usize) {
+    let (ra, rb) = (find(parent, a), find(parent, b));
+    if ra != rb {
+        let (lo, hi) = (ra.min(rb), ra.max(rb));
+        parent[hi] = lo;
+    }
 }
 
 /// A [`BBox`] from `usize` corners, saturating at `u32::MAX`.
@@ -510,6 +566,8 @@ mod tests {
         let at = |p| threshold_value(&m, Threshold::Percentile(p));
         assert_eq!(at(90.0), 9.0);
         assert_eq!(at(50.0), 5.0);
+        // Rank ceil(4.1) = 5: nearest-rank rounds up, never to the nearer rank 4.
+        assert_eq!(at(41.0), 5.0);
         assert_eq!(at(1.0), 1.0);
         assert_eq!(at(99.9), 10.0);
         assert_eq!(

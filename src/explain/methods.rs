@@ -71,98 +71,99 @@ pub fn eigen_cam(f: Features<'_>) -> HeatMap {
     if n == 0 || c == 0 {
         return f.map(vec![0.0; n]);
     }
-    // Centred X, position-major (n × c), in f64: the Gram sums are long.
-    let mut x = vec![0f64; n * c];
-    for ch in 0..c {
-        let plane = f.channel(ch);
-        let mean = plane.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
-        for (p, &v) in plane.iter().enumerate() {
-            x[p * c + ch] = v as f64 - mean;
-        }
+    // Centred X, channel-major like the features (c planes of n positions).
+    let mut x = f.data[..n * c].to_vec();
+    for plane in x.chunks_exact_mut(n) {
+        let mean = (plane.iter().map(|&v| v as f64).sum::<f64>() / n as f64) as f32;
+        plane.iter_mut().for_each(|v| *v -= mean);
     }
-    let projection: Vec<f64> = if n <= c {
-        // G = X Xᵀ (n × n); its top eigenvector is u₁ and X·v₁ = G u₁ / σ₁ ∝ u₁.
-        let mut g = vec![0f64; n * n];
-        for i in 0..n {
-            for j in i..n {
-                let s: f64 = (0..c).map(|k| x[i * c + k] * x[j * c + k]).sum();
-                g[i * n + j] = s;
-                g[j * n + i] = s;
-            }
+    let projection: Vec<f32> = if n <= c {
+        // G = X Xᵀ (n × n) as a sum of one rank-1 update per channel (contiguous rows the
+        // compiler vectorises); its top eigenvector is u₁, and X·v₁ = σ₁u₁.
+        let mut g = vec![0f32; n * n];
+        for plane in x.chunks_exact(n) {
+            rank1(&mut g, plane);
         }
         let (u, lambda) = top_eigenvector(&g, n);
-        u.iter().map(|v| v * lambda.max(0.0).sqrt()).collect()
+        let s = lambda.max(0.0).sqrt();
+        u.iter().map(|v| v * s).collect()
     } else {
-        // C = Xᵀ X (c × c); its top eigenvector is v₁; project X on it.
-        let mut g = vec![0f64; c * c];
+        // Cᵀ = Xᵀ X (c × c) from one rank-1 update per position; its top eigenvector is v₁.
+        let mut g = vec![0f32; c * c];
+        let mut column = vec![0f32; c];
         for p in 0..n {
-            let row = &x[p * c..(p + 1) * c];
-            for i in 0..c {
-                let ri = row[i];
-                if ri == 0.0 {
-                    continue;
-                }
-                for j in i..c {
-                    g[i * c + j] += ri * row[j];
-                }
+            for (ch, v) in column.iter_mut().enumerate() {
+                *v = x[ch * n + p];
             }
-        }
-        for i in 0..c {
-            for j in 0..i {
-                g[i * c + j] = g[j * c + i];
-            }
+            rank1(&mut g, &column);
         }
         let (v, _) = top_eigenvector(&g, c);
-        (0..n)
-            .map(|p| (0..c).map(|k| x[p * c + k] * v[k]).sum())
-            .collect()
+        let mut proj = vec![0f32; n];
+        for (plane, &vk) in x.chunks_exact(n).zip(&v) {
+            for (o, &xv) in proj.iter_mut().zip(plane) {
+                *o += vk * xv;
+            }
+        }
+        proj
     };
     // Orient: positive correlation with the channel-mean activation.
-    let mean_act: Vec<f64> = (0..n)
-        .map(|p| (0..c).map(|ch| f.data[ch * n + p] as f64).sum::<f64>() / c as f64)
-        .collect();
+    let mut mean_act = vec![0f64; n];
+    for plane in f.data[..n * c].chunks_exact(n) {
+        for (m, &v) in mean_act.iter_mut().zip(plane) {
+            *m += v as f64;
+        }
+    }
     let m = mean_act.iter().sum::<f64>() / n as f64;
     let agree: f64 = projection
         .iter()
         .zip(&mean_act)
-        .map(|(p, a)| p * (a - m))
+        .map(|(&p, &a)| p as f64 * (a - m))
         .sum();
     let sign = if agree < 0.0 { -1.0 } else { 1.0 };
-    f.map(projection.iter().map(|&v| (sign * v) as f32).collect())
+    f.map(projection.iter().map(|&v| sign * v).collect())
+}
+
+/// g += v vᵀ.
+fn rank1(g: &mut [f32], v: &[f32]) {
+    let n = v.len();
+    for (row, &vi) in g.chunks_exact_mut(n).zip(v) {
+        if vi == 0.0 {
+            continue;
+        }
+        for (gj, &vj) in row.iter_mut().zip(v) {
+            *gj += vi * vj;
+        }
+    }
 }
 
 /// The unit eigenvector of the largest eigenvalue of the symmetric positive semi-definite
-/// `n × n` matrix `a`, and that eigenvalue, by power iteration.
-fn top_eigenvector(a: &[f64], n: usize) -> (Vec<f64>, f64) {
+/// `n × n` matrix `a`, and that eigenvalue, by power iteration; stops when the vector moves
+/// less than 1e-6 (far below what a heat map can show) or after 1000 steps.
+fn top_eigenvector(a: &[f32], n: usize) -> (Vec<f32>, f32) {
     // A start vector with a component along every direction a real map could take.
-    let mut v: Vec<f64> = (0..n).map(|i| 1.0 + (i as f64 * 0.618).fract()).collect();
+    let mut v: Vec<f32> = (0..n).map(|i| 1.0 + (i as f32 * 0.618).fract()).collect();
     normalise(&mut v);
+    let mut w = vec![0f32; n];
     let mut lambda = 0.0;
-    let mut w = vec![0f64; n];
-    for _ in 0..500 {
-        for (i, wi) in w.iter_mut().enumerate() {
-            *wi = a[i * n..(i + 1) * n]
-                .iter()
-                .zip(&v)
-                .map(|(x, y)| x * y)
-                .sum();
+    for _ in 0..1000 {
+        for (wi, row) in w.iter_mut().zip(a.chunks_exact(n)) {
+            *wi = row.iter().zip(&v).map(|(x, y)| x * y).sum();
         }
-        let next: f64 = w.iter().zip(&v).map(|(x, y)| x * y).sum();
+        lambda = w.iter().zip(&v).map(|(x, y)| x * y).sum();
         if normalise(&mut w) == 0.0 {
             return (v, 0.0);
         }
+        let moved: f32 = w.iter().zip(&v).map(|(x, y)| (x - y) * (x - y)).sum();
         std::mem::swap(&mut v, &mut w);
-        let done = (next - lambda).abs() <= 1e-12 * next.abs().max(1e-300);
-        lambda = next;
-        if done {
+        if moved < 1e-12 {
             break;
         }
     }
     (v, lambda)
 }
 
-fn normalise(v: &mut [f64]) -> f64 {
-    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+fn normalise(v: &mut [f32]) -> f32 {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     if norm > 0.0 {
         v.iter_mut().for_each(|x| *x /= norm);
     }
@@ -333,7 +334,11 @@ mod tests {
             let dot: f32 = m.data.iter().zip(&centred).map(|(a, b)| a * b).sum();
             let na: f32 = m.data.iter().map(|a| a * a).sum::<f32>().sqrt();
             let nb: f32 = centred.iter().map(|a| a * a).sum::<f32>().sqrt();
-            assert!(dot / (na * nb) > 0.9999, "channels {channels}: {:?}", m.data);
+            assert!(
+                dot / (na * nb) > 0.9999,
+                "channels {channels}: {:?}",
+                m.data
+            );
         }
     }
 
@@ -394,7 +399,10 @@ mod tests {
             let got = rollout(&refs, heads, t, (2, 2), HeadFusion::Mean, discard);
             let want = numpy_rollout(&layers, heads, t, discard);
             for (g, w) in got.data.iter().zip(&want) {
-                assert!((*g as f64 - w).abs() < 1e-6, "discard {discard}: {g} vs {w}");
+                assert!(
+                    (*g as f64 - w).abs() < 1e-6,
+                    "discard {discard}: {g} vs {w}"
+                );
             }
         }
     }

@@ -290,6 +290,19 @@ impl Explainer {
             }
             _ => {}
         }
+        let classes = graph
+            .outputs
+            .first()
+            .and_then(|o| graph.values.get(&o.name))
+            .map(|v| v.shape.iter().product::<usize>());
+        if let (Some(k), Some(n)) = (options.target_class, classes) {
+            if k >= n {
+                return Err(no(
+                    primary.name(),
+                    format!("--target-class {k} is out of range: the model has {n} classes"),
+                ));
+            }
+        }
         let gradcam = match (ladder.contains(&Method::GradCam), &layer) {
             (true, Some((name, _))) => Some(GradientTail::new(graph, file, name)?),
             _ => None,
@@ -406,7 +419,9 @@ impl Explainer {
         })
     }
 
-    fn raw_map(
+    /// The method's map at the tapped resolution, before ReLU and normalisation, and the
+    /// layer it came from: [`Self::run`] without the rendering, mask and cost record.
+    pub fn raw_map(
         &self,
         method: Method,
         taps: &HashMap<String, Tensor>,
@@ -445,9 +460,15 @@ impl Explainer {
                 Ok((methods::weighted_sum(f, row), head.feature.clone()))
             }
             Method::EigenCam => {
-                let (name, dims) = self.layer.as_ref().ok_or_else(|| no("no target layer".into()))?;
+                let (name, dims) = self
+                    .layer
+                    .as_ref()
+                    .ok_or_else(|| no("no target layer".into()))?;
                 let data = host(name)?;
-                Ok((methods::eigen_cam(Self::features(name, &data, *dims)?), name.clone()))
+                Ok((
+                    methods::eigen_cam(Self::features(name, &data, *dims)?),
+                    name.clone(),
+                ))
             }
             Method::GradCam => {
                 let tail = self
@@ -460,9 +481,9 @@ impl Explainer {
                     .as_ref()
                     .map(|(_, d)| *d)
                     .ok_or_else(|| no("no target layer".into()))?;
-                let t = taps
-                    .get(name)
-                    .ok_or_else(|| no(format!("the value '{name}' was not kept by the executor")))?;
+                let t = taps.get(name).ok_or_else(|| {
+                    no(format!("the value '{name}' was not kept by the executor"))
+                })?;
                 let grads = tail.gradient(t, class)?.flatten_all()?.to_vec1::<f32>()?;
                 let data = host(name)?;
                 let f = Self::features(name, &data, dims)?;
@@ -530,11 +551,7 @@ impl Explainer {
     }
 
     /// The report's `explain` object (`map` is added by whoever writes the picture).
-    pub fn report_json(
-        &self,
-        e: &Explanation,
-        frame_bbox: Option<BBox>,
-    ) -> serde_json::Value {
+    pub fn report_json(&self, e: &Explanation, frame_bbox: Option<BBox>) -> serde_json::Value {
         let hot = e.mask.data.iter().filter(|&&b| b).count();
         json!({
             "method": e.method,

@@ -58,7 +58,10 @@ pub(crate) fn spatial_dims(graph: &Graph, value: &str) -> Option<(usize, usize, 
 }
 
 fn producer<'g>(graph: &'g Graph, value: &str) -> Option<&'g Node> {
-    graph.nodes.iter().find(|n| n.outputs.iter().any(|o| o == value))
+    graph
+        .nodes
+        .iter()
+        .find(|n| n.outputs.iter().any(|o| o == value))
 }
 
 /// Follows pass-through nodes (Identity, Reshape/Flatten) back from `value`.
@@ -81,8 +84,7 @@ impl GraphTargets {
                 .nodes
                 .iter()
                 .flat_map(|n| n.outputs.iter())
-                .filter(|v| spatial_dims(graph, v).is_some())
-                .next_back()
+                .rfind(|v| spatial_dims(graph, v).is_some())
                 .cloned()
         });
         GraphTargets {
@@ -143,7 +145,11 @@ fn find_cam_head(graph: &Graph, file: &ModelFile) -> Option<CamHead> {
         &[r, c] => (r, c),
         _ => return None,
     };
-    let (classes, c) = if transposed { (rows, cols) } else { (cols, rows) };
+    let (classes, c) = if transposed {
+        (rows, cols)
+    } else {
+        (cols, rows)
+    };
     if c != channels {
         return None;
     }

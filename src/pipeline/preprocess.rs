@@ -147,7 +147,12 @@ impl InputGeometry {
             let v = if up { v.ceil() } else { v.floor() };
             (v.max(0.0) as u32).min(frame_h)
         };
-        [fx(r[0], false), fy(r[1], false), fx(r[2], true), fy(r[3], true)]
+        [
+            fx(r[0], false),
+            fy(r[1], false),
+            fx(r[2], true),
+            fy(r[3], true),
+        ]
     }
 }
 

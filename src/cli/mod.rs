@@ -1,0 +1,4 @@
+//! Subcommands that have grown beyond a function in `main.rs`.
+
+pub mod bench;
+pub mod explain;
