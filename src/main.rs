@@ -258,6 +258,13 @@ struct RunArgs {
 }
 
 fn main() {
+    // `edgeinfer inspect m | head` should end quietly, like other Unix tools, instead of
+    // panicking on the closed pipe.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: restoring the default disposition of one signal at start-up, before any thread.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -609,6 +616,12 @@ fn inspect(a: InspectArgs) -> Result<()> {
         "inputs": stored.inputs,
         "outputs": stored.outputs,
     });
+    let targets = edgeinfer::explain::plan::GraphTargets::find(&stored, &file);
+    let explain = serde_json::json!({
+        "cam_feature": targets.cam.as_ref().map(|h| &h.feature),
+        "target_layer": targets.feature,
+        "attention_layers": targets.attention.as_ref().map(|a| a.softmaxes.len()),
+    });
     if a.json {
         let j = serde_json::json!({
             "file": a.model.display().to_string(),
@@ -626,11 +639,29 @@ fn inspect(a: InspectArgs) -> Result<()> {
             "stored": before,
             "optimized": after,
             "passes": rt.model().passes,
+            "explain": explain,
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(());
     }
     println!("model        {} ({})", stored.name, a.model.display());
+    let methods: Vec<&str> = [
+        targets.cam.as_ref().map(|_| "cam"),
+        targets.feature.as_ref().map(|_| "eigencam, gradcam"),
+        targets.attention.as_ref().map(|_| "rollout"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    println!(
+        "explain      {} (target layer {})",
+        if methods.is_empty() {
+            "none".to_string()
+        } else {
+            methods.join(", ")
+        },
+        targets.feature.as_deref().unwrap_or("-")
+    );
     println!(
         "file         {:.2} MB, {} tensors",
         file.file_size() as f64 / 1e6,

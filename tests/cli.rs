@@ -299,3 +299,63 @@ fn unknown_op_import_fails_with_a_message_not_a_panic() {
         "{err}"
     );
 }
+
+#[test]
+fn a_frame_budget_too_short_for_gradcam_degrades_to_cam_then_skips_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jsonl = tmp.path().join("r.jsonl");
+    let photo = root().join("models/samples/coffee.png");
+    let out = bin()
+        .args([
+            "run",
+            "--device",
+            "cpu",
+            "--explain",
+            "gradcam",
+            "--budget",
+            "0.001ms",
+        ])
+        .arg("--model")
+        .arg(root().join("models/mobilenet_v2.safetensors"))
+        .arg("--input")
+        .args([&photo, &photo, &photo, &photo])
+        .arg("--jsonl")
+        .arg(&jsonl)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seen: Vec<(String, String)> = reports
+        .iter()
+        .map(|r| {
+            (
+                r["explain"]["method"].as_str().unwrap_or("-").to_string(),
+                r["degraded"].to_string(),
+            )
+        })
+        .collect();
+    // Each method gets one measured try; after that its cost no longer fits: Grad-CAM falls
+    // back to CAM, then the explanation is skipped. Never silently.
+    let want = [
+        ("gradcam", "[]"),
+        ("cam", r#"["explain:gradcam->cam"]"#),
+        ("-", r#"["explain_skipped"]"#),
+        ("-", r#"["explain_skipped"]"#),
+    ];
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(seen, want);
+    for r in &reports {
+        assert_eq!(r["verdict"], "over_budget", "{r}");
+    }
+}

@@ -79,20 +79,49 @@ impl GraphTargets {
     /// Analyses `graph` (as stored in `file`, whose tensors hold the classifier weights).
     pub fn find(graph: &Graph, file: &ModelFile) -> Self {
         let cam = find_cam_head(graph, file);
-        let feature = cam.as_ref().map(|h| h.feature.clone()).or_else(|| {
-            graph
-                .nodes
-                .iter()
-                .flat_map(|n| n.outputs.iter())
-                .rfind(|v| spatial_dims(graph, v).is_some())
-                .cloned()
-        });
+        let feature = cam
+            .as_ref()
+            .map(|h| h.feature.clone())
+            .or_else(|| spatial_values(graph).into_iter().next_back());
         GraphTargets {
             cam,
             feature,
             attention: find_attention(graph),
         }
     }
+}
+
+/// Values that are feature maps of the image, in execution order: `[1, C, h, w]` outputs of
+/// convolutions and of per-pixel ops (activations, norms, pools, adds, channel concats) over
+/// other feature maps. A 4-D value reached through a Reshape, Transpose or MatMul (a ViT's
+/// attention heads) is not one.
+fn spatial_values(graph: &Graph) -> Vec<String> {
+    let mut spatial: HashSet<&str> = graph.inputs.iter().map(|i| i.name.as_str()).collect();
+    let mut out = Vec::new();
+    for n in &graph.nodes {
+        let per_pixel = matches!(
+            n.op,
+            Op::Conv { .. }
+                | Op::Activation { .. }
+                | Op::BatchNormalization { .. }
+                | Op::PRelu
+                | Op::Pool { .. }
+                | Op::Binary { .. }
+                | Op::Variadic { .. }
+                | Op::Concat { axis: 1 }
+                | Op::Identity
+        );
+        if !per_pixel || !n.inputs.iter().any(|i| spatial.contains(i.as_str())) {
+            continue;
+        }
+        for o in &n.outputs {
+            if spatial_dims(graph, o).is_some() {
+                spatial.insert(o);
+                out.push(o.clone());
+            }
+        }
+    }
+    out
 }
 
 fn find_cam_head(graph: &Graph, file: &ModelFile) -> Option<CamHead> {
