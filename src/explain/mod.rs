@@ -164,6 +164,46 @@ pub struct Explanation {
     pub ms: f64,
 }
 
+/// A tensor's elements on the host: borrowed from a contiguous CPU f32 tensor (taps of a
+/// ViT's attention are megabytes a frame), copied otherwise.
+enum HostF32<G> {
+    Borrowed(G, std::ops::Range<usize>),
+    Owned(Vec<f32>),
+}
+
+impl<G: std::ops::Deref<Target = candle_core::Storage>> HostF32<G> {
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            HostF32::Borrowed(storage, range) => match &**storage {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => &v[range.clone()],
+                // `host_f32` only borrows CPU f32 storage.
+                _ => &[],
+            },
+            HostF32::Owned(v) => v,
+        }
+    }
+}
+
+/// See [`HostF32`].
+fn host_f32(
+    t: &Tensor,
+) -> Result<HostF32<impl std::ops::Deref<Target = candle_core::Storage> + '_>> {
+    if t.dtype() == DType::F32 && t.device().is_cpu() {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(HostF32::Borrowed(storage, a..b));
+        }
+    }
+    Ok(HostF32::Owned(
+        t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?,
+    ))
+}
+
 /// The last costs of one method, for the budget check.
 #[derive(Debug, Default)]
 struct CostWindow {
@@ -431,14 +471,9 @@ impl Explainer {
             method: method.name().into(),
             reason,
         };
-        let host = |name: &str| -> Result<Vec<f32>> {
-            let t = taps
-                .get(name)
-                .ok_or_else(|| no(format!("the value '{name}' was not kept by the executor")))?;
-            Ok(t.to_device(&Device::Cpu)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?)
+        let tap = |name: &str| {
+            taps.get(name)
+                .ok_or_else(|| no(format!("the value '{name}' was not kept by the executor")))
         };
         match method {
             Method::Cam => {
@@ -453,9 +488,9 @@ impl Explainer {
                         head.classes
                     )));
                 }
-                let data = host(&head.feature)?;
+                let data = host_f32(tap(&head.feature)?)?;
                 let dims = (head.channels, head.height, head.width);
-                let f = Self::features(&head.feature, &data, dims)?;
+                let f = Self::features(&head.feature, data.as_slice(), dims)?;
                 let row = &head.weight[class * head.channels..(class + 1) * head.channels];
                 Ok((methods::weighted_sum(f, row), head.feature.clone()))
             }
@@ -464,9 +499,9 @@ impl Explainer {
                     .layer
                     .as_ref()
                     .ok_or_else(|| no("no target layer".into()))?;
-                let data = host(name)?;
+                let data = host_f32(tap(name)?)?;
                 Ok((
-                    methods::eigen_cam(Self::features(name, &data, *dims)?),
+                    methods::eigen_cam(Self::features(name, data.as_slice(), *dims)?),
                     name.clone(),
                 ))
             }
@@ -485,8 +520,8 @@ impl Explainer {
                     no(format!("the value '{name}' was not kept by the executor"))
                 })?;
                 let grads = tail.gradient(t, class)?.flatten_all()?.to_vec1::<f32>()?;
-                let data = host(name)?;
-                let f = Self::features(name, &data, dims)?;
+                let data = host_f32(tap(name)?)?;
+                let f = Self::features(name, data.as_slice(), dims)?;
                 let weights = methods::mean_per_channel(Self::features(name, &grads, dims)?);
                 Ok((methods::weighted_sum(f, &weights), name.to_string()))
             }
@@ -499,17 +534,17 @@ impl Explainer {
                 let layers = att
                     .softmaxes
                     .iter()
-                    .map(|s| host(s))
+                    .map(|s| host_f32(tap(s)?))
                     .collect::<Result<Vec<_>>>()?;
                 let want = att.heads * att.tokens * att.tokens;
-                if let Some(bad) = layers.iter().position(|l| l.len() != want) {
+                if let Some(bad) = layers.iter().position(|l| l.as_slice().len() != want) {
                     return Err(no(format!(
                         "'{}' holds {} values, expected {want}",
                         att.softmaxes[bad],
-                        layers[bad].len()
+                        layers[bad].as_slice().len()
                     )));
                 }
-                let refs: Vec<&[f32]> = layers.iter().map(Vec::as_slice).collect();
+                let refs: Vec<&[f32]> = layers.iter().map(HostF32::as_slice).collect();
                 let map = methods::rollout(
                     &refs,
                     att.heads,
