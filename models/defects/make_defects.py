@@ -17,12 +17,16 @@ Surfaces (chosen at random per image): brushed metal, wood grain, woven fabric, 
 surface. Each has a random colour, scale, orientation, lighting gradient and sensor noise.
 
 Defects (one per image):
-  scratch  a straight or gently curved stroke, 4-7 px wide, 35-110 px long, brighter or
-           darker than the surface, with streaks along its length and soft (1 px) edges;
-  spot     a blob (stain, rust, paint drop) with an irregular outline, 10-34 px across,
-           darker, lighter or tinted, shaded from centre to rim;
-  crack    a jagged random walk (optionally with one branch), 4-6 px wide, tapering towards
-           the ends, dark with a lighter rim on one side.
+  scratch  a straight or gently curved stroke, 5-9 px wide, 35-110 px long, brighter (65 %)
+           or darker than the surface, with streaks along its length and soft (1 px) edges;
+  spot     a blob (stain, rust, paint drop) with an irregular outline, an ellipse of mean
+           radius 4-10 px squashed to 0.65-1 of that across; the deposit hides 60-100 % of
+           the surface texture under a smoother film with a fine grain of its own, and is
+           darker, lighter or rust-tinted, shaded from centre to rim;
+  crack    a jagged random walk of 8-19 steps of 4-6.5 px (half of them with one branch),
+           5.5-8 px wide at its widest, tapering to 4.5 px at the ends, dark with a lighter
+           rim on one side.
+Widths are in pixels at --size 128 and scale with the size.
 The mask is exactly the set of pixels whose defect opacity is >= 0.5 (for strokes: distance
 to the centre line <= half the width; for spots: inside the outline). The opacity falls
 linearly over 1 px around that boundary, so the visible edge and the mask agree to a pixel.
@@ -41,9 +45,10 @@ from PIL import Image
 
 CLASSES = ("ok", "scratch", "spot", "crack")
 # stroke widths in px at 128x128 (scaled with --size)
-SCRATCH_WIDTH = (4.0, 7.0)
-CRACK_WIDTH = (4.5, 6.5)   # widest point; the ends taper to CRACK_END_WIDTH
-CRACK_END_WIDTH = 4.0
+SCRATCH_WIDTH = (5.0, 9.0)
+CRACK_WIDTH = (5.5, 8.0)   # widest point; the ends taper to CRACK_END_WIDTH
+CRACK_END_WIDTH = 4.5
+SPOT_RADIUS = (4.0, 10.0)  # mean radius before the ellipse squash (0.65-1) and the outline wobble
 SURFACES = ("metal", "wood", "fabric", "cast")
 
 
@@ -254,7 +259,7 @@ def draw_scratch(rng, img: np.ndarray, amp: float):
 def draw_spot(rng, img: np.ndarray, amp: float):
     size = img.shape[0]
     s = size / 128.0
-    R = rng.uniform(5.0, 17.0) * s
+    R = rng.uniform(*SPOT_RADIUS) * s
     ecc = rng.uniform(0.65, 1.0)
     rot = rng.uniform(0, math.pi)
     c = _place(rng, size, R + 6 * s)
@@ -275,14 +280,20 @@ def draw_spot(rng, img: np.ndarray, amp: float):
     shade = (1.0 - rng.uniform(0.0, 0.5) * rho ** 2) if rng.uniform() < 0.5 else (0.7 + 0.3 * rho ** 3)
     ctr = _contrast(rng, amp)
     kind = rng.integers(0, 3)
+    # the deposit covers the surface: its texture is (partly) hidden under a smoother film
+    # with a fine grain of its own
+    smooth = np.stack([_blur(img[..., ch], 2.0) for ch in range(3)], axis=-1)
+    cover = rng.uniform(0.6, 1.0)
+    grain = _blur(rng.standard_normal((size, size)).astype(np.float32), 0.7) * amp * rng.uniform(0.3, 0.8)
+    base = img * (1 - cover) + smooth * cover + grain[..., None]
     if kind == 0:    # dark stain
-        target = img * (1 - np.clip(1.4 * ctr * shade, 0, 0.85))[..., None]
+        target = base * (1 - np.clip(1.4 * ctr * shade, 0, 0.85))[..., None]
     elif kind == 1:  # rust / tinted
         tint = np.array([0.55, 0.3, 0.15], np.float32) * rng.uniform(0.7, 1.2)
         f = np.clip(1.6 * ctr * shade, 0, 0.9)[..., None]
-        target = img * (1 - f) + tint * f
+        target = base * (1 - f) + tint * f
     else:            # light (paint / dried drop)
-        target = img + (ctr * shade)[..., None] * rng.uniform(0.8, 1.1)
+        target = base + (ctr * shade)[..., None] * rng.uniform(0.8, 1.1)
     out = img * (1 - alpha[..., None]) + target * alpha[..., None]
     return out, sd <= 0
 
