@@ -359,3 +359,64 @@ fn a_frame_budget_too_short_for_gradcam_degrades_to_cam_then_skips_and_says_so()
         assert_eq!(r["verdict"], "over_budget", "{r}");
     }
 }
+
+#[test]
+fn eval_scores_the_defect_set_like_the_python_checker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("eval.json");
+    let d = root().join("tests/fixtures/defects");
+    let out = bin()
+        .args(["eval", "--device", "cpu", "--model"])
+        .arg(root().join("models/defect_cnn.safetensors"))
+        .arg("--data")
+        .arg(d.join("images"))
+        .arg("--masks")
+        .arg(d.join("masks"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // models/defects/cam_quality.py on the same frames through onnxruntime: same CAM, same
+    // upsampling, same Otsu threshold, same scores.
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("info.json")).unwrap()).unwrap();
+    let want = &info["heldout_onnxruntime"];
+    assert_eq!(got["frames"], want["accuracy"]["images"]);
+    let acc = got["accuracy"].as_f64().unwrap();
+    assert!(
+        (acc - want["accuracy"]["all"].as_f64().unwrap()).abs() < 1e-9,
+        "accuracy {acc}"
+    );
+    let methods = got["methods"].as_array().unwrap();
+    let by = |m: &str| {
+        methods
+            .iter()
+            .find(|r| r["method"] == m)
+            .unwrap_or_else(|| panic!("no {m} in {got}"))["scored"]
+            .clone()
+    };
+    let cam = by("cam");
+    assert_eq!(cam["n"], want["cam"]["all"]["images"]);
+    for (ours, theirs) in [
+        ("mean_dice", "dice"),
+        ("mean_iou", "iou"),
+        ("pointing_rate", "pointing"),
+    ] {
+        let (a, b) = (
+            cam[ours].as_f64().unwrap(),
+            want["cam"]["all"][theirs].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 0.01, "cam {ours}: ours {a}, python {b}");
+    }
+    // With a GAP -> linear head Grad-CAM is CAM up to a positive scale: identical masks.
+    assert_eq!(by("gradcam")["mean_dice"], cam["mean_dice"]);
+    // Eigen-CAM is scored too, and localises (better than chance, i.e. the defect's area).
+    assert!(by("eigencam")["mean_dice"].as_f64().unwrap() > 0.3, "{got}");
+}

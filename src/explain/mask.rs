@@ -339,7 +339,10 @@ pub fn largest_region(mask: &Mask) -> Option<(BBox, usize)> {
         let mut x = 0;
         while let Some(start) = row[x..].iter().position(|&b| b) {
             let x0 = x + start;
-            x = row[x0..].iter().position(|&b| !b).map_or(row.len(), |n| x0 + n);
+            x = row[x0..]
+                .iter()
+                .position(|&b| !b)
+                .map_or(row.len(), |n| x0 + n);
             let id = runs.len();
             runs.push((y, x0, x));
             parent.push(id);

@@ -436,7 +436,8 @@ impl Explainer {
         mask::normalize(&mut map);
         let mut map = render::resize_bilinear(&map, self.input_size.0, self.input_size.1);
         map.data.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
-        let threshold = mask::threshold_value(&map, self.options.threshold);
+        // A cell with no heat is never hot: after the ReLU a low percentile can be 0.
+        let threshold = mask::threshold_value(&map, self.options.threshold).max(f32::MIN_POSITIVE);
         let bin = mask::binarize(&map, threshold);
         let bbox = mask::largest_region(&bin).map(|(b, _)| b);
         let ms = start.elapsed().as_secs_f64() * 1e3;
