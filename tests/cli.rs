@@ -137,9 +137,35 @@ fn explain_writes_a_side_by_side_picture_and_run_dumps_raw_maps() {
     );
     let maps: std::collections::HashMap<String, candle_core::Tensor> =
         read_tensors(&dump).into_iter().collect();
+    let reports: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     for f in 0..2 {
         assert_eq!(maps[&format!("frame{f}.raw")].dims(), &[7, 7]);
         assert_eq!(maps[&format!("frame{f}.input")].dims(), &[224, 224]);
+        // The mask is the map at or above the report's threshold.
+        let input = maps[&format!("frame{f}.input")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mask = maps[&format!("frame{f}.mask")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        let thr = reports[f]["explain"]["threshold"]["value"]
+            .as_f64()
+            .unwrap() as f32;
+        assert!(input
+            .iter()
+            .zip(&mask)
+            .all(|(&v, &m)| (v >= thr && v > 0.0) == (m == 1)));
+        let hot = mask.iter().filter(|&&m| m == 1).count() as f64 / mask.len() as f64;
+        let reported = reports[f]["explain"]["hot_fraction"].as_f64().unwrap();
+        assert!((hot - reported).abs() < 1e-9, "{hot} vs {reported}");
     }
     let text = std::fs::read_to_string(&jsonl).unwrap();
     for line in text.lines() {

@@ -39,8 +39,9 @@ pub struct ExplainArgs {
     /// Rollout: fraction of the weakest attention links dropped per layer.
     #[arg(long, default_value_t = 0.0)]
     pub discard_ratio: f32,
-    /// Write each frame's raw map (`frame<N>.raw`, tapped resolution) and its map at input
-    /// resolution (`frame<N>.input`) to this safetensors file.
+    /// Write each frame's raw map (`frame<N>.raw`, tapped resolution), its map at input
+    /// resolution (`frame<N>.input`) and its mask (`frame<N>.mask`, bool) to this safetensors
+    /// file.
     #[arg(long)]
     pub dump_maps: Option<PathBuf>,
 }
@@ -154,6 +155,13 @@ impl MapDump {
                 bytes,
             )?;
         }
+        let mask: Vec<u8> = e.mask.data.iter().map(|&b| u8::from(b)).collect();
+        self.writer.add_tensor(
+            format!("frame{frame}.mask"),
+            DType::Bool,
+            vec![e.mask.height, e.mask.width],
+            mask,
+        )?;
         Ok(())
     }
 
