@@ -60,6 +60,9 @@ enum Command {
     Inspect(InspectArgs),
     /// Run a model on image files or on prepared tensors.
     Run(RunArgs),
+    /// Convert a model file's weights: f16 / bf16 storage, or int8 weight-only (symmetric,
+    /// per output channel); prints sizes and the output error on a calibration image.
+    Quantize(QuantizeArgs),
     /// List the supported ONNX op types.
     Ops,
     /// List the shipped board profiles (use one with --board NAME, or --board FILE.toml).
@@ -210,6 +213,21 @@ struct ImportArgs {
 }
 
 #[derive(Args)]
+struct QuantizeArgs {
+    /// The model file.
+    model: PathBuf,
+    /// f16, bf16 or int8.
+    #[arg(long)]
+    to: edgeinfer::quant::Target,
+    /// Output model file.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Image the output error is measured on (default: the embedded cat photo).
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct InspectArgs {
     /// The model file.
     model: PathBuf,
@@ -278,6 +296,7 @@ fn main() {
         Command::Import(a) => import(a),
         Command::Inspect(a) => inspect(a),
         Command::Run(a) => run(a),
+        Command::Quantize(a) => quantize(a),
         Command::Ops => {
             for op in SUPPORTED_OPS {
                 println!("{op}");
@@ -570,6 +589,69 @@ fn import(a: ImportArgs) -> Result<()> {
         s.weight_bytes as f64 / 1e6,
         s.macs as f64 / 1e9
     );
+    Ok(())
+}
+
+fn quantize(a: QuantizeArgs) -> Result<()> {
+    let file = ModelFile::open(&a.model)?;
+    let (writer, report) = edgeinfer::quant::quantize(&file, a.to)
+        .with_context(|| format!("quantizing {}", a.model.display()))?;
+    writer
+        .write(&a.output)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    let after = ModelFile::open(&a.output)?;
+    eprintln!(
+        "{} -> {} ({}): {} tensors converted, {} kept; file {:.2} MB -> {:.2} MB ({:.1} %)",
+        a.model.display(),
+        a.output.display(),
+        a.to.name(),
+        report.converted,
+        report.kept,
+        file.file_size() as f64 / 1e6,
+        after.file_size() as f64 / 1e6,
+        100.0 * after.file_size() as f64 / file.file_size() as f64
+    );
+    // The error the conversion costs, on one real input through both files.
+    let img = match &a.calibration {
+        Some(p) => image::open(p).with_context(|| format!("reading {}", p.display()))?,
+        None => image::load_from_memory(SAMPLES[0].1)?,
+    };
+    let load = |p: &Path| {
+        Runtime::builder()
+            .model(p)
+            .device(DeviceRequest::Cpu)
+            .build()
+            .with_context(|| format!("loading {}", p.display()))
+    };
+    let (rt0, rt1) = (load(&a.model)?, load(&a.output)?);
+    let feeds = [rt0.image_tensor(&img).context("the calibration input")?];
+    let out0 = rt0.run_tensors(&feeds, &[])?;
+    let out1 = rt1.run_tensors(&feeds, &[])?;
+    for ((name, t0), (_, t1)) in out0.outputs.iter().zip(&out1.outputs) {
+        let v0 = t0
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        let v1 = t1
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        let diffs: Vec<f32> = v0.iter().zip(&v1).map(|(x, y)| (x - y).abs()).collect();
+        let max = diffs.iter().cloned().fold(0f32, f32::max);
+        let mean = diffs.iter().sum::<f32>() / diffs.len().max(1) as f32;
+        let range = v0.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let top = |v: &[f32]| {
+            v.iter()
+                .enumerate()
+                .max_by(|x, y| x.1.total_cmp(y.1))
+                .map(|(i, _)| i)
+        };
+        println!(
+            "{name}: max |diff| {max:.3e}, mean |diff| {mean:.3e} (|x| <= {range:.3}); top-1 {:?} -> {:?}",
+            top(&v0),
+            top(&v1)
+        );
+    }
     Ok(())
 }
 

@@ -100,6 +100,12 @@ pub fn load_weights(
             file: file.label().to_string(),
             reason: format!("missing weight '{name}'"),
         })?;
+        if let Some(w) = crate::quant::dequantize(file, &view)? {
+            let t = Tensor::from_vec(w, view.info.shape.as_slice(), &Device::Cpu)?;
+            out.insert(name.clone(), t.to_device(device)?);
+            file.release_tensor(name);
+            continue;
+        }
         let t = view.to_candle(&Device::Cpu)?;
         let t = match view.info.dtype {
             DType::F16 | DType::BF16 => t.to_dtype(CDType::F32)?,

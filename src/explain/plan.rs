@@ -168,7 +168,10 @@ fn find_cam_head(graph: &Graph, file: &ModelFile) -> Option<CamHead> {
     let feature = pool.inputs[0].clone();
     let (channels, height, width) = spatial_dims(graph, &feature)?;
     let view = file.get(w_name)?;
-    let w = view.to_f32_vec().ok()?;
+    let w = match crate::quant::dequantize(file, &view).ok()? {
+        Some(w) => w,
+        None => view.to_f32_vec().ok()?,
+    };
     let shape = view.info.shape.clone();
     let (rows, cols) = match shape.as_slice() {
         &[r, c] => (r, c),

@@ -51,6 +51,11 @@ impl ModelWriter {
         Self::default()
     }
 
+    /// Bytes of tensor data added so far.
+    pub fn data_bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.bytes.len()).sum()
+    }
+
     /// Sets (or replaces) a metadata entry; the graph and provenance live here.
     pub fn set_metadata(&mut self, key: impl Into<String>, value: impl Into<String>) {
         self.metadata.insert(key.into(), value.into());
