@@ -273,7 +273,8 @@ fn fuse_heads(layer: &[f32], heads: usize, t: usize, fusion: HeadFusion, out: &m
 /// Zeroes the `⌊ratio·T²⌋` smallest entries (ties broken by position, as a stable sort would),
 /// except entry 0: the class token attending to itself.
 fn discard_weakest(m: &mut [f32], ratio: f32) {
-    let k = ((m.len() as f64) * ratio as f64) as usize;
+    // A ratio ≥ 1 drops every link but the class token's own; a negative one drops none.
+    let k = (((m.len() as f64) * ratio as f64) as usize).min(m.len());
     if k == 0 {
         return;
     }
@@ -404,6 +405,20 @@ mod tests {
                     "discard {discard}: {g} vs {w}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn rollout_with_out_of_range_discard_ratios_does_not_panic() {
+        let layer = vec![0.25f32; 2 * 5 * 5];
+        for discard in [1.0, 7.5, -1.0, f32::NAN] {
+            let m = rollout(&[&layer], 2, 5, (2, 2), HeadFusion::Max, discard);
+            assert_eq!(m.data.len(), 4);
+            assert!(
+                m.data.iter().all(|v| v.is_finite()),
+                "{discard}: {:?}",
+                m.data
+            );
         }
     }
 }
