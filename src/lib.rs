@@ -18,6 +18,7 @@ pub mod import;
 pub mod kernels;
 pub mod model;
 pub mod pipeline;
+pub mod prune;
 pub mod quant;
 pub mod report;
 pub mod runtime;

@@ -1,0 +1,720 @@
+//! Structured channel pruning of a model file.
+//!
+//! Every value with a channel axis (axis 1) belongs to a *channel space*; the graph decides
+//! which spaces must lose the same channels: a residual Add joins its operands' spaces, a
+//! depthwise conv and a BatchNorm keep their input's space, GAP → Flatten → Linear carries it
+//! into the linear layer's input columns. A Concat's output is a *composite* of its inputs'
+//! spaces. Spaces touching a graph input or output, or an op we cannot follow, are frozen.
+//! Each free space keeps its most important channels (L1 / L2 norm of the filters producing
+//! it, or BatchNorm scale), and every tensor axis in that space is sliced: the file shrinks.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::error::{Error, Result};
+use crate::graph::{BinaryKind, Graph, Op, META_GRAPH, META_PROVENANCE};
+use crate::model::{DType, ModelFile, ModelWriter};
+
+/// How channels are ranked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Criterion {
+    /// Sum of |w| of each output filter (summed over every conv producing the space).
+    L1,
+    /// Euclidean norm of each output filter.
+    L2,
+    /// |γ| of the BatchNorm on the space (L1 where there is none, e.g. BN folded at export).
+    BnScale,
+}
+
+impl std::str::FromStr for Criterion {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "l1" => Ok(Criterion::L1),
+            "l2" => Ok(Criterion::L2),
+            "bn-scale" => Ok(Criterion::BnScale),
+            _ => Err(format!("unknown criterion '{s}' (l1, l2, bn-scale)")),
+        }
+    }
+}
+
+/// How the ratio is spread over spaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every space loses the same fraction.
+    Uniform,
+    /// Channels of all spaces are ranked together (importance relative to their space's mean).
+    Global,
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "uniform" => Ok(Scope::Uniform),
+            "global" => Ok(Scope::Global),
+            _ => Err(format!("unknown scope '{s}' (global, uniform)")),
+        }
+    }
+}
+
+/// Pruning settings.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// Fraction of the prunable channels removed (0 ≤ ratio < 1).
+    pub ratio: f32,
+    /// Ranking.
+    pub criterion: Criterion,
+    /// Spread.
+    pub scope: Scope,
+    /// Each pruned width is a multiple of this (1: any width).
+    pub round_to: usize,
+    /// Spaces kept whole: `first` (the first conv's output), `last` (the last conv's), or
+    /// value names.
+    pub keep: Vec<String>,
+}
+
+/// One channel space's widths, for the provenance and the CLI.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Width {
+    /// A value in the space (the first one met).
+    pub value: String,
+    /// Channels before.
+    pub before: usize,
+    /// Channels after.
+    pub after: usize,
+}
+
+/// A pruning decision over a graph: which channels each space keeps.
+#[derive(Debug)]
+pub struct Plan {
+    /// Tensor → (axis, kept indices) slices.
+    slices: HashMap<String, Vec<(usize, Vec<usize>)>>,
+    /// Value → its new channel count.
+    widths: HashMap<String, usize>,
+    /// Per pruned space.
+    pub spaces: Vec<Width>,
+}
+
+#[derive(Default)]
+struct Spaces {
+    parent: Vec<usize>,
+    size: Vec<usize>,
+    frozen: Vec<bool>,
+    composite: HashMap<usize, Vec<usize>>,
+}
+
+impl Spaces {
+    fn new_space(&mut self, size: usize) -> usize {
+        self.parent.push(self.parent.len());
+        self.size.push(size);
+        self.frozen.push(false);
+        self.parent.len() - 1
+    }
+
+    fn find(&mut self, mut i: usize) -> usize {
+        while self.parent[i] != i {
+            self.parent[i] = self.parent[self.parent[i]];
+            i = self.parent[i];
+        }
+        i
+    }
+
+    fn freeze(&mut self, i: usize) {
+        let r = self.find(i);
+        if self.frozen[r] {
+            return;
+        }
+        self.frozen[r] = true;
+        if let Some(members) = self.composite.get(&r).cloned() {
+            for m in members {
+                self.freeze(m);
+            }
+        }
+    }
+
+    fn union(&mut self, a: usize, b: usize) -> usize {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra == rb {
+            return ra;
+        }
+        // A composite's channels are its members'; joining it to another space is beyond us.
+        if self.composite.contains_key(&ra)
+            || self.composite.contains_key(&rb)
+            || self.size[ra] != self.size[rb]
+        {
+            self.freeze(ra);
+            self.freeze(rb);
+            return ra;
+        }
+        let frozen = self.frozen[ra] || self.frozen[rb];
+        self.parent[rb] = ra;
+        self.frozen[ra] = frozen;
+        ra
+    }
+}
+
+/// What the walk over the graph found.
+struct Analysis {
+    spaces: Spaces,
+    /// value → space.
+    of_value: HashMap<String, usize>,
+    /// (tensor, axis, space): every tensor axis that lives in a space.
+    slots: Vec<(String, usize, usize)>,
+    /// (weight, output axis, space): the filters whose norms rank a space.
+    producers: Vec<(String, usize, usize)>,
+    /// (BatchNorm scale tensor, space).
+    bn_scales: Vec<(String, usize)>,
+    /// Output spaces of convs in execution order (for `first` / `last`).
+    conv_outputs: Vec<usize>,
+}
+
+fn shape_of(file: &ModelFile, name: &str) -> Option<Vec<usize>> {
+    file.get(name).map(|v| v.info.shape.clone())
+}
+
+fn analyse(graph: &Graph, file: &ModelFile) -> Analysis {
+    let mut a = Analysis {
+        spaces: Spaces::default(),
+        of_value: HashMap::new(),
+        slots: Vec::new(),
+        producers: Vec::new(),
+        bn_scales: Vec::new(),
+        conv_outputs: Vec::new(),
+    };
+    let channels = |v: &str| -> Option<usize> {
+        let s = &graph.values.get(v)?.shape;
+        (s.len() >= 2).then(|| s[1])
+    };
+    for i in &graph.inputs {
+        if i.shape.len() >= 2 {
+            let s = a.spaces.new_space(i.shape[1]);
+            a.spaces.freeze(s);
+            a.of_value.insert(i.name.clone(), s);
+        }
+    }
+    for n in &graph.nodes {
+        let x = n.inputs.first().map(String::as_str).unwrap_or("");
+        let sx = a.of_value.get(x).copied();
+        let out = n.outputs.first().cloned().unwrap_or_default();
+        // A node we cannot follow freezes what it touches.
+        let mut unknown = false;
+        match (&n.op, sx) {
+            (Op::Conv { group, .. }, Some(si)) if n.outputs.len() == 1 => {
+                let w = &n.inputs[1];
+                let ws = shape_of(file, w).unwrap_or_default();
+                let cin = a.spaces.size[si];
+                if ws.len() < 3 {
+                    unknown = true;
+                } else if *group == 1 {
+                    a.slots.push((w.clone(), 1, si));
+                    let so = a.spaces.new_space(ws[0]);
+                    a.slots.push((w.clone(), 0, so));
+                    if let Some(b) = n.inputs.get(2).filter(|b| !b.is_empty()) {
+                        a.slots.push((b.clone(), 0, so));
+                    }
+                    a.producers.push((w.clone(), 0, so));
+                    a.conv_outputs.push(so);
+                    a.of_value.insert(out, so);
+                } else if *group == cin && ws[0] == cin && ws[1] == 1 {
+                    // Depthwise: one filter per input channel, so it keeps the input's space.
+                    a.slots.push((w.clone(), 0, si));
+                    if let Some(b) = n.inputs.get(2).filter(|b| !b.is_empty()) {
+                        a.slots.push((b.clone(), 0, si));
+                    }
+                    a.conv_outputs.push(si);
+                    a.of_value.insert(out, si);
+                } else {
+                    unknown = true;
+                }
+            }
+            (Op::BatchNormalization { .. }, Some(si)) => {
+                for p in &n.inputs[1..] {
+                    a.slots.push((p.clone(), 0, si));
+                }
+                if let Some(scale) = n.inputs.get(1) {
+                    a.bn_scales.push((scale.clone(), si));
+                }
+                a.of_value.insert(out, si);
+            }
+            (
+                Op::Activation { .. }
+                | Op::Identity
+                | Op::Pool { .. }
+                | Op::GlobalPool { .. }
+                | Op::Unary { .. },
+                Some(si),
+            ) if n.outputs.len() == 1 => {
+                a.of_value.insert(out, si);
+            }
+            (Op::Binary { kind, .. }, _) if n.inputs.len() == 2 => {
+                let spaces: Vec<Option<usize>> = n
+                    .inputs
+                    .iter()
+                    .map(|i| a.of_value.get(i).copied())
+                    .collect();
+                let same_shape = graph.values.get(&n.inputs[0]).map(|v| &v.shape)
+                    == graph.values.get(&n.inputs[1]).map(|v| &v.shape);
+                let scalar_const =
+                    |i: &str| shape_of(file, i).is_some_and(|s| s.iter().product::<usize>() == 1);
+                match (spaces[0], spaces[1]) {
+                    (Some(p), Some(q)) if same_shape => {
+                        let r = a.spaces.union(p, q);
+                        a.of_value.insert(out, r);
+                    }
+                    (Some(p), None) if scalar_const(&n.inputs[1]) => {
+                        a.of_value.insert(out, p);
+                    }
+                    (None, Some(q))
+                        if scalar_const(&n.inputs[0])
+                            && matches!(kind, BinaryKind::Add | BinaryKind::Mul) =>
+                    {
+                        a.of_value.insert(out, q);
+                    }
+                    _ => unknown = true,
+                }
+            }
+            (Op::Concat { axis: 1 }, _) => {
+                let members: Option<Vec<usize>> = n
+                    .inputs
+                    .iter()
+                    .map(|i| a.of_value.get(i).copied())
+                    .collect();
+                match members {
+                    Some(m) => {
+                        let size = m.iter().map(|&s| a.spaces.size[s]).sum();
+                        let c = a.spaces.new_space(size);
+                        a.spaces.composite.insert(c, m);
+                        a.of_value.insert(out, c);
+                    }
+                    None => unknown = true,
+                }
+            }
+            (Op::Reshape { shape }, Some(si)) => {
+                // Flatten after global pooling: [1, C, 1, 1] -> [1, C] keeps the channel axis.
+                let from = graph
+                    .values
+                    .get(x)
+                    .map(|v| v.shape.clone())
+                    .unwrap_or_default();
+                let flat = from.len() >= 2
+                    && shape.len() >= 2
+                    && from[0] == 1
+                    && shape[0] == 1
+                    && from[2..].iter().all(|&d| d == 1)
+                    && shape[2..].iter().all(|&d| d == 1)
+                    && from[1] == shape[1];
+                if flat {
+                    a.of_value.insert(out, si);
+                } else {
+                    unknown = true;
+                }
+            }
+            (
+                Op::Gemm {
+                    trans_a: false,
+                    trans_b,
+                    ..
+                },
+                Some(si),
+            ) => {
+                let w = &n.inputs[1];
+                match shape_of(file, w) {
+                    Some(ws) if ws.len() == 2 => {
+                        let (cin_axis, out_axis) = if *trans_b { (1, 0) } else { (0, 1) };
+                        a.slots.push((w.clone(), cin_axis, si));
+                        let so = a.spaces.new_space(ws[out_axis]);
+                        a.slots.push((w.clone(), out_axis, so));
+                        if let Some(b) = n.inputs.get(2).filter(|b| !b.is_empty()) {
+                            if shape_of(file, b).is_some_and(|s| s.len() == 1) {
+                                a.slots.push((b.clone(), 0, so));
+                            } else {
+                                a.spaces.freeze(so);
+                            }
+                        }
+                        a.producers.push((w.clone(), out_axis, so));
+                        a.of_value.insert(out, so);
+                    }
+                    _ => unknown = true,
+                }
+            }
+            _ => unknown = true,
+        }
+        if unknown {
+            for i in &n.inputs {
+                if let Some(&s) = a.of_value.get(i) {
+                    a.spaces.freeze(s);
+                }
+            }
+            for o in &n.outputs {
+                if let Some(c) = channels(o) {
+                    let s = a.spaces.new_space(c);
+                    a.spaces.freeze(s);
+                    a.of_value.insert(o.clone(), s);
+                }
+            }
+        }
+    }
+    for o in &graph.outputs {
+        if let Some(&s) = a.of_value.get(&o.name) {
+            a.spaces.freeze(s);
+        }
+    }
+    a
+}
+
+/// Per-channel norms of `w` along `axis`.
+fn filter_norms(file: &ModelFile, w: &str, axis: usize, l2: bool) -> Option<Vec<f64>> {
+    let view = file.get(w)?;
+    let shape = view.info.shape.clone();
+    let vals = view.to_f32_vec().ok()?;
+    let n = *shape.get(axis)?;
+    let inner: usize = shape[axis + 1..].iter().product();
+    let mut out = vec![0f64; n];
+    for (i, &v) in vals.iter().enumerate() {
+        let c = (i / inner.max(1)) % n.max(1);
+        out[c] += if l2 {
+            (v as f64) * (v as f64)
+        } else {
+            (v as f64).abs()
+        };
+    }
+    if l2 {
+        out.iter_mut().for_each(|x| *x = x.sqrt());
+    }
+    Some(out)
+}
+
+fn round_up(n: usize, to: usize, max: usize) -> usize {
+    let to = to.max(1);
+    (n.div_ceil(to) * to).clamp(1, max)
+}
+
+/// Decides which channels each space keeps.
+pub fn plan(graph: &Graph, file: &ModelFile, opts: &PruneOptions) -> Result<Plan> {
+    if !(0.0..1.0).contains(&opts.ratio) {
+        return Err(Error::InvalidGraph {
+            file: file.label().to_string(),
+            reason: format!("pruning ratio {} is not in [0, 1)", opts.ratio),
+        });
+    }
+    let mut a = analyse(graph, file);
+    for k in &opts.keep {
+        let s = match k.as_str() {
+            "first" => a.conv_outputs.first().copied(),
+            "last" => a.conv_outputs.last().copied(),
+            v => Some(*a.of_value.get(v).ok_or_else(|| Error::InvalidGraph {
+                file: file.label().to_string(),
+                reason: format!("--keep '{v}' is not a value of the graph"),
+            })?),
+        };
+        if let Some(s) = s {
+            a.spaces.freeze(s);
+        }
+    }
+    // Importance per free root space.
+    let mut importance: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let l2 = opts.criterion == Criterion::L2;
+    for (w, axis, s) in a.producers.clone() {
+        let r = a.spaces.find(s);
+        if a.spaces.frozen[r] || a.spaces.composite.contains_key(&r) {
+            continue;
+        }
+        if let Some(norms) = filter_norms(file, &w, axis, l2) {
+            let acc = importance
+                .entry(r)
+                .or_insert_with(|| vec![0.0; norms.len()]);
+            if acc.len() == norms.len() {
+                acc.iter_mut().zip(&norms).for_each(|(x, y)| *x += y);
+            }
+        }
+    }
+    if opts.criterion == Criterion::BnScale {
+        for (scale, s) in a.bn_scales.clone() {
+            let r = a.spaces.find(s);
+            if let (Some(acc), Some(v)) = (
+                importance.get_mut(&r),
+                file.get(&scale).and_then(|v| v.to_f32_vec().ok()),
+            ) {
+                if v.len() == acc.len() {
+                    acc.iter_mut()
+                        .zip(&v)
+                        .for_each(|(x, g)| *x = (*g as f64).abs());
+                }
+            }
+        }
+    }
+    // How many channels each space keeps.
+    let mut keep_n: BTreeMap<usize, usize> = BTreeMap::new();
+    match opts.scope {
+        Scope::Uniform => {
+            for (&r, imp) in &importance {
+                let n = imp.len();
+                let k = n - ((n as f64 * opts.ratio as f64).floor() as usize).min(n - 1);
+                keep_n.insert(r, round_up(k, opts.round_to, n));
+            }
+        }
+        Scope::Global => {
+            let mut all: Vec<(f64, usize)> = Vec::new();
+            for (&r, imp) in &importance {
+                let mean = imp.iter().sum::<f64>() / imp.len().max(1) as f64;
+                all.extend(imp.iter().map(|&v| (v / mean.max(1e-30), r)));
+            }
+            all.sort_by(|x, y| x.0.total_cmp(&y.0));
+            let cut = (all.len() as f64 * opts.ratio as f64).floor() as usize;
+            let mut removed: BTreeMap<usize, usize> = BTreeMap::new();
+            for &(_, r) in &all[..cut] {
+                *removed.entry(r).or_default() += 1;
+            }
+            for (&r, imp) in &importance {
+                let n = imp.len();
+                let k = n - removed.get(&r).copied().unwrap_or(0).min(n - 1);
+                keep_n.insert(r, round_up(k, opts.round_to, n));
+            }
+        }
+    }
+    // Kept indices: the most important, in their original order.
+    let mut keep: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (&r, imp) in &importance {
+        let mut order: Vec<usize> = (0..imp.len()).collect();
+        order.sort_by(|&x, &y| imp[y].total_cmp(&imp[x]).then(x.cmp(&y)));
+        let mut k: Vec<usize> = order[..keep_n[&r]].to_vec();
+        k.sort_unstable();
+        keep.insert(r, k);
+    }
+    let mut memo: HashMap<usize, Option<Vec<usize>>> = HashMap::new();
+    let mut kept = |s: usize, a: &mut Analysis| kept_of(s, a, &keep, &mut memo);
+    let mut slices: HashMap<String, Vec<(usize, Vec<usize>)>> = HashMap::new();
+    for (t, axis, s) in a.slots.clone() {
+        if let Some(k) = kept(s, &mut a) {
+            slices.entry(t).or_default().push((axis, k));
+        }
+    }
+    let mut widths = HashMap::new();
+    let mut spaces: BTreeMap<usize, Width> = BTreeMap::new();
+    let mut values: Vec<(String, usize)> =
+        a.of_value.iter().map(|(v, &s)| (v.clone(), s)).collect();
+    values.sort();
+    for (v, s) in values {
+        if let Some(k) = kept(s, &mut a) {
+            let r = a.spaces.find(s);
+            widths.insert(v.clone(), k.len());
+            if !a.spaces.composite.contains_key(&r) {
+                spaces.entry(r).or_insert(Width {
+                    value: v,
+                    before: a.spaces.size[r],
+                    after: k.len(),
+                });
+            }
+        }
+    }
+    Ok(Plan {
+        slices,
+        widths,
+        spaces: spaces.into_values().collect(),
+    })
+}
+
+/// The kept indices of space `s`, `None` when it keeps everything.
+fn kept_of(
+    s: usize,
+    a: &mut Analysis,
+    keep: &HashMap<usize, Vec<usize>>,
+    memo: &mut HashMap<usize, Option<Vec<usize>>>,
+) -> Option<Vec<usize>> {
+    let r = a.spaces.find(s);
+    if let Some(m) = memo.get(&r) {
+        return m.clone();
+    }
+    let result = if let Some(members) = a.spaces.composite.get(&r).cloned() {
+        let mut out = Vec::new();
+        let mut offset = 0;
+        let mut changed = false;
+        for m in members {
+            let size = a.spaces.size[m];
+            match kept_of(m, a, keep, memo) {
+                Some(k) => {
+                    changed = true;
+                    out.extend(k.iter().map(|i| i + offset));
+                }
+                None => out.extend(offset..offset + size),
+            }
+            offset += size;
+        }
+        changed.then_some(out)
+    } else {
+        keep.get(&r).filter(|k| k.len() < a.spaces.size[r]).cloned()
+    };
+    memo.insert(r, result.clone());
+    result
+}
+
+/// Applies `plan`: `zero == false` slices every tensor (the pruned model); `zero == true`
+/// keeps every shape and zeroes the removed channels instead (the masked model the pruned
+/// one must equal).
+pub fn apply(
+    graph: &Graph,
+    file: &ModelFile,
+    plan: &Plan,
+    zero: bool,
+    provenance: Option<serde_json::Value>,
+) -> Result<ModelWriter> {
+    let mut g = graph.clone();
+    if !zero {
+        for (v, info) in g.values.iter_mut() {
+            if let Some(&c) = plan.widths.get(v) {
+                if info.shape.len() >= 2 {
+                    info.shape[1] = c;
+                }
+            }
+        }
+        for n in &mut g.nodes {
+            let out = n.outputs.first().cloned().unwrap_or_default();
+            match &mut n.op {
+                Op::Reshape { shape } => {
+                    if let Some(&c) = plan.widths.get(&out) {
+                        shape[1] = c;
+                    }
+                }
+                Op::Conv { group, .. } if *group > 1 => {
+                    if let Some(&c) = plan.widths.get(&out) {
+                        *group = c;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut w = ModelWriter::new();
+    for (k, v) in file.metadata() {
+        w.set_metadata(k.clone(), v.clone());
+    }
+    let json = serde_json::to_string(&g).map_err(|e| Error::InvalidGraph {
+        file: file.label().to_string(),
+        reason: e.to_string(),
+    })?;
+    w.set_metadata(META_GRAPH, json);
+    if let Some(p) = provenance {
+        w.set_metadata(META_PROVENANCE, p.to_string());
+    }
+    let infos: Vec<_> = file.tensors().cloned().collect();
+    for info in infos {
+        let view = file.get(&info.name).ok_or_else(|| Error::InvalidGraph {
+            file: file.label().to_string(),
+            reason: format!("tensor '{}' vanished", info.name),
+        })?;
+        let Some(cuts) = plan.slices.get(&info.name) else {
+            w.add_tensor(
+                info.name.clone(),
+                info.dtype,
+                info.shape.clone(),
+                view.data.to_vec(),
+            )?;
+            continue;
+        };
+        if !matches!(info.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::InvalidGraph {
+                file: file.label().to_string(),
+                reason: format!(
+                    "tensor '{}' is {}; prune float models (quantize after pruning)",
+                    info.name, info.dtype
+                ),
+            });
+        }
+        let mut vals = view.to_f32_vec()?;
+        let mut shape = info.shape.clone();
+        for (axis, k) in cuts {
+            if *axis >= shape.len() {
+                continue;
+            }
+            (vals, shape) = if zero {
+                (zero_axis(&vals, &shape, *axis, k), shape)
+            } else {
+                slice_axis(&vals, &shape, *axis, k)
+            };
+        }
+        let bytes: Vec<u8> = match info.dtype {
+            DType::F16 => vals
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+            DType::BF16 => vals
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+            _ => vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        w.add_tensor(info.name.clone(), info.dtype, shape, bytes)?;
+    }
+    Ok(w)
+}
+
+fn slice_axis(
+    vals: &[f32],
+    shape: &[usize],
+    axis: usize,
+    keep: &[usize],
+) -> (Vec<f32>, Vec<usize>) {
+    let outer: usize = shape[..axis].iter().product();
+    let n = shape[axis];
+    let inner: usize = shape[axis + 1..].iter().product();
+    let mut out = Vec::with_capacity(outer * keep.len() * inner);
+    for o in 0..outer {
+        for &k in keep {
+            let start = (o * n + k) * inner;
+            out.extend_from_slice(&vals[start..start + inner]);
+        }
+    }
+    let mut s = shape.to_vec();
+    s[axis] = keep.len();
+    (out, s)
+}
+
+fn zero_axis(vals: &[f32], shape: &[usize], axis: usize, keep: &[usize]) -> Vec<f32> {
+    let n = shape[axis];
+    let inner: usize = shape[axis + 1..].iter().product();
+    let mut kept = vec![false; n];
+    keep.iter().for_each(|&k| kept[k] = true);
+    vals.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if kept[(i / inner.max(1)) % n.max(1)] {
+                v
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// Prunes `file` and returns the new file's writer and the plan (widths per space). The
+/// provenance records the parent's hash, the settings and the widths.
+pub fn prune(file: &ModelFile, opts: &PruneOptions) -> Result<(ModelWriter, Plan)> {
+    let graph = Graph::from_model_file(file)?;
+    let plan = plan(&graph, file, opts)?;
+    let mut prov: serde_json::Value = file
+        .metadata()
+        .get(META_PROVENANCE)
+        .and_then(|p| serde_json::from_str(p).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
+    if let Some(obj) = prov.as_object_mut() {
+        obj.insert(
+            "variant".into(),
+            format!("p{:.0}", opts.ratio * 100.0).into(),
+        );
+        obj.insert(
+            "pruning".into(),
+            serde_json::json!({
+                // Through f64 from the f32 flag: 0.4, not 0.4000000059604645.
+                "ratio": (opts.ratio as f64 * 1e6).round() / 1e6,
+                "criterion": format!("{:?}", opts.criterion).to_lowercase(),
+                "scope": format!("{:?}", opts.scope).to_lowercase(),
+                "round_to": opts.round_to,
+                "keep": opts.keep,
+                "parent_sha256": file.sha256_hex(),
+                "widths": plan.spaces,
+            }),
+        );
+    }
+    let w = apply(&graph, file, &plan, false, Some(prov))?;
+    Ok((w, plan))
+}

@@ -1,0 +1,146 @@
+//! Structured pruning: a pruned model must compute exactly what the original computes with
+//! the removed channels zeroed (masked), on architectures with depthwise convs and inverted
+//! residuals (MobileNetV2), residual adds (a ResNet-18), and concats (SqueezeNet).
+
+mod common;
+
+use common::*;
+use edgeinfer::device::DeviceRequest;
+use edgeinfer::graph::Graph;
+use edgeinfer::model::{DType, ModelFile};
+use edgeinfer::prune::{apply, plan, prune, Criterion, PruneOptions, Scope};
+use edgeinfer::Runtime;
+
+fn opts(ratio: f32, scope: Scope, round_to: usize) -> PruneOptions {
+    PruneOptions {
+        ratio,
+        criterion: Criterion::L1,
+        scope,
+        round_to,
+        keep: Vec::new(),
+    }
+}
+
+fn run(path: &std::path::Path, input: &[(String, candle_core::Tensor)]) -> candle_core::Tensor {
+    let rt = Runtime::builder()
+        .model(path)
+        .device(DeviceRequest::Cpu)
+        .build()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    rt.run_tensors(input, &[]).unwrap().outputs[0].1.clone()
+}
+
+/// Prunes `model`, checks it shrank, and compares it with the masked original.
+fn check(model: &std::path::Path, input_rel: &str, o: PruneOptions) -> (usize, usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = ModelFile::open(model).unwrap();
+    let graph = Graph::from_model_file(&file).unwrap();
+    let (w, p) = prune(&file, &o).unwrap();
+    let pruned = tmp.path().join("pruned.safetensors");
+    w.write(&pruned).unwrap();
+    let p2 = plan(&graph, &file, &o).unwrap();
+    let masked = tmp.path().join("masked.safetensors");
+    apply(&graph, &file, &p2, true, None)
+        .unwrap()
+        .write(&masked)
+        .unwrap();
+    let input = read_tensors(&fixture(input_rel));
+    let (a, b) = (run(&pruned, &input), run(&masked, &input));
+    let d = max_abs_diff(&a, &b);
+    let scale = b
+        .flatten_all()
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let (before, after) = (
+        file.data_bytes(),
+        ModelFile::open(&pruned).unwrap().data_bytes(),
+    );
+    eprintln!(
+        "{}: {} spaces pruned, {} -> {} bytes, max |pruned - masked| {d:e} (|x| <= {scale})",
+        model.display(),
+        p.spaces.len(),
+        before,
+        after
+    );
+    assert!(!p.spaces.is_empty(), "nothing was pruned");
+    assert!(after < before, "the file did not shrink");
+    assert!(
+        d <= 1e-4 * scale.max(1.0),
+        "pruned differs from masked by {d}"
+    );
+    // And pruning really changed the function (the masked model is not the original).
+    let orig = run(model, &input);
+    assert!(max_abs_diff(&orig, &b) > 0.0);
+    for wd in &p.spaces {
+        assert!(wd.after <= wd.before && wd.after >= 1, "{wd:?}");
+        if o.round_to > 1 {
+            assert!(
+                wd.after % o.round_to == 0 || wd.after == wd.before,
+                "{wd:?}"
+            );
+        }
+    }
+    (before, after)
+}
+
+#[test]
+fn mobilenet_v2_pruned_equals_masked_depthwise_and_inverted_residuals() {
+    let m = root().join("models/mobilenet_v2.safetensors");
+    check(
+        &m,
+        "mobilenet_v2/coffee.input.safetensors",
+        opts(0.4, Scope::Uniform, 8),
+    );
+    check(
+        &m,
+        "mobilenet_v2/coffee.input.safetensors",
+        opts(0.3, Scope::Global, 1),
+    );
+}
+
+#[test]
+fn resnet18_pruned_equals_masked_through_residual_adds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = import_to(
+        tmp.path(),
+        &fixture("resnet18_pruned/model.onnx"),
+        DType::F32,
+    );
+    check(
+        &m,
+        "resnet18_pruned/input.safetensors",
+        opts(0.5, Scope::Global, 4),
+    );
+}
+
+#[test]
+fn squeezenet_pruned_equals_masked_through_concats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = import_to(tmp.path(), &fixture("squeezenet/model.onnx"), DType::F32);
+    check(
+        &m,
+        "squeezenet/input.safetensors",
+        opts(0.4, Scope::Uniform, 1),
+    );
+}
+
+#[test]
+fn bad_ratios_and_unknown_keep_values_are_refused() {
+    let file = ModelFile::open(root().join("models/mobilenet_v2.safetensors")).unwrap();
+    for r in [1.0, -0.1] {
+        let err = prune(&file, &opts(r, Scope::Uniform, 1))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("ratio"), "{err}");
+    }
+    let mut o = opts(0.4, Scope::Uniform, 1);
+    o.keep = vec!["nope".into()];
+    let err = prune(&file, &o).err().unwrap().to_string();
+    assert!(err.contains("nope"), "{err}");
+}
