@@ -72,8 +72,12 @@ enum Command {
     Boards,
     /// Explain one image: a side-by-side picture (input | heat map | overlay) and the JSON.
     Explain(ExplainCmdArgs),
-    /// Benchmarks: `--explain` times each explain method against one forward pass.
+    /// Benchmarks: latency, memory and accuracy per pruning ratio and dtype (a report with a
+    /// plot), or `--explain`: each explain method against one forward pass.
     Bench(BenchCmdArgs),
+    /// Measures one model file in a process of its own (used by `bench`).
+    #[command(hide = true)]
+    BenchVariant(VariantCmdArgs),
     /// Accuracy, and each explain method's localisation (IoU, Dice, pointing game, energy)
     /// against known defect masks.
     Eval(EvalCmdArgs),
@@ -91,6 +95,14 @@ struct ExplainCmdArgs {
 struct BenchCmdArgs {
     #[command(flatten)]
     cmd: cli::bench::BenchCmd,
+    #[command(flatten)]
+    target: TargetArgs,
+}
+
+#[derive(Args)]
+struct VariantCmdArgs {
+    #[command(flatten)]
+    cmd: cli::bench::VariantCmd,
     #[command(flatten)]
     target: TargetArgs,
 }
@@ -122,6 +134,24 @@ struct TargetArgs {
 }
 
 impl TargetArgs {
+    /// The flags again, for a child process of ours that must run the same way.
+    fn child_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(b) = &self.board {
+            v.extend(["--board".to_string(), b.clone()]);
+        }
+        if let Some(n) = self.cpu.threads {
+            v.extend(["--threads".to_string(), n.to_string()]);
+        }
+        v.extend([
+            "--kernels".to_string(),
+            self.cpu.kernels.to_string(),
+            "--winograd".to_string(),
+            self.cpu.winograd.to_string(),
+        ]);
+        v
+    }
+
     /// A runtime builder with the board applied first, then the explicit flags.
     fn builder(&self) -> Result<edgeinfer::runtime::RuntimeBuilder> {
         let mut b = Runtime::builder();
@@ -336,10 +366,14 @@ fn main() {
             .target
             .builder()
             .and_then(|b| cli::explain::explain_cmd(&a.cmd, b)),
-        Command::Bench(a) => a
+        Command::Bench(a) => a.target.builder().and_then(|b| {
+            let child = a.target.child_args();
+            cli::bench::bench_cmd(&a.cmd, b, &child, DEFAULT_MODEL, SAMPLES[0].1)
+        }),
+        Command::BenchVariant(a) => a
             .target
             .builder()
-            .and_then(|b| cli::bench::bench_cmd(&a.cmd, b, DEFAULT_MODEL, SAMPLES[0].1)),
+            .and_then(|b| cli::bench::variant_cmd(&a.cmd, b)),
         Command::Eval(a) => a
             .target
             .builder()

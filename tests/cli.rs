@@ -446,3 +446,59 @@ fn eval_scores_the_defect_set_like_the_python_checker() {
     // Eigen-CAM is scored too, and localises (better than chance, i.e. the defect's area).
     assert!(by("eigencam")["mean_dice"].as_f64().unwrap() > 0.3, "{got}");
 }
+
+#[test]
+fn bench_sweeps_ratios_and_dtypes_into_a_report_with_a_plot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("r");
+    let d = root().join("tests/fixtures/defects/images");
+    let out = bin()
+        .args(["bench", "--device", "cpu", "--threads", "1", "--runs", "3"])
+        .args(["--ratios", "0,0.4", "--dtypes", "f16,int8", "--model"])
+        .arg(root().join("models/defect_cnn.safetensors"))
+        .arg("--eval")
+        .arg(&d)
+        .arg("--input")
+        .arg(d.join("crack/0000.png"))
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
+            .unwrap();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["p0-f16", "p0-int8", "p40-f16", "p40-int8"]);
+    for r in &rows {
+        assert!(r["p50_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["peak_rss_mb"].as_f64().unwrap() > 1.0, "{r}");
+        let acc = r["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{r}");
+    }
+    // Pruning removes work and bytes; int8 removes bytes.
+    let f = |i: usize, k: &str| rows[i][k].as_f64().unwrap();
+    assert!(f(2, "macs") < 0.8 * f(0, "macs"));
+    assert!(f(2, "params") < f(0, "params"));
+    assert!(f(1, "file_bytes") < f(0, "file_bytes"));
+    // The unpruned f16 variant is the model itself: its accuracy is eval's.
+    assert!(
+        (f(0, "accuracy") - 0.88).abs() < 1e-9,
+        "{}",
+        f(0, "accuracy")
+    );
+    let svg = std::fs::read_to_string(report.join("latency_vs_ratio.svg")).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.contains("budget 200 ms"),
+        "{svg}"
+    );
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("| p40-int8 |"), "{md}");
+}

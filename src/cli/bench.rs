@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use edgeinfer::bench::Row as SweepRow;
+use edgeinfer::model::{ModelFile, ModelWriter};
 
 use edgeinfer::explain::{Choice, ExplainOptions, Method};
 use edgeinfer::runtime::RuntimeBuilder;
@@ -12,12 +14,27 @@ use edgeinfer::runtime::RuntimeBuilder;
 /// Benchmarks.
 #[derive(Args)]
 pub struct BenchCmd {
-    /// Explain-method cost against one forward pass (the only benchmark so far).
+    /// Explain-method cost against one forward pass, instead of the pruning / dtype sweep.
     #[arg(long)]
     pub explain: bool,
-    /// Model files (default: the embedded MobileNetV2).
+    /// Model files (default: the embedded MobileNetV2; the sweep takes the first).
     #[arg(long, num_args = 1..)]
     pub model: Vec<PathBuf>,
+    /// Sweep: pruning ratios (0 = the model as it is).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.25,0.4,0.55,0.63")]
+    pub ratios: Vec<f32>,
+    /// Sweep: weight dtypes (f32, f16, bf16, int8).
+    #[arg(long, value_delimiter = ',', default_value = "f16,int8")]
+    pub dtypes: Vec<edgeinfer::quant::Target>,
+    /// Sweep: pruned widths are multiples of this.
+    #[arg(long, default_value_t = 8)]
+    pub round_to: usize,
+    /// Sweep: top-1 accuracy on this image folder (one sub-folder per class, named by label).
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// Sweep: folder for the variants, report.md, report.json and latency_vs_ratio.svg.
+    #[arg(long, default_value = "bench-report")]
+    pub report: PathBuf,
     /// The image every run uses (default: the embedded cat photo).
     #[arg(long)]
     pub input: Option<PathBuf>,
@@ -62,14 +79,16 @@ struct Row {
 
 /// Runs the benchmark; `builder` carries the target settings, `default_model` and
 /// `default_image` are the embedded ones.
+/// `child_args` repeat the target flags (threads, kernels, board) for the measuring processes.
 pub fn bench_cmd(
     a: &BenchCmd,
     builder: RuntimeBuilder,
+    child_args: &[String],
     default_model: &'static [u8],
     default_image: &'static [u8],
 ) -> Result<()> {
     if !a.explain {
-        bail!("nothing to benchmark: give --explain (pruning and dtype sweeps are not built yet)");
+        return sweep(a, builder, child_args, default_model, default_image);
     }
     let img = match &a.input {
         Some(p) => image::open(p).with_context(|| format!("reading {}", p.display()))?,
@@ -176,4 +195,250 @@ fn truncate(s: &str, n: usize) -> String {
         let tail: String = s.chars().skip(count - (n - 1)).collect();
         format!("…{tail}")
     }
+}
+
+/// `bench-variant` (hidden): measures one model file in a process of its own, so its peak RSS
+/// is its own, and prints one JSON line.
+#[derive(Args)]
+pub struct VariantCmd {
+    /// The model file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The prepared input.
+    #[arg(long)]
+    pub input_tensor: PathBuf,
+    /// Timed frames.
+    #[arg(long, default_value_t = 50)]
+    pub runs: usize,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Peak resident set of this process (Linux `VmHWM`), MB; 0 elsewhere.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Runs `bench-variant`.
+pub fn variant_cmd(a: &VariantCmd, builder: RuntimeBuilder) -> Result<()> {
+    let t0 = Instant::now();
+    let rt = builder
+        .model(&a.model)
+        .build()
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let file = ModelFile::open(&a.input_tensor)?;
+    let mut feeds = Vec::new();
+    for t in file.tensors() {
+        let v = file.get(&t.name).context("tensor vanished")?;
+        feeds.push((t.name.clone(), v.to_candle(&candle_core::Device::Cpu)?));
+    }
+    let run = || -> Result<()> {
+        for (_, t) in &rt.run_tensors(&feeds, &[])?.outputs {
+            t.to_device(&candle_core::Device::Cpu)?;
+        }
+        Ok(())
+    };
+    for _ in 0..5 {
+        run()?;
+    }
+    let mut ms = Vec::with_capacity(a.runs);
+    for _ in 0..a.runs {
+        let t = Instant::now();
+        run()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    println!(
+        "{}",
+        serde_json::json!({
+            "load_ms": load_ms,
+            "p50_ms": percentile(&ms, 0.5),
+            "p95_ms": percentile(&ms, 0.95),
+            "p99_ms": percentile(&ms, 0.99),
+            "peak_rss_mb": peak_rss_mb(),
+        })
+    );
+    Ok(())
+}
+
+/// Top-1 accuracy of `rt` over a folder with one sub-folder per class label.
+fn accuracy(rt: &edgeinfer::Runtime, dir: &std::path::Path) -> Result<f64> {
+    let labels = rt
+        .model()
+        .labels
+        .clone()
+        .context("--eval needs a model file with labels")?;
+    let (mut n, mut correct) = (0usize, 0usize);
+    let mut classes: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    classes.sort();
+    for c in classes {
+        let name = c
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let class = labels
+            .iter()
+            .position(|l| *l == name)
+            .with_context(|| format!("class folder '{name}' is not one of the model's labels"))?;
+        let mut files: Vec<_> = std::fs::read_dir(&c)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        for f in files {
+            let img = image::open(&f).with_context(|| format!("reading {}", f.display()))?;
+            let out = rt.run_tensors(&[rt.image_tensor(&img)?], &[])?;
+            let top = edgeinfer::runtime::argmax(&out.outputs[0].1)?;
+            n += 1;
+            correct += usize::from(top == class);
+        }
+    }
+    if n == 0 {
+        bail!("no images under {}", dir.display());
+    }
+    Ok(correct as f64 / n as f64)
+}
+
+/// The pruning × dtype sweep.
+fn sweep(
+    a: &BenchCmd,
+    builder: RuntimeBuilder,
+    child_args: &[String],
+    default_model: &'static [u8],
+    default_image: &'static [u8],
+) -> Result<()> {
+    let vdir = a.report.join("variants");
+    std::fs::create_dir_all(&vdir).with_context(|| format!("creating {}", vdir.display()))?;
+    let base_path = match a.model.first() {
+        Some(p) => p.clone(),
+        None => {
+            let p = vdir.join("base.safetensors");
+            std::fs::write(&p, default_model)
+                .with_context(|| format!("writing {}", p.display()))?;
+            p
+        }
+    };
+    let base = ModelFile::open(&base_path)?;
+    let probe = builder.clone().model(&base_path).build()?;
+    let budget_ms = probe.budget().as_secs_f64() * 1e3;
+    let img = match &a.input {
+        Some(p) => image::open(p).with_context(|| format!("reading {}", p.display()))?,
+        None => image::load_from_memory(default_image)?,
+    };
+    let (name, t) = probe.image_tensor(&img)?;
+    let input = a.report.join("input.safetensors");
+    let mut w = ModelWriter::new();
+    w.add_candle(name, &t.to_device(&candle_core::Device::Cpu)?)?;
+    w.write(&input)?;
+    drop(probe);
+    let total = (a.ratios.len() * a.dtypes.len()) as u64;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let mut rows = Vec::new();
+    for &ratio in &a.ratios {
+        let pruned_path = if ratio == 0.0 {
+            base_path.clone()
+        } else {
+            let opts = edgeinfer::prune::PruneOptions {
+                ratio,
+                criterion: edgeinfer::prune::Criterion::L1,
+                scope: edgeinfer::prune::Scope::Global,
+                round_to: a.round_to,
+                keep: Vec::new(),
+            };
+            let (w, _) = edgeinfer::prune::prune(&base, &opts)?;
+            let p = vdir.join(format!("p{:.0}.safetensors", ratio * 100.0));
+            w.write(&p)?;
+            p
+        };
+        let pruned = ModelFile::open(&pruned_path)?;
+        for &dtype in &a.dtypes {
+            let variant = format!("p{:.0}-{}", ratio * 100.0, dtype.name());
+            bar.set_message(variant.clone());
+            let (w, _) = edgeinfer::quant::quantize(&pruned, dtype)?;
+            let path = vdir.join(format!("{variant}.safetensors"));
+            w.write(&path)?;
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("bench-variant")
+                .arg("--model")
+                .arg(&path)
+                .arg("--input-tensor")
+                .arg(&input)
+                .arg("--runs")
+                .arg(a.runs.to_string())
+                .args(["--device", "cpu"]);
+            cmd.args(child_args);
+            let out = cmd.output().context("running bench-variant")?;
+            if !out.status.success() {
+                bail!(
+                    "measuring {variant}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let m: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .with_context(|| format!("bench-variant output for {variant}"))?;
+            let file = ModelFile::open(&path)?;
+            let graph = edgeinfer::graph::Graph::from_model_file(&file)?;
+            let st = edgeinfer::graph::stats::stats(&graph, |n| {
+                file.get(n).map(|v| (v.info.shape.clone(), v.info.dtype))
+            });
+            let acc = match &a.eval {
+                Some(dir) => {
+                    let rt = builder.clone().model(&path).build()?;
+                    Some(accuracy(&rt, dir)?)
+                }
+                None => None,
+            };
+            let f = |k: &str| m[k].as_f64().unwrap_or(0.0);
+            rows.push(SweepRow {
+                variant,
+                ratio: ratio as f64,
+                dtype: dtype.name().into(),
+                params: st.params,
+                macs: st.macs as u64,
+                file_bytes: file.file_size() as u64,
+                load_ms: f("load_ms"),
+                p50_ms: f("p50_ms"),
+                p95_ms: f("p95_ms"),
+                p99_ms: f("p99_ms"),
+                peak_rss_mb: f("peak_rss_mb"),
+                accuracy: acc,
+            });
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let title = format!("{} on this machine", base.label());
+    edgeinfer::bench::write_report(&a.report, &title, &rows, budget_ms)?;
+    print!(
+        "{}",
+        std::fs::read_to_string(a.report.join("report.md")).unwrap_or_default()
+    );
+    eprintln!(
+        "report: {}/report.md, report.json, latency_vs_ratio.svg",
+        a.report.display()
+    );
+    Ok(())
 }

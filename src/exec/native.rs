@@ -29,6 +29,16 @@ pub enum Winograd {
     Never,
 }
 
+impl std::fmt::Display for Winograd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Winograd::Auto => "auto",
+            Winograd::Always => "always",
+            Winograd::Never => "never",
+        })
+    }
+}
+
 impl FromStr for Winograd {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

@@ -11,6 +11,8 @@ use crate::model::{DType, ModelFile, ModelWriter, TensorView};
 /// What to convert the weights to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
+    /// f32 storage (undoes f16 / bf16 storage; int8 tensors stay int8).
+    F32,
     /// IEEE half precision storage (compute stays f32 on the CPU).
     F16,
     /// bfloat16 storage.
@@ -24,6 +26,7 @@ impl std::str::FromStr for Target {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
+            "f32" => Ok(Target::F32),
             "f16" => Ok(Target::F16),
             "bf16" => Ok(Target::BF16),
             "int8" => Ok(Target::Int8),
@@ -38,6 +41,7 @@ impl Target {
     /// Its name in provenance and variant names.
     pub fn name(self) -> &'static str {
         match self {
+            Target::F32 => "f32",
             Target::F16 => "f16",
             Target::BF16 => "bf16",
             Target::Int8 => "int8",
@@ -100,9 +104,14 @@ pub fn quantize(file: &ModelFile, to: Target) -> Result<(ModelWriter, Report)> {
         report.bytes_before += view.data.len();
         let float = matches!(info.dtype, DType::F32 | DType::F16 | DType::BF16);
         let added = match to {
-            Target::F16 | Target::BF16 if float => {
+            Target::F32 | Target::F16 | Target::BF16 if float => {
                 let vals = view.to_f32_vec()?;
-                let (dtype, bytes): (DType, Vec<u8>) = if to == Target::F16 {
+                let (dtype, bytes): (DType, Vec<u8>) = if to == Target::F32 {
+                    (
+                        DType::F32,
+                        vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    )
+                } else if to == Target::F16 {
                     let b = vals
                         .iter()
                         .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
