@@ -14,6 +14,7 @@ pub mod device;
 pub mod error;
 pub mod exec;
 pub mod explain;
+pub mod finetune;
 pub mod graph;
 pub mod import;
 pub mod kernels;

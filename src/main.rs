@@ -63,6 +63,9 @@ enum Command {
     /// Structured channel pruning: remove the least important conv channels (every tensor
     /// shrinks); prints params and MACs before and after.
     Prune(PruneArgs),
+    /// Fine-tune a model file's weights on an image folder (one sub-folder per class label),
+    /// on the CPU with candle's autograd: the recovery step after pruning.
+    Finetune(FinetuneArgs),
     /// Convert a model file's weights: f16 / bf16 storage, or int8 weight-only (symmetric,
     /// per output channel); prints sizes and the output error on a calibration image.
     Quantize(QuantizeArgs),
@@ -270,6 +273,30 @@ struct PruneArgs {
 }
 
 #[derive(Args)]
+struct FinetuneArgs {
+    /// The model file.
+    model: PathBuf,
+    /// Training images: DIR/<label>/*.png|jpg.
+    #[arg(long)]
+    data: PathBuf,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Samples per optimizer step.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Shuffling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output model file.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+#[derive(Args)]
 struct QuantizeArgs {
     /// The model file.
     model: PathBuf,
@@ -355,6 +382,7 @@ fn main() {
         Command::Run(a) => run(a),
         Command::Quantize(a) => quantize(a),
         Command::Prune(a) => prune(a),
+        Command::Finetune(a) => finetune(a),
         Command::Ops => {
             for op in SUPPORTED_OPS {
                 println!("{op}");
@@ -651,6 +679,42 @@ fn import(a: ImportArgs) -> Result<()> {
         s.weight_bytes as f64 / 1e6,
         s.macs as f64 / 1e9
     );
+    Ok(())
+}
+
+fn finetune(a: FinetuneArgs) -> Result<()> {
+    let file = ModelFile::open(&a.model)?;
+    let opts = edgeinfer::finetune::FinetuneOptions {
+        epochs: a.epochs,
+        lr: a.lr,
+        batch: a.batch,
+        seed: a.seed,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("epoch {msg} {bar:30} {pos}/{len}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let (writer, stats) =
+        edgeinfer::finetune::finetune(&file, &a.data, &opts, |epoch, done, total, loss| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(format!("{}/{} loss {loss:.4}", epoch + 1, a.epochs));
+        })
+        .with_context(|| format!("fine-tuning {}", a.model.display()))?;
+    bar.finish_and_clear();
+    for (i, s) in stats.iter().enumerate() {
+        eprintln!(
+            "epoch {}: loss {:.4}, train accuracy {:.1} %",
+            i + 1,
+            s.loss,
+            100.0 * s.accuracy
+        );
+    }
+    writer
+        .write(&a.output)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    eprintln!("{} -> {}", a.model.display(), a.output.display());
     Ok(())
 }
 

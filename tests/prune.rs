@@ -144,3 +144,60 @@ fn bad_ratios_and_unknown_keep_values_are_refused() {
     let err = prune(&file, &o).err().unwrap().to_string();
     assert!(err.contains("nope"), "{err}");
 }
+
+fn accuracy(model: &std::path::Path, dir: &std::path::Path) -> f64 {
+    let rt = Runtime::builder()
+        .model(model)
+        .device(DeviceRequest::Cpu)
+        .build()
+        .unwrap();
+    let labels = rt.model().labels.clone().unwrap();
+    let samples = edgeinfer::finetune::labelled_images(dir, &labels).unwrap();
+    let correct = samples
+        .iter()
+        .filter(|(p, class)| {
+            let img = image::open(p).unwrap();
+            let out = rt
+                .run_tensors(&[rt.image_tensor(&img).unwrap()], &[])
+                .unwrap();
+            edgeinfer::runtime::argmax(&out.outputs[0].1).unwrap() == *class
+        })
+        .count();
+    correct as f64 / samples.len() as f64
+}
+
+#[test]
+fn finetuning_a_pruned_model_recovers_accuracy_and_records_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = root().join("tests/fixtures/defects/images");
+    let file = ModelFile::open(root().join("models/defect_cnn.safetensors")).unwrap();
+    let (w, _) = prune(&file, &opts(0.55, Scope::Global, 8)).unwrap();
+    let pruned = tmp.path().join("p55.safetensors");
+    w.write(&pruned).unwrap();
+    let before = accuracy(&pruned, &data);
+    let pf = ModelFile::open(&pruned).unwrap();
+    let o = edgeinfer::finetune::FinetuneOptions {
+        epochs: 4,
+        lr: 1e-3,
+        batch: 8,
+        seed: 0,
+    };
+    let mut steps = 0;
+    let (w, stats) =
+        edgeinfer::finetune::finetune(&pf, &data, &o, |_, _, _, _| steps += 1).unwrap();
+    assert_eq!(stats.len(), 4);
+    assert!(steps > 0);
+    let tuned = tmp.path().join("p55-ft.safetensors");
+    w.write(&tuned).unwrap();
+    let after = accuracy(&tuned, &data);
+    eprintln!("p55 accuracy on its training frames: {before:.2} -> {after:.2}; {stats:?}");
+    // Measured: 0.24 -> ~0.6. The loss must fall and the accuracy rise for real.
+    assert!(after >= before + 0.2, "{before} -> {after}");
+    assert!(stats[3].loss < stats[0].loss, "{stats:?}");
+    let tf = ModelFile::open(&tuned).unwrap();
+    let prov: serde_json::Value =
+        serde_json::from_str(&tf.metadata()["edgeinfer.provenance"]).unwrap();
+    assert_eq!(prov["variant"], "p55-ft");
+    assert_eq!(prov["finetune"]["epochs"], 4);
+    assert_eq!(prov["pruning"]["ratio"], 0.55);
+}

@@ -32,6 +32,12 @@ pub struct BenchCmd {
     /// Sweep: top-1 accuracy on this image folder (one sub-folder per class, named by label).
     #[arg(long)]
     pub eval: Option<PathBuf>,
+    /// Sweep: fine-tune every pruned variant this many epochs on --train before converting it.
+    #[arg(long, default_value_t = 0)]
+    pub finetune_epochs: usize,
+    /// Sweep: training images for --finetune-epochs (DIR/<label>/...).
+    #[arg(long)]
+    pub train: Option<PathBuf>,
     /// Sweep: folder for the variants, report.md, report.json and latency_vs_ratio.svg.
     #[arg(long, default_value = "bench-report")]
     pub report: PathBuf,
@@ -371,6 +377,26 @@ fn sweep(
             let (w, _) = edgeinfer::prune::prune(&base, &opts)?;
             let p = vdir.join(format!("p{:.0}.safetensors", ratio * 100.0));
             w.write(&p)?;
+            if a.finetune_epochs > 0 {
+                let train = a
+                    .train
+                    .as_ref()
+                    .context("--finetune-epochs needs --train DIR")?;
+                bar.set_message(format!("fine-tuning p{:.0}", ratio * 100.0));
+                let ft = edgeinfer::finetune::FinetuneOptions {
+                    epochs: a.finetune_epochs,
+                    lr: 1e-3,
+                    batch: 16,
+                    seed: 0,
+                };
+                let (w, _) = edgeinfer::finetune::finetune(
+                    &ModelFile::open(&p)?,
+                    train,
+                    &ft,
+                    |_, _, _, _| {},
+                )?;
+                w.write(&p)?;
+            }
             p
         };
         let pruned = ModelFile::open(&pruned_path)?;
