@@ -52,19 +52,31 @@ pub fn write_report(dir: &Path, title: &str, rows: &[Row], budget_ms: f64) -> Re
     std::fs::write(&json, text).map_err(|e| io(&json, e))?;
 
     let mut md = format!(
-        "# {title}\n\nbudget {budget_ms:.0} ms\n\n| variant | ratio | dtype | params | GMACs | file MB | load ms | p50 ms | p95 ms | p99 ms | peak RSS MB | accuracy |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "# {title}\n\nbudget {budget_ms:.0} ms. *MAC ÷* and *speed-up* are against the unpruned variant of the same dtype; *size / f32* against the f32 file at the same ratio.\n\n| variant | ratio | dtype | params | GMACs | MAC ÷ | file MB | size / f32 | load ms | p50 ms | speed-up | p95 ms | p99 ms | peak RSS MB | accuracy |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for r in rows {
+        let base = rows.iter().find(|b| b.dtype == r.dtype && b.ratio == 0.0);
+        let f32_file = rows
+            .iter()
+            .find(|b| b.dtype == "f32" && b.ratio == r.ratio)
+            .map(|b| b.file_bytes);
+        let opt = |v: Option<f64>, digits: usize| {
+            v.map(|x| format!("{x:.digits$}"))
+                .unwrap_or_else(|| "-".into())
+        };
         md.push_str(&format!(
-            "| {} | {:.2} | {} | {} | {:.3} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1} | {} |\n",
+            "| {} | {:.2} | {} | {} | {:.3} | {} | {:.2} | {} | {:.1} | {:.2} | {} | {:.2} | {:.2} | {:.1} | {} |\n",
             r.variant,
             r.ratio,
             r.dtype,
             r.params,
             r.macs as f64 / 1e9,
+            opt(base.map(|b| b.macs as f64 / r.macs.max(1) as f64), 2),
             r.file_bytes as f64 / 1e6,
+            opt(f32_file.map(|f| r.file_bytes as f64 / f.max(1) as f64), 2),
             r.load_ms,
             r.p50_ms,
+            opt(base.map(|b| b.p50_ms / r.p50_ms.max(1e-9)), 2),
             r.p95_ms,
             r.p99_ms,
             r.peak_rss_mb,

@@ -288,39 +288,17 @@ fn accuracy(rt: &edgeinfer::Runtime, dir: &std::path::Path) -> Result<f64> {
         .labels
         .clone()
         .context("--eval needs a model file with labels")?;
-    let (mut n, mut correct) = (0usize, 0usize);
-    let mut classes: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    classes.sort();
-    for c in classes {
-        let name = c
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let class = labels
-            .iter()
-            .position(|l| *l == name)
-            .with_context(|| format!("class folder '{name}' is not one of the model's labels"))?;
-        let mut files: Vec<_> = std::fs::read_dir(&c)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        files.sort();
-        for f in files {
-            let img = image::open(&f).with_context(|| format!("reading {}", f.display()))?;
-            let out = rt.run_tensors(&[rt.image_tensor(&img)?], &[])?;
-            let top = edgeinfer::runtime::argmax(&out.outputs[0].1)?;
-            n += 1;
-            correct += usize::from(top == class);
-        }
-    }
-    if n == 0 {
+    let samples = edgeinfer::finetune::labelled_images(dir, &labels)?;
+    if samples.is_empty() {
         bail!("no images under {}", dir.display());
     }
-    Ok(correct as f64 / n as f64)
+    let mut correct = 0usize;
+    for (f, class) in &samples {
+        let img = image::open(f).with_context(|| format!("reading {}", f.display()))?;
+        let out = rt.run_tensors(&[rt.image_tensor(&img)?], &[])?;
+        correct += usize::from(edgeinfer::runtime::argmax(&out.outputs[0].1)? == *class);
+    }
+    Ok(correct as f64 / samples.len() as f64)
 }
 
 /// The pruning × dtype sweep.

@@ -282,44 +282,22 @@ struct Sample {
 }
 
 fn samples(a: &EvalCmd, labels: &[String]) -> Result<Vec<Sample>> {
-    let mut out = Vec::new();
-    let mut dirs: Vec<_> = std::fs::read_dir(&a.data)
-        .with_context(|| format!("reading {}", a.data.display()))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir())
-        .collect();
-    dirs.sort_by_key(|e| e.file_name());
-    for d in dirs {
-        let name = d.file_name().to_string_lossy().into_owned();
-        let class = labels.iter().position(|l| *l == name).with_context(|| {
-            format!(
-                "{}: folder '{name}' is not one of the model's labels ({})",
-                a.data.display(),
-                labels.join(", ")
-            )
-        })?;
-        let mut files: Vec<PathBuf> = std::fs::read_dir(d.path())?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .is_some_and(|x| matches!(x.to_str(), Some("png" | "jpg" | "jpeg")))
-            })
-            .collect();
-        files.sort();
-        for path in files {
+    let images = edgeinfer::finetune::labelled_images(&a.data, labels)?;
+    if images.is_empty() {
+        bail!("no images under {}", a.data.display());
+    }
+    Ok(images
+        .into_iter()
+        .map(|(path, class)| {
             let rel = path.strip_prefix(&a.data).unwrap_or(&path).to_path_buf();
             let m = a.masks.join(&rel);
-            out.push(Sample {
+            Sample {
                 path,
                 class,
                 mask: m.exists().then_some(m),
-            });
-        }
-    }
-    if out.is_empty() {
-        bail!("no images under {}", a.data.display());
-    }
-    Ok(out)
+            }
+        })
+        .collect())
 }
 
 /// Loads a mask at the model view's geometry (the same resize/crop as the image).

@@ -11,7 +11,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::error::{Error, Result};
 use crate::exec::{load_weights, ops};
-use crate::graph::{Graph, Op, META_LABELS, META_PROVENANCE};
+use crate::graph::{derived_provenance, Graph, Op, META_LABELS, META_PROVENANCE};
 use crate::model::{DType, ModelFile, ModelWriter};
 use crate::pipeline::preprocess::image_to_tensor;
 
@@ -44,7 +44,7 @@ fn bad(file: &ModelFile, reason: String) -> Error {
     }
 }
 
-/// `(image path, class)` for every image under `dir/<label>/`.
+/// `(image path, class)` for every image (png, jpg, bmp) under `dir/<label>/`, in name order.
 pub fn labelled_images(dir: &Path, labels: &[String]) -> Result<Vec<(PathBuf, usize)>> {
     let io = |e: std::io::Error| Error::Io {
         path: dir.display().to_string(),
@@ -72,7 +72,15 @@ pub fn labelled_images(dir: &Path, labels: &[String]) -> Result<Vec<(PathBuf, us
         let mut files: Vec<PathBuf> = std::fs::read_dir(&c)
             .map_err(io)?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
+            .filter(|p| {
+                p.is_file()
+                    && p.extension().is_some_and(|x| {
+                        matches!(
+                            x.to_ascii_lowercase().to_str(),
+                            Some("png" | "jpg" | "jpeg" | "bmp")
+                        )
+                    })
+            })
             .collect();
         files.sort();
         out.extend(files.into_iter().map(|f| (f, class)));
@@ -244,34 +252,19 @@ pub fn finetune(
     for (k, v) in file.metadata() {
         w.set_metadata(k.clone(), v.clone());
     }
-    let mut prov: serde_json::Value = file
-        .metadata()
-        .get(META_PROVENANCE)
-        .and_then(|p| serde_json::from_str(p).ok())
-        .unwrap_or_else(|| serde_json::json!({}));
-    if let Some(obj) = prov.as_object_mut() {
-        let variant = obj
-            .get("variant")
-            .and_then(|v| v.as_str())
-            .filter(|v| *v != "base")
-            .map(|v| format!("{v}-ft"))
-            .unwrap_or_else(|| "ft".into());
-        obj.insert("variant".into(), variant.into());
-        obj.insert(
-            "finetune".into(),
-            serde_json::json!({
-                "data": data.display().to_string(),
-                "images": samples.len(),
-                "epochs": opts.epochs,
-                "lr": opts.lr,
-                "batch": batch,
-                "optimizer": "AdamW, weight decay 1e-4",
-                "epoch_stats": stats,
-                "parent_sha256": file.sha256_hex(),
-            }),
-        );
-    }
-    w.set_metadata(META_PROVENANCE, prov.to_string());
+    let record = serde_json::json!({
+        "data": data.display().to_string(),
+        "images": samples.len(),
+        "epochs": opts.epochs,
+        "lr": opts.lr,
+        "batch": batch,
+        "optimizer": "AdamW, weight decay 1e-4",
+        "epoch_stats": stats,
+    });
+    w.set_metadata(
+        META_PROVENANCE,
+        derived_provenance(file, "ft", "finetune", record),
+    );
     let infos: Vec<_> = file.tensors().cloned().collect();
     for info in infos {
         match vars.get(&info.name) {

@@ -25,6 +25,36 @@ pub const META_LABELS: &str = "edgeinfer.labels";
 /// Metadata key of the provenance JSON.
 pub const META_PROVENANCE: &str = "edgeinfer.provenance";
 
+/// The provenance JSON of a model file derived from `file` (pruned, quantised, fine-tuned):
+/// the parent's provenance with `record` under `key` (the parent's sha256 added to it) and the
+/// variant extended by `suffix` (`p40` then `int8` gives `p40-int8`; a `base` parent gives
+/// just the suffix).
+pub fn derived_provenance(
+    file: &ModelFile,
+    suffix: &str,
+    key: &str,
+    mut record: serde_json::Value,
+) -> String {
+    let mut prov: serde_json::Value = file
+        .metadata()
+        .get(META_PROVENANCE)
+        .and_then(|p| serde_json::from_str(p).ok())
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    if let Some(r) = record.as_object_mut() {
+        r.insert("parent_sha256".into(), file.sha256_hex().into());
+    }
+    if let Some(obj) = prov.as_object_mut() {
+        let variant = match obj.get("variant").and_then(|v| v.as_str()) {
+            Some(v) if v != "base" => format!("{v}-{suffix}"),
+            _ => suffix.to_string(),
+        };
+        obj.insert("variant".into(), variant.into());
+        obj.insert(key.into(), record);
+    }
+    prov.to_string()
+}
+
 /// An activation that can run on its own or be fused into the node producing its input.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind")]

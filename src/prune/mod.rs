@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::error::{Error, Result};
-use crate::graph::{BinaryKind, Graph, Op, META_GRAPH, META_PROVENANCE};
+use crate::graph::{derived_provenance, BinaryKind, Graph, Op, META_GRAPH, META_PROVENANCE};
 use crate::model::{DType, ModelFile, ModelWriter};
 
 /// How channels are ranked.
@@ -556,7 +556,7 @@ pub fn apply(
     file: &ModelFile,
     plan: &Plan,
     zero: bool,
-    provenance: Option<serde_json::Value>,
+    provenance: Option<String>,
 ) -> Result<ModelWriter> {
     let mut g = graph.clone();
     if !zero {
@@ -594,7 +594,7 @@ pub fn apply(
     })?;
     w.set_metadata(META_GRAPH, json);
     if let Some(p) = provenance {
-        w.set_metadata(META_PROVENANCE, p.to_string());
+        w.set_metadata(META_PROVENANCE, p);
     }
     let infos: Vec<_> = file.tensors().cloned().collect();
     for info in infos {
@@ -691,30 +691,21 @@ fn zero_axis(vals: &[f32], shape: &[usize], axis: usize, keep: &[usize]) -> Vec<
 pub fn prune(file: &ModelFile, opts: &PruneOptions) -> Result<(ModelWriter, Plan)> {
     let graph = Graph::from_model_file(file)?;
     let plan = plan(&graph, file, opts)?;
-    let mut prov: serde_json::Value = file
-        .metadata()
-        .get(META_PROVENANCE)
-        .and_then(|p| serde_json::from_str(p).ok())
-        .unwrap_or_else(|| serde_json::json!({}));
-    if let Some(obj) = prov.as_object_mut() {
-        obj.insert(
-            "variant".into(),
-            format!("p{:.0}", opts.ratio * 100.0).into(),
-        );
-        obj.insert(
-            "pruning".into(),
-            serde_json::json!({
-                // Through f64 from the f32 flag: 0.4, not 0.4000000059604645.
-                "ratio": (opts.ratio as f64 * 1e6).round() / 1e6,
-                "criterion": format!("{:?}", opts.criterion).to_lowercase(),
-                "scope": format!("{:?}", opts.scope).to_lowercase(),
-                "round_to": opts.round_to,
-                "keep": opts.keep,
-                "parent_sha256": file.sha256_hex(),
-                "widths": plan.spaces,
-            }),
-        );
-    }
+    let record = serde_json::json!({
+        // Through f64 from the f32 flag: 0.4, not 0.4000000059604645.
+        "ratio": (opts.ratio as f64 * 1e6).round() / 1e6,
+        "criterion": format!("{:?}", opts.criterion).to_lowercase(),
+        "scope": format!("{:?}", opts.scope).to_lowercase(),
+        "round_to": opts.round_to,
+        "keep": opts.keep,
+        "widths": plan.spaces,
+    });
+    let prov = derived_provenance(
+        file,
+        &format!("p{:.0}", opts.ratio * 100.0),
+        "pruning",
+        record,
+    );
     let w = apply(&graph, file, &plan, false, Some(prov))?;
     Ok((w, plan))
 }

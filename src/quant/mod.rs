@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::graph::{Graph, Op, META_PROVENANCE};
+use crate::graph::{derived_provenance, Graph, Op, META_PROVENANCE};
 use crate::model::{DType, ModelFile, ModelWriter, TensorView};
 
 /// What to convert the weights to.
@@ -154,35 +154,17 @@ pub fn quantize(file: &ModelFile, to: Target) -> Result<(ModelWriter, Report)> {
         }
     }
     report.bytes_after = w.data_bytes();
-    let mut prov: serde_json::Value = file
-        .metadata()
-        .get(META_PROVENANCE)
-        .and_then(|p| serde_json::from_str(p).ok())
-        .unwrap_or_else(|| serde_json::json!({}));
-    if let Some(obj) = prov.as_object_mut() {
-        let parent_variant = obj
-            .get("variant")
-            .and_then(|v| v.as_str())
-            .filter(|v| *v != "base")
-            .map(String::from);
-        let variant = match parent_variant {
-            Some(p) => format!("{p}-{}", to.name()),
-            None => to.name().to_string(),
-        };
-        obj.insert("variant".into(), variant.into());
-        obj.insert(
-            "quantization".into(),
-            serde_json::json!({
-                "to": to.name(),
-                "scheme": match to {
-                    Target::Int8 => "weight-only, symmetric, per output channel (<name>.scale)",
-                    _ => "storage dtype of every float tensor",
-                },
-                "parent_sha256": file.sha256_hex(),
-            }),
-        );
-    }
-    w.set_metadata(META_PROVENANCE, prov.to_string());
+    let record = serde_json::json!({
+        "to": to.name(),
+        "scheme": match to {
+            Target::Int8 => "weight-only, symmetric, per output channel (<name>.scale)",
+            _ => "storage dtype of every float tensor",
+        },
+    });
+    w.set_metadata(
+        META_PROVENANCE,
+        derived_provenance(file, to.name(), "quantization", record),
+    );
     Ok((w, report))
 }
 
