@@ -199,6 +199,12 @@ def export(model: FashionResNet, onnx_path: Path) -> dict:
     }
 
 
+def _rel(p: Path) -> str:
+    """p relative to the repository root when it lies inside it (the import runs there)."""
+    p = p.resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=5)
@@ -256,8 +262,8 @@ def main() -> None:
 
     labels = HERE / "labels.txt"
     labels.write_text("\n".join(CLASSES) + "\n")
-    import_cmd = ["import", str(a.onnx.relative_to(REPO)), "-o", str(a.safetensors.relative_to(REPO)),
-                  "--labels", str(labels.relative_to(REPO)), "--weights-dtype", "f16", "--color", "gray",
+    import_cmd = ["import", _rel(a.onnx), "-o", _rel(a.safetensors), "--labels", _rel(labels),
+                  "--weights-dtype", "f16", "--color", "gray",
                   "--mean", f"{MEAN:.4f}", "--std", f"{STD:.4f}", "--resize-shorter", "0", "--name", "fashion_resnet"]
     if a.edgeinfer:
         subprocess.run([str(a.edgeinfer.resolve())] + import_cmd, check=True, cwd=REPO)
