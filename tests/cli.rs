@@ -503,8 +503,8 @@ fn bench_sweeps_ratios_and_dtypes_into_a_report_with_a_plot() {
     assert!(md.contains("| p40-int8 |"), "{md}");
 }
 
-/// Runs the binary, asserting success; returns stdout.
-fn ok(args: &[&std::ffi::OsStr]) -> String {
+/// Runs the binary with `args` (paths as strings), asserting success; returns stdout.
+fn ok(args: &[&str]) -> String {
     let out = bin().args(args).output().unwrap();
     assert!(
         out.status.success(),
@@ -514,22 +514,23 @@ fn ok(args: &[&std::ffi::OsStr]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+fn s(p: &std::path::Path) -> String {
+    p.to_str().expect("a UTF-8 path").to_string()
+}
+
 fn accuracy_line(model: &std::path::Path, data: &std::path::Path) -> f64 {
-    let out = ok(&[
-        "eval".as_ref(),
-        "--device".as_ref(),
-        "cpu".as_ref(),
-        "--methods".as_ref(),
-        "cam".as_ref(),
-        "--model".as_ref(),
-        model.as_os_str(),
-        "--data".as_ref(),
-        data.as_os_str(),
-        "--masks".as_ref(),
-        data.join("no-masks").as_os_str(),
-    ]);
+    let (m, d, none) = (s(model), s(data), s(&data.join("no-masks")));
+    let args = ["eval", "--device", "cpu", "--methods", "cam", "--model", &m];
+    let out = ok(&[&args[..], &["--data", &d, "--masks", &none]].concat());
     // "accuracy 93.0 % (93/100); ..."
     out.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn variant_of(path: &std::path::Path) -> String {
+    let f = edgeinfer::model::ModelFile::open(path).unwrap();
+    let prov: serde_json::Value =
+        serde_json::from_str(&f.metadata()["edgeinfer.provenance"]).unwrap();
+    prov["variant"].as_str().unwrap().to_string()
 }
 
 #[test]
@@ -537,30 +538,37 @@ fn prune_finetune_quantize_and_bench_run_end_to_end_on_fashion_mnist() {
     let tmp = tempfile::tempdir().unwrap();
     let model = root().join("models/fashion_resnet.safetensors");
     let test = root().join("tests/fixtures/fashion/test");
-    let train = root().join("tests/fixtures/fashion/train");
+    let train = s(&root().join("tests/fixtures/fashion/train"));
     let p = |n: &str| tmp.path().join(n);
+    let (m, p55, p55ft, p55q) = (
+        s(&model),
+        s(&p("p55.safetensors")),
+        s(&p("p55-ft.safetensors")),
+        s(&p("p55-ft-int8.safetensors")),
+    );
+    let bag = s(&test
+        .join("bag")
+        .read_dir()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path());
     let base = accuracy_line(&model, &test);
     assert!(base >= 85.0, "the unpruned classifier: {base} %");
     ok(&[
-        "prune".as_ref(),
-        model.as_os_str(),
-        "--ratio".as_ref(),
-        "0.55".as_ref(),
-        "--round-to".as_ref(),
-        "8".as_ref(),
-        "-o".as_ref(),
-        p("p55.safetensors").as_os_str(),
+        "prune",
+        &m,
+        "--ratio",
+        "0.55",
+        "--round-to",
+        "8",
+        "-o",
+        &p55,
     ]);
     let pruned = accuracy_line(&p("p55.safetensors"), &test);
     ok(&[
-        "finetune".as_ref(),
-        p("p55.safetensors").as_os_str(),
-        "--data".as_ref(),
-        train.as_os_str(),
-        "--epochs".as_ref(),
-        "3".as_ref(),
-        "-o".as_ref(),
-        p("p55-ft.safetensors").as_os_str(),
+        "finetune", &p55, "--data", &train, "--epochs", "3", "-o", &p55ft,
     ]);
     let tuned = accuracy_line(&p("p55-ft.safetensors"), &test);
     eprintln!("fashion accuracy: base {base} %, p55 {pruned} %, p55 fine-tuned {tuned} %");
@@ -568,92 +576,45 @@ fn prune_finetune_quantize_and_bench_run_end_to_end_on_fashion_mnist() {
         tuned > pruned + 5.0,
         "fine-tuning did not recover: {pruned} -> {tuned}"
     );
-    let out = bin()
-        .arg("quantize")
-        .arg(p("p55-ft.safetensors"))
-        .args(["--to", "int8", "-o"])
-        .arg(p("p55-ft-int8.safetensors"))
-        .arg("--calibration")
-        .arg(
-            test.join("bag")
-                .read_dir()
-                .unwrap()
-                .next()
-                .unwrap()
-                .unwrap()
-                .path(),
-        )
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&[
+        "quantize",
+        &p55ft,
+        "--to",
+        "int8",
+        "-o",
+        &p55q,
+        "--calibration",
+        &bag,
+    ]);
     let q = accuracy_line(&p("p55-ft-int8.safetensors"), &test);
     assert!(
         (q - tuned).abs() <= 3.0,
         "int8 moved accuracy {tuned} -> {q}"
     );
-    let f = ModelFileInfo::of(&p("p55-ft-int8.safetensors"));
-    assert_eq!(f.variant, "p55-ft-int8");
+    assert_eq!(variant_of(&p("p55-ft-int8.safetensors")), "p55-ft-int8");
+    let (t, report) = (s(&test), s(&p("report")));
+    let run = ["bench", "--device", "cpu", "--threads", "1", "--runs", "3"];
+    let sweep = [
+        "--ratios", "0,0.4", "--dtypes", "int8", "--model", &m, "--eval", &t,
+    ];
+    let ft = ["--finetune-epochs", "1", "--train", &train];
     ok(&[
-        "bench".as_ref(),
-        "--device".as_ref(),
-        "cpu".as_ref(),
-        "--threads".as_ref(),
-        "1".as_ref(),
-        "--runs".as_ref(),
-        "3".as_ref(),
-        "--ratios".as_ref(),
-        "0,0.4".as_ref(),
-        "--dtypes".as_ref(),
-        "int8".as_ref(),
-        "--model".as_ref(),
-        model.as_os_str(),
-        "--eval".as_ref(),
-        test.as_os_str(),
-        "--input".as_ref(),
-        test.join("bag")
-            .read_dir()
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path()
-            .as_os_str(),
-        "--finetune-epochs".as_ref(),
-        "1".as_ref(),
-        "--train".as_ref(),
-        train.as_os_str(),
-        "--report".as_ref(),
-        p("report").as_os_str(),
-    ]);
+        &run[..],
+        &sweep,
+        &ft,
+        &["--input", &bag, "--report", &report],
+    ]
+    .concat());
     let rows: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(p("report/report.json")).unwrap()).unwrap();
     assert_eq!(rows.len(), 2);
     assert!(rows[1]["macs"].as_f64().unwrap() < rows[0]["macs"].as_f64().unwrap());
 }
 
-struct ModelFileInfo {
-    variant: String,
-}
-
-impl ModelFileInfo {
-    fn of(path: &std::path::Path) -> Self {
-        let f = edgeinfer::model::ModelFile::open(path).unwrap();
-        let prov: serde_json::Value =
-            serde_json::from_str(&f.metadata()["edgeinfer.provenance"]).unwrap();
-        ModelFileInfo {
-            variant: prov["variant"].as_str().unwrap().to_string(),
-        }
-    }
-}
-
 #[test]
 fn prune_finetune_quantize_and_bench_run_end_to_end_on_the_embedded_model() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = root().join("models/mobilenet_v2.safetensors");
+    let model = s(&root().join("models/mobilenet_v2.safetensors"));
     let p = |n: &str| tmp.path().join(n);
     // Two labelled photos, folders named by their ImageNet labels.
     for (label, photo) in [("Egyptian cat", "chelsea.png"), ("espresso", "coffee.png")] {
@@ -664,51 +625,32 @@ fn prune_finetune_quantize_and_bench_run_end_to_end_on_the_embedded_model() {
         )
         .unwrap();
     }
-    ok(&[
-        "prune".as_ref(),
-        model.as_os_str(),
-        "--ratio".as_ref(),
-        "0.25".as_ref(),
-        "--keep".as_ref(),
-        "first,last".as_ref(),
-        "-o".as_ref(),
-        p("p25.safetensors").as_os_str(),
-    ]);
-    ok(&[
-        "finetune".as_ref(),
-        p("p25.safetensors").as_os_str(),
-        "--data".as_ref(),
-        p("data").as_os_str(),
-        "--epochs".as_ref(),
-        "1".as_ref(),
-        "-o".as_ref(),
-        p("p25-ft.safetensors").as_os_str(),
-    ]);
-    let out = ok(&[
-        "quantize".as_ref(),
-        p("p25-ft.safetensors").as_os_str(),
-        "--to".as_ref(),
-        "int8".as_ref(),
-        "-o".as_ref(),
-        p("p25-ft-int8.safetensors").as_os_str(),
-    ]);
-    assert!(out.contains("max |diff|"), "{out}");
-    assert_eq!(
-        ModelFileInfo::of(&p("p25-ft-int8.safetensors")).variant,
-        "p25-ft-int8"
+    let (p25, p25ft, p25q, data, report) = (
+        s(&p("p25.safetensors")),
+        s(&p("p25-ft.safetensors")),
+        s(&p("p25-ft-int8.safetensors")),
+        s(&p("data")),
+        s(&p("report")),
     );
     ok(&[
-        "bench".as_ref(),
-        "--device".as_ref(),
-        "cpu".as_ref(),
-        "--runs".as_ref(),
-        "2".as_ref(),
-        "--ratios".as_ref(),
-        "0,0.25".as_ref(),
-        "--dtypes".as_ref(),
-        "int8".as_ref(),
-        "--report".as_ref(),
-        p("report").as_os_str(),
+        "prune",
+        &model,
+        "--ratio",
+        "0.25",
+        "--keep",
+        "first,last",
+        "-o",
+        &p25,
     ]);
+    ok(&[
+        "finetune", &p25, "--data", &data, "--epochs", "1", "-o", &p25ft,
+    ]);
+    let out = ok(&["quantize", &p25ft, "--to", "int8", "-o", &p25q]);
+    assert!(out.contains("max |diff|"), "{out}");
+    assert_eq!(variant_of(&p("p25-ft-int8.safetensors")), "p25-ft-int8");
+    let run = [
+        "bench", "--device", "cpu", "--runs", "2", "--ratios", "0,0.25",
+    ];
+    ok(&[&run[..], &["--dtypes", "int8", "--report", &report]].concat());
     assert!(p("report/latency_vs_ratio.svg").exists());
 }

@@ -47,15 +47,7 @@ fn check(model: &std::path::Path, input_rel: &str, o: PruneOptions) -> (usize, u
     let input = read_tensors(&fixture(input_rel));
     let (a, b) = (run(&pruned, &input), run(&masked, &input));
     let d = max_abs_diff(&a, &b);
-    let scale = b
-        .flatten_all()
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let scale = max_abs(&b);
     let (before, after) = (
         file.data_bytes(),
         ModelFile::open(&pruned).unwrap().data_bytes(),

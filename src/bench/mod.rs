@@ -143,7 +143,6 @@ fn plot(
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
     }
     let mut dtypes: Vec<&str> = rows.iter().map(|r| r.dtype.as_str()).collect();
-    dtypes.dedup();
     dtypes.sort();
     dtypes.dedup();
     for (i, d) in dtypes.iter().enumerate() {

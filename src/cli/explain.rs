@@ -207,8 +207,7 @@ pub fn explain_cmd(a: &ExplainCmd, builder: RuntimeBuilder) -> Result<()> {
     let explainer = rt.explainer().context("no explainer")?;
     let img = image::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
     let feeds = [rt.image_tensor(&img)?];
-    let (logits, e) = rt.explain_tensors(&feeds, explainer.primary(), a.explain.target_class)?;
-    let _ = logits;
+    let (_, e) = rt.explain_tensors(&feeds, explainer.primary(), a.explain.target_class)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let stem = a
         .input

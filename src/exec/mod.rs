@@ -87,6 +87,38 @@ pub struct RunOutputs {
     pub taps: HashMap<String, Tensor>,
 }
 
+/// Runs `nodes` in order on candle's ops, which autograd can differentiate (Grad-CAM's tail,
+/// fine-tuning), starting from the value `start`; every other input comes from `constant`.
+/// Returns the value `output`; `err` turns the name of a missing value into the caller's error.
+pub fn run_nodes(
+    nodes: &[crate::graph::Node],
+    start: (&str, Tensor),
+    constant: impl Fn(&str) -> Option<Tensor>,
+    output: &str,
+    err: impl Fn(String) -> Error,
+) -> Result<Tensor> {
+    let mut values: HashMap<&str, Tensor> = HashMap::from([start]);
+    for n in nodes {
+        let ins = n
+            .inputs
+            .iter()
+            .map(|i| {
+                values
+                    .get(i.as_str())
+                    .cloned()
+                    .or_else(|| constant(i))
+                    .ok_or_else(|| err(format!("'{i}' is missing")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (name, t) in n.outputs.iter().zip(ops::eval(&n.op, &ins)?) {
+            values.insert(name.as_str(), t);
+        }
+    }
+    values
+        .remove(output)
+        .ok_or_else(|| err(format!("the graph did not produce '{output}'")))
+}
+
 /// Reads the model file's tensors as candle tensors on `device`. Float weights become f32 (the
 /// compute dtype; f16/bf16 storage only halves the file), f64 stays f64, integers keep their type.
 pub fn load_weights(

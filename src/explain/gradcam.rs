@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::exec::{load_weights, ops};
+use crate::exec::{load_weights, run_nodes};
 use crate::graph::{Graph, Node};
 use crate::model::ModelFile;
 
@@ -71,28 +71,13 @@ impl GradientTail {
                 .to_device(&Device::Cpu)?
                 .to_dtype(candle_core::DType::F32)?,
         )?;
-        let mut values: HashMap<&str, Tensor> = HashMap::new();
-        values.insert(self.feature.as_str(), x.as_tensor().clone());
-        for node in &self.nodes {
-            let inputs = node
-                .inputs
-                .iter()
-                .map(|i| {
-                    values
-                        .get(i.as_str())
-                        .or_else(|| self.weights.get(i))
-                        .cloned()
-                        .ok_or_else(|| bad(format!("'{i}' is missing in the backward tail")))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let outs = ops::eval(&node.op, &inputs)?;
-            for (name, t) in node.outputs.iter().zip(outs) {
-                values.insert(name.as_str(), t);
-            }
-        }
-        let out = values
-            .get(self.output.as_str())
-            .ok_or_else(|| bad(format!("the tail did not produce '{}'", self.output)))?;
+        let out = run_nodes(
+            &self.nodes,
+            (self.feature.as_str(), x.as_tensor().clone()),
+            |i| self.weights.get(i).cloned(),
+            &self.output,
+            bad,
+        )?;
         let flat = out.flatten_all()?;
         let classes = flat.dim(0)?;
         if class >= classes {

@@ -10,7 +10,7 @@ use candle_core::{DType as CDType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::error::{Error, Result};
-use crate::exec::{load_weights, ops};
+use crate::exec::{load_weights, run_nodes};
 use crate::graph::{derived_provenance, Graph, Op, META_LABELS, META_PROVENANCE};
 use crate::model::{DType, ModelFile, ModelWriter};
 use crate::pipeline::preprocess::image_to_tensor;
@@ -178,28 +178,17 @@ pub fn finetune(
         },
     )?;
     let forward = |x: &Tensor| -> Result<Tensor> {
-        let mut values: HashMap<&str, Tensor> = HashMap::new();
-        values.insert(input.name.as_str(), x.clone());
-        for n in &graph.nodes {
-            let ins = n
-                .inputs
-                .iter()
-                .map(|i| {
-                    values
-                        .get(i.as_str())
-                        .cloned()
-                        .or_else(|| vars.get(i).map(|v| v.as_tensor().clone()))
-                        .or_else(|| weights.get(i).cloned())
-                        .ok_or_else(|| bad(file, format!("'{i}' is missing")))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            for (name, t) in n.outputs.iter().zip(ops::eval(&n.op, &ins)?) {
-                values.insert(name.as_str(), t);
-            }
-        }
-        values
-            .remove(output.as_str())
-            .ok_or_else(|| bad(file, format!("the graph did not produce '{output}'")))
+        run_nodes(
+            &graph.nodes,
+            (input.name.as_str(), x.clone()),
+            |i| {
+                vars.get(i)
+                    .map(|v| v.as_tensor().clone())
+                    .or_else(|| weights.get(i).cloned())
+            },
+            &output,
+            |reason| bad(file, reason),
+        )
     };
     let mut order: Vec<usize> = (0..inputs.len()).collect();
     let mut seed = opts

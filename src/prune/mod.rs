@@ -623,8 +623,16 @@ pub fn apply(
         let mut vals = view.to_f32_vec()?;
         let mut shape = info.shape.clone();
         for (axis, k) in cuts {
-            if *axis >= shape.len() {
-                continue;
+            // The graph's channel counts come from the file's header like the tensor's shape;
+            // a file where they disagree is refused here, not indexed out of range.
+            if *axis >= shape.len() || k.iter().any(|&i| i >= shape[*axis]) {
+                return Err(Error::InvalidGraph {
+                    file: file.label().to_string(),
+                    reason: format!(
+                        "tensor '{}' {:?} has fewer channels on axis {axis} than the graph gives its channel group",
+                        info.name, shape
+                    ),
+                });
             }
             (vals, shape) = if zero {
                 (zero_axis(&vals, &shape, *axis, k), shape)

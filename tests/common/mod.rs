@@ -55,6 +55,11 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The largest |x| of a tensor: the scale an error is judged against.
+pub fn max_abs(t: &Tensor) -> f32 {
+    to_f32(t).iter().fold(0f32, |m, x| m.max(x.abs()))
+}
+
 pub fn argmax(t: &Tensor) -> usize {
     let v = to_f32(t);
     let mut best = 0;
