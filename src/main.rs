@@ -1,10 +1,7 @@
 //! The `edgeinfer` binary: a thin CLI over the library.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -17,12 +14,13 @@ use edgeinfer::graph::stats::stats;
 use edgeinfer::graph::{ColorOrder, Graph, Preprocess, META_PROVENANCE};
 use edgeinfer::import::{import_onnx, ImportOptions, SUPPORTED_OPS};
 use edgeinfer::model::{DType, ModelFile, ModelWriter};
-use edgeinfer::pipeline::{frames_from_paths, Frame, FrameData};
+use edgeinfer::pipeline::Frame;
 use edgeinfer::report::{FrameReport, Verdict};
 use edgeinfer::Runtime;
 
 mod cli;
 use cli::explain::{ExplainArgs, MapDump, OverlaySink};
+use cli::run::{JsonLines, PipelineArgs, Sinks};
 
 /// The embedded default model (MobileNetV2, ImageNet, f16 storage) and sample photos, so `demo`
 /// needs no network, no Python and no files next to the binary.
@@ -58,7 +56,9 @@ enum Command {
     Import(ImportArgs),
     /// Summarise a model file: graph, params, MACs, memory, provenance.
     Inspect(InspectArgs),
-    /// Run a model on image files or on prepared tensors.
+    /// Run a model (or a ladder of pruned variants) on frames: image files, raw video on
+    /// stdin, a synthetic camera or a V4L2 camera, inside a per-frame budget; or once on
+    /// prepared tensors.
     Run(RunArgs),
     /// Structured channel pruning: remove the least important conv channels (every tensor
     /// shrinks); prints params and MACs before and after.
@@ -325,12 +325,13 @@ struct InspectArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// The model file.
-    #[arg(long)]
-    model: PathBuf,
-    /// Image files or folders of images.
-    #[arg(long, num_args = 1..)]
-    input: Vec<PathBuf>,
+    /// The model file, or a ladder of variants, most accurate first
+    /// (`a.safetensors,a-p40.safetensors,a-p63.safetensors`): when the one in use does not
+    /// fit the budget, frames go to the next lighter one (default: the embedded MobileNetV2).
+    #[arg(long, value_delimiter = ',')]
+    model: Vec<PathBuf>,
+    #[command(flatten)]
+    pipe: PipelineArgs,
     /// A safetensors file with one tensor per graph input, keyed by input name.
     #[arg(long)]
     input_tensor: Option<PathBuf>,
@@ -353,6 +354,10 @@ struct RunArgs {
     /// Folder for heat-map overlays of explained frames (`<frame>-<name>.png`).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Write a Chrome trace (one span per frame and stage) here; open it in a trace viewer
+    /// such as Perfetto or chrome://tracing.
+    #[arg(long)]
+    trace_chrome: Option<PathBuf>,
     #[command(flatten)]
     target: TargetArgs,
     #[command(flatten)]
@@ -367,14 +372,12 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let chrome = match &cli.command {
+        Command::Run(a) => a.trace_chrome.clone(),
+        _ => None,
+    };
+    let _trace_guard = init_tracing(chrome.as_deref());
     let result = match cli.command {
         Command::Demo(a) => demo(a),
         Command::Import(a) => import(a),
@@ -410,6 +413,34 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Logs to stderr filtered by `RUST_LOG` (default `warn`); with a path, also every span at
+/// info level and below into a Chrome trace file (flushed when the guard drops).
+fn init_tracing(chrome: Option<&Path>) -> Option<tracing_chrome::FlushGuard> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter);
+    match chrome {
+        Some(path) => {
+            let (layer, guard) = tracing_chrome::ChromeLayerBuilder::new()
+                .file(path)
+                .include_args(true)
+                .build();
+            let spans = layer.with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+            tracing_subscriber::registry().with(fmt).with(spans).init();
+            Some(guard)
+        }
+        None => {
+            tracing_subscriber::registry().with(fmt).init();
+            None
+        }
     }
 }
 
@@ -458,11 +489,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     let overlays = OverlaySink::create(&a.out)?;
     let mut dump = a.explain.dump_maps.as_ref().map(|_| MapDump::default());
     // A warm-up frame so the first report is not dominated by one-time page faults.
-    let warm = Frame {
-        id: u64::MAX,
-        source: "warm-up".into(),
-        data: FrameData::Encoded(Arc::from(SAMPLES[0].1)),
-    };
+    let warm = Frame::from_encoded(u64::MAX, "warm-up", SAMPLES[0].1);
     let _ = rt.infer(&warm);
     println!(
         "{:<14} {:<40} {:>7} {:>7} {:>7} {:>7} {:>7}  verdict",
@@ -470,11 +497,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     );
     let mut reports = Vec::new();
     for (i, (name, bytes)) in SAMPLES.iter().enumerate() {
-        let frame = Frame {
-            id: i as u64,
-            source: (*name).to_string(),
-            data: FrameData::Encoded(Arc::from(*bytes)),
-        };
+        let frame = Frame::from_encoded(i as u64, *name, *bytes);
         let mut x = rt.infer_explained(&frame);
         overlays.write(&rt, &mut x)?;
         if let (Some(d), Some(e)) = (dump.as_mut(), &x.explanation) {
@@ -539,34 +562,6 @@ fn verdict_text(r: &FrameReport) -> String {
         Verdict::OverBudget => "over_budget".into(),
         Verdict::Dropped => "dropped".into(),
         Verdict::Error => format!("error: {}", r.error.as_deref().unwrap_or("")),
-    }
-}
-
-/// Writes one JSON object per line, to a file or stdout, flushed at the end.
-struct JsonLines {
-    out: Box<dyn Write>,
-}
-
-impl JsonLines {
-    fn create(path: Option<&Path>) -> Result<Self> {
-        let out: Box<dyn Write> = match path {
-            Some(p) => Box::new(BufWriter::new(
-                File::create(p).with_context(|| format!("creating {}", p.display()))?,
-            )),
-            None => Box::new(BufWriter::new(std::io::stdout())),
-        };
-        Ok(JsonLines { out })
-    }
-
-    fn write(&mut self, r: &FrameReport) -> Result<()> {
-        let line = serde_json::to_string(r)?;
-        writeln!(self.out, "{line}")?;
-        Ok(())
-    }
-
-    fn finish(mut self) -> Result<()> {
-        self.out.flush()?;
-        Ok(())
     }
 }
 
@@ -988,85 +983,75 @@ fn print_hist(h: &std::collections::BTreeMap<String, usize>) {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    if a.input.is_empty() && a.input_tensor.is_none() {
-        bail!("give --input (images) or --input-tensor (a safetensors file)");
+    if !a.pipe.has_source() && a.input_tensor.is_none() {
+        bail!("give frames (--input, --raw, --synthetic, --v4l2) or --input-tensor");
+    }
+    if a.input_tensor.is_some() && a.model.len() > 1 {
+        bail!("--input-tensor runs one model; give one --model");
     }
     let choice = a.explain.explain.unwrap_or_default();
-    let rt = a
+    let builder = a
         .explain
         .apply(a.target.builder()?, choice)?
-        .model(&a.model)
         .top_k(a.top_k)
-        .optimize(!a.no_optimize)
-        .build()
-        .with_context(|| format!("loading {}", a.model.display()))?;
-    tracing::info!(device = %rt.device().name, reason = %rt.device().reason, "device selected");
-    let exec = &rt.model().exec;
-    tracing::info!(
-        native_nodes = exec.native_nodes(),
-        nodes = exec.node_count(),
-        arena_mb = format!("{:.2}", exec.arena_bytes() as f64 / 1e6),
-        arena_values = exec.arena_values(),
-        kernels = ?exec.kernel_counts(),
-        "planned"
-    );
+        .optimize(!a.no_optimize);
+    let mut variants = Vec::new();
+    if a.model.is_empty() {
+        variants.push(
+            builder
+                .clone()
+                .model_bytes(DEFAULT_MODEL, "embedded:mobilenet_v2.safetensors")
+                .build()
+                .context("loading the embedded model")?,
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    for path in &a.model {
+        let mut b = builder.clone().model(path);
+        // Two variants with one provenance name (e.g. two unpruned files) are told apart by
+        // their file names.
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if a.model.len() > 1 {
+            b = b.variant(stem.clone());
+        }
+        if !seen.insert(stem) {
+            bail!("--model lists {} twice", path.display());
+        }
+        variants.push(
+            b.build()
+                .with_context(|| format!("loading {}", path.display()))?,
+        );
+    }
+    for rt in &variants {
+        let exec = &rt.model().exec;
+        tracing::info!(
+            variant = rt.variant(),
+            device = %rt.device().name,
+            reason = %rt.device().reason,
+            native_nodes = exec.native_nodes(),
+            nodes = exec.node_count(),
+            arena_mb = format!("{:.2}", exec.arena_bytes() as f64 / 1e6),
+            "loaded"
+        );
+    }
     if let Some(path) = &a.input_tensor {
-        return run_tensors(&rt, path, a.dump_outputs.as_deref(), a.repeat);
+        return run_tensors(&variants[0], path, a.dump_outputs.as_deref(), a.repeat);
     }
     if a.dump_outputs.is_some() {
-        bail!("--dump-outputs needs --input-tensor (image runs write reports, not tensors)");
+        bail!("--dump-outputs needs --input-tensor (frame runs write reports, not tensors)");
     }
-    let frames = frames_from_paths(&a.input)?;
-    if frames.is_empty() {
-        bail!("no images found in {:?}", a.input);
-    }
-    let mut sink = JsonLines::create(a.jsonl.as_deref())?;
-    let overlays = a.out.as_deref().map(OverlaySink::create).transpose()?;
-    let mut dump = a.explain.dump_maps.as_ref().map(|_| MapDump::default());
-    let (mut ok, mut over, mut err) = (0, 0, 0);
-    let mut totals = Vec::new();
-    for f in &frames {
-        let mut x = rt.infer_explained(f);
-        if let Some(o) = &overlays {
-            // A picture that cannot be written is that frame's problem, not the run's.
-            if let Err(e) = o.write(&rt, &mut x) {
-                eprintln!("frame {}: overlay not written: {e:#}", f.id);
-            }
-        }
-        if let (Some(d), Some(e)) = (dump.as_mut(), &x.explanation) {
-            d.add(f.id, e)?;
-        }
-        let r = x.report;
-        match r.verdict {
-            Verdict::Ok => ok += 1,
-            Verdict::OverBudget => over += 1,
-            _ => err += 1,
-        }
-        if r.verdict != Verdict::Error {
-            totals.push(r.total_ms);
-        } else {
-            eprintln!(
-                "frame {} ({}): {}",
-                r.frame,
-                r.source,
-                r.error.as_deref().unwrap_or("")
-            );
-        }
-        sink.write(&r)?;
-    }
-    sink.finish()?;
-    if let (Some(d), Some(p)) = (dump, &a.explain.dump_maps) {
-        d.finish(p)?;
-    }
-    totals.sort_by(f64::total_cmp);
-    let median = totals.get(totals.len() / 2).copied().unwrap_or(0.0);
-    eprintln!(
-        "{} frames on {} ({}): {ok} ok, {over} over budget, {err} errors; median total {median:.1} ms",
-        frames.len(),
-        rt.device().name,
-        rt.device().reason
-    );
-    Ok(())
+    cli::run::run_pipeline(
+        &a.pipe,
+        variants,
+        Sinks {
+            jsonl: a.jsonl.as_deref(),
+            out: a.out.as_deref(),
+            dump_maps: a.explain.dump_maps.as_deref(),
+        },
+    )
 }
 
 fn run_tensors(rt: &Runtime, path: &Path, dump: Option<&Path>, repeat: usize) -> Result<()> {

@@ -19,6 +19,9 @@ pub enum Verdict {
 /// Milliseconds per stage.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stages {
+    /// Waiting between capture and the start of decoding (the scheduler's queue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<f64>,
     /// Reading and decoding the frame.
     pub decode: f64,
     /// Resize, crop, normalise, layout.
@@ -68,7 +71,8 @@ pub struct FrameReport {
     pub device: String,
     /// The frame's budget.
     pub budget_ms: f64,
-    /// Wall time from the start of decoding to the end of post-processing.
+    /// Wall time from capture (or the call, for frames made on the spot) to the end of the last
+    /// stage; the verdict compares it with the budget.
     pub total_ms: f64,
     /// Verdict.
     pub verdict: Verdict,
@@ -85,6 +89,9 @@ pub struct FrameReport {
     pub explain: Option<serde_json::Value>,
     /// What was given up to stay in budget.
     pub degraded: Vec<String>,
+    /// Why the frame was dropped (`stale`, `deadline`, `shutdown`), for `dropped` verdicts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Why the frame failed, for `error` verdicts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

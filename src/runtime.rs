@@ -3,8 +3,9 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType as CDType, Tensor};
 
@@ -42,6 +43,7 @@ pub struct RuntimeBuilder {
     optimize: bool,
     exec: ExecOptions,
     explain: ExplainOptions,
+    variant: Option<String>,
 }
 
 impl Default for RuntimeBuilder {
@@ -56,6 +58,7 @@ impl Default for RuntimeBuilder {
             optimize: true,
             exec: ExecOptions::default(),
             explain: ExplainOptions::default(),
+            variant: None,
         }
     }
 }
@@ -114,6 +117,12 @@ impl RuntimeBuilder {
         self
     }
 
+    /// The variant name reports carry (default: the file's provenance `variant`, else `base`).
+    pub fn variant(mut self, name: impl Into<String>) -> Self {
+        self.variant = Some(name.into());
+        self
+    }
+
     /// Run the load-time graph passes (on by default; off runs the graph as imported).
     pub fn optimize(mut self, on: bool) -> Self {
         self.optimize = on;
@@ -164,7 +173,11 @@ impl RuntimeBuilder {
                 Some(e)
             }
         };
-        let model = LoadedModel::load(Arc::new(file), &choice, &taps, self.optimize, self.exec)?;
+        let mut model =
+            LoadedModel::load(Arc::new(file), &choice, &taps, self.optimize, self.exec)?;
+        if let Some(v) = self.variant {
+            model.variant = v;
+        }
         let frame_taps = explainer.as_ref().map(Explainer::taps).unwrap_or_default();
         Ok(Runtime {
             model,
@@ -173,6 +186,7 @@ impl RuntimeBuilder {
             top_k: self.top_k,
             explainer,
             frame_taps,
+            test_delay_us: AtomicU64::new(0),
         })
     }
 }
@@ -283,6 +297,8 @@ pub struct Runtime {
     explainer: Option<Explainer>,
     /// Values each frame keeps for the explainer.
     frame_taps: Vec<String>,
+    /// Extra time added to the infer stage (a test hook for the variant ladder).
+    test_delay_us: AtomicU64,
 }
 
 /// A frame's report with what the explain layer made of it.
@@ -314,6 +330,73 @@ impl Runtime {
     /// The per-frame budget.
     pub fn budget(&self) -> Duration {
         self.budget
+    }
+
+    /// The variant name reports carry.
+    pub fn variant(&self) -> &str {
+        &self.model.variant
+    }
+
+    /// Test hook: adds `delay` to every frame's infer stage from now on (zero removes it), to
+    /// make a variant slow on purpose in tests of the degrade policy.
+    #[doc(hidden)]
+    pub fn set_test_delay(&self, delay: Duration) {
+        self.test_delay_us
+            .store(delay.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// A report for a frame that never reached the engine: `dropped` with `reason` (`stale`,
+    /// `deadline`, `shutdown`), or `error` with `reason` as the error when `failed`.
+    pub fn unprocessed_report(
+        &self,
+        frame: u64,
+        source: &str,
+        captured: Instant,
+        reason: &str,
+        failed: bool,
+    ) -> FrameReport {
+        let mut r = self.blank_report(frame, source);
+        r.total_ms = captured.elapsed().as_secs_f64() * 1e3;
+        if failed {
+            r.verdict = Verdict::Error;
+            r.error = Some(format!("frame {frame} ({source}): {reason}"));
+        } else {
+            r.verdict = Verdict::Dropped;
+            r.reason = Some(reason.to_string());
+        }
+        r
+    }
+
+    fn blank_report(&self, frame: u64, source: &str) -> FrameReport {
+        FrameReport {
+            frame,
+            source: source.to_string(),
+            model: self.model.stored.name.clone(),
+            variant: self.model.variant.clone(),
+            device: self.device.name.clone(),
+            budget_ms: self.budget.as_secs_f64() * 1e3,
+            total_ms: 0.0,
+            verdict: Verdict::Ok,
+            stages: Default::default(),
+            top: Vec::new(),
+            outputs: Vec::new(),
+            explain: None,
+            degraded: Vec::new(),
+            reason: None,
+            error: None,
+        }
+    }
+
+    /// Runs frames from `source` through the scheduler (newest frame wins for live sources,
+    /// deadline drops; see [`crate::pipeline::scheduler`]) and returns the stream of reports.
+    /// Call inside a multi-threaded tokio runtime. For a variant ladder, build a
+    /// [`crate::pipeline::Pipeline`] from several runtimes.
+    pub fn stream(
+        self: &Arc<Self>,
+        source: impl crate::pipeline::FrameSource,
+    ) -> Result<crate::pipeline::ReportStream> {
+        let p = crate::pipeline::Pipeline::new(vec![self.clone()], Default::default())?;
+        Ok(p.stream(source))
     }
 
     /// Runs already-prepared tensors (one per graph input, by name).
@@ -387,23 +470,10 @@ impl Runtime {
 
     /// [`Self::infer`], also returning the explanation and the decoded frame (for overlays).
     pub fn infer_explained(&self, frame: &Frame) -> Explained {
-        let mut timer = FrameTimer::start(self.budget);
-        let mut report = FrameReport {
-            frame: frame.id,
-            source: frame.source.clone(),
-            model: self.model.stored.name.clone(),
-            variant: self.model.variant.clone(),
-            device: self.device.name.clone(),
-            budget_ms: timer.budget_ms(),
-            total_ms: 0.0,
-            verdict: Verdict::Ok,
-            stages: Default::default(),
-            top: Vec::new(),
-            outputs: Vec::new(),
-            explain: None,
-            degraded: Vec::new(),
-            error: None,
-        };
+        let _span = tracing::info_span!("frame", id = frame.id, variant = %self.model.variant)
+            .entered();
+        let mut timer = FrameTimer::start_at(frame.captured, self.budget);
+        let mut report = self.blank_report(frame.id, &frame.source);
         let mut explained = (None, None);
         if let Err(e) = self.infer_into(frame, &mut timer, &mut report, &mut explained) {
             report.verdict = Verdict::Error;
@@ -433,7 +503,7 @@ impl Runtime {
         report: &mut FrameReport,
         explained: &mut (Option<Explanation>, Option<Arc<image::DynamicImage>>),
     ) -> Result<()> {
-        let img = frame.decode()?;
+        let img = tracing::info_span!("decode").in_scope(|| frame.decode())?;
         timer.mark(Stage::Decode);
         let graph = self.model.exec.graph();
         let input = graph.inputs.first().ok_or_else(|| Error::InvalidGraph {
@@ -449,13 +519,15 @@ impl Runtime {
                 ),
             });
         }
-        let tensor =
-            image_to_tensor(&img, input, &self.device.device).map_err(|reason| Error::Frame {
+        let tensor = tracing::info_span!("preprocess")
+            .in_scope(|| image_to_tensor(&img, input, &self.device.device))
+            .map_err(|reason| Error::Frame {
                 frame: frame.id,
                 source_name: frame.source.clone(),
                 reason,
             })?;
         timer.mark(Stage::Preprocess);
+        let infer_span = tracing::info_span!("infer").entered();
         let out = self
             .model
             .exec
@@ -466,7 +538,13 @@ impl Runtime {
             Some(t) => Some(t.to_device(&candle_core::Device::Cpu)?),
             None => None,
         };
+        let delay = self.test_delay_us.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_micros(delay));
+        }
+        drop(infer_span);
         timer.mark(Stage::Infer);
+        let post_span = tracing::info_span!("post").entered();
         let meaning = graph.outputs.first().map(|o| o.meaning);
         match (meaning, host) {
             (Some(m @ (OutputMeaning::Logits | OutputMeaning::Probabilities)), Some(t)) => {
@@ -483,6 +561,7 @@ impl Runtime {
                     .collect();
             }
         }
+        drop(post_span);
         timer.mark(Stage::Post);
         if let Some(explainer) = &self.explainer {
             let top1 = match report.top.first() {
@@ -492,6 +571,7 @@ impl Runtime {
                     None => 0,
                 },
             };
+            let _span = tracing::info_span!("explain").entered();
             let (method, degraded) = explainer.choose(Some(timer.remaining()));
             report.degraded.extend(degraded);
             if let Some(m) = method {

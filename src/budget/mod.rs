@@ -1,6 +1,15 @@
-//! Per-frame deadlines and stage timing.
+//! Per-frame deadlines and stage timing, rolling latency estimates, the model-variant ladder,
+//! and the end-of-run summary.
+
+pub mod ladder;
+pub mod rolling;
+pub mod summary;
 
 use std::time::{Duration, Instant};
+
+pub use ladder::{Ladder, LadderOptions, Switch};
+pub use rolling::{Histogram, Rolling};
+pub use summary::Summary;
 
 use crate::report::{Stages, Verdict};
 
@@ -32,12 +41,23 @@ pub enum Stage {
 impl FrameTimer {
     /// Starts timing a frame now.
     pub fn start(budget: Duration) -> Self {
+        Self::start_at(Instant::now(), budget)
+    }
+
+    /// Starts timing a frame captured at `captured`: its deadline is `captured + budget`, and
+    /// the time it waited before now is its `queue` stage.
+    pub fn start_at(captured: Instant, budget: Duration) -> Self {
         let now = Instant::now();
+        let start = captured.min(now);
+        let waited = now.duration_since(start).as_secs_f64() * 1e3;
         FrameTimer {
-            start: now,
+            start,
             last: now,
             budget,
-            stages: Stages::default(),
+            stages: Stages {
+                queue: (waited > 0.0).then_some(waited),
+                ..Stages::default()
+            },
         }
     }
 

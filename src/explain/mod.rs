@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
+use crate::budget::Rolling;
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::model::ModelFile;
@@ -204,37 +205,10 @@ fn host_f32(
     ))
 }
 
-/// The last costs of one method, for the budget check.
-#[derive(Debug, Default)]
-struct CostWindow {
-    samples: Vec<f64>,
-    next: usize,
-}
-
-impl CostWindow {
-    const LEN: usize = 32;
-
-    fn push(&mut self, ms: f64) {
-        if self.samples.len() < Self::LEN {
-            self.samples.push(ms);
-        } else {
-            self.samples[self.next] = ms;
-        }
-        self.next = (self.next + 1) % Self::LEN;
-    }
-
-    /// The 90th percentile of the window: a method that sometimes spikes is judged by its
-    /// spikes, so a fallback happens before the frame is late, not after.
-    fn estimate(&self) -> Option<f64> {
-        if self.samples.is_empty() {
-            return None;
-        }
-        let mut s = self.samples.clone();
-        s.sort_by(f64::total_cmp);
-        let i = ((s.len() as f64 * 0.9).ceil() as usize).clamp(1, s.len()) - 1;
-        Some(s[i])
-    }
-}
+/// Costs kept per method: the 90th percentile of the last 32 judges the method by its spikes,
+/// so a fallback happens before the frame is late, not after.
+const COST_WINDOW: usize = 32;
+const COST_QUANTILE: f64 = 0.9;
 
 /// Explains frames of one model.
 pub struct Explainer {
@@ -247,7 +221,7 @@ pub struct Explainer {
     gradcam: Option<GradientTail>,
     /// Model input (width, height).
     input_size: (usize, usize),
-    costs: Mutex<HashMap<Method, CostWindow>>,
+    costs: Mutex<HashMap<Method, Rolling>>,
 }
 
 impl Explainer {
@@ -408,7 +382,7 @@ impl Explainer {
             // A method never measured gets one try: that is how its cost becomes known.
             let fits = costs
                 .get(&m)
-                .and_then(CostWindow::estimate)
+                .and_then(|w| w.quantile(COST_QUANTILE))
                 .is_none_or(|ms| ms <= remaining);
             if fits {
                 let degraded = if m == primary {
@@ -445,7 +419,7 @@ impl Explainer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(method)
-            .or_default()
+            .or_insert_with(|| Rolling::new(COST_WINDOW))
             .push(ms);
         Ok(Explanation {
             method,
