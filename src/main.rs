@@ -59,7 +59,7 @@ enum Command {
     /// Run a model (or a ladder of pruned variants) on frames: image files, raw video on
     /// stdin, a synthetic camera or a V4L2 camera, inside a per-frame budget; or once on
     /// prepared tensors.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Structured channel pruning: remove the least important conv channels (every tensor
     /// shrinks); prints params and MACs before and after.
     Prune(PruneArgs),
@@ -382,7 +382,7 @@ fn main() {
         Command::Demo(a) => demo(a),
         Command::Import(a) => import(a),
         Command::Inspect(a) => inspect(a),
-        Command::Run(a) => run(a),
+        Command::Run(a) => run(*a),
         Command::Quantize(a) => quantize(a),
         Command::Prune(a) => prune(a),
         Command::Finetune(a) => finetune(a),

@@ -470,8 +470,8 @@ impl Runtime {
 
     /// [`Self::infer`], also returning the explanation and the decoded frame (for overlays).
     pub fn infer_explained(&self, frame: &Frame) -> Explained {
-        let _span = tracing::info_span!("frame", id = frame.id, variant = %self.model.variant)
-            .entered();
+        let _span =
+            tracing::info_span!("frame", id = frame.id, variant = %self.model.variant).entered();
         let mut timer = FrameTimer::start_at(frame.captured, self.budget);
         let mut report = self.blank_report(frame.id, &frame.source);
         let mut explained = (None, None);

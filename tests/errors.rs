@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 use edgeinfer::device::DeviceRequest;
 use edgeinfer::import::onnx::{
@@ -12,7 +10,7 @@ use edgeinfer::import::onnx::{
 };
 use edgeinfer::import::{import_onnx_bytes, ImportOptions};
 use edgeinfer::model::{DType, ModelWriter};
-use edgeinfer::pipeline::{Frame, FrameData};
+use edgeinfer::pipeline::Frame;
 use edgeinfer::report::Verdict;
 use edgeinfer::{Error, Runtime};
 use prost::Message;
@@ -183,11 +181,7 @@ fn corrupt_png_gets_an_error_report_and_the_next_frame_still_runs() {
         .unwrap();
     let mut png = std::fs::read(root().join("models/samples/chelsea.png")).unwrap();
     png.truncate(png.len() / 3);
-    let bad = Frame {
-        id: 0,
-        source: "bad.png".into(),
-        data: FrameData::Encoded(Arc::from(png)),
-    };
+    let bad = Frame::from_encoded(0, "bad.png", png);
     let r = rt.infer(&bad);
     assert_eq!(r.verdict, Verdict::Error);
     let msg = r.error.unwrap();

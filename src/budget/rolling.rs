@@ -147,7 +147,10 @@ mod tests {
         for q in [0.5, 0.95, 0.99] {
             let exact = vals[((vals.len() as f64 * q).ceil() as usize) - 1];
             let got = h.quantile(q).unwrap();
-            assert!((got - exact).abs() <= exact * 0.011, "q{q}: {got} vs {exact}");
+            assert!(
+                (got - exact).abs() <= exact * 0.011,
+                "q{q}: {got} vs {exact}"
+            );
         }
         assert_eq!(h.quantile(1.0), Some(370.0));
     }

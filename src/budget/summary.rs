@@ -274,13 +274,29 @@ impl Summary {
             );
         }
         if !self.explain.is_empty() || !self.degraded.is_empty() {
-            let e: Vec<String> = self.explain.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            let d: Vec<String> = self.degraded.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let e: Vec<String> = self
+                .explain
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            let d: Vec<String> = self
+                .degraded
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
             let _ = writeln!(
                 t,
                 "explain: {} · degraded: {}",
-                if e.is_empty() { "-".into() } else { e.join(", ") },
-                if d.is_empty() { "-".into() } else { d.join(", ") }
+                if e.is_empty() {
+                    "-".into()
+                } else {
+                    e.join(", ")
+                },
+                if d.is_empty() {
+                    "-".into()
+                } else {
+                    d.join(", ")
+                }
             );
         }
         t

@@ -15,7 +15,7 @@ use edgeinfer::budget::LadderOptions;
 use edgeinfer::pipeline::raw::parse_size;
 use edgeinfer::pipeline::source::parse_fps;
 use edgeinfer::pipeline::{
-    FileSource, FrameSource, PixelFormat, Pipeline, PipelineOptions, RawSource, SyntheticSource,
+    FileSource, FrameSource, Pipeline, PipelineOptions, PixelFormat, RawSource, SyntheticSource,
 };
 use edgeinfer::report::{FrameReport, Verdict};
 use edgeinfer::Runtime;
@@ -86,7 +86,10 @@ impl PipelineArgs {
 
     fn options(&self) -> Result<PipelineOptions> {
         if !(self.switch_at > 0.0 && self.switch_at.is_finite()) {
-            bail!("--switch-at {}: expected a positive fraction of the budget", self.switch_at);
+            bail!(
+                "--switch-at {}: expected a positive fraction of the budget",
+                self.switch_at
+            );
         }
         if !(self.hysteresis >= 0.0 && self.hysteresis.is_finite()) {
             bail!("--hysteresis {}: expected a fraction >= 0", self.hysteresis);
@@ -131,7 +134,10 @@ impl PipelineArgs {
 
 #[cfg(all(feature = "v4l2", target_os = "linux"))]
 fn v4l2_source(dev: &str, size: Option<&str>, fps: Option<f64>) -> Result<Box<dyn FrameSource>> {
-    let size = size.map(parse_size).transpose().map_err(anyhow::Error::msg)?;
+    let size = size
+        .map(parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     Ok(Box::new(edgeinfer::pipeline::v4l2::V4l2Source::open(
         dev, size, fps,
     )?))
@@ -291,7 +297,10 @@ fn status_line(quiet: bool) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    bar.set_style(ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
 }

@@ -164,15 +164,15 @@ mod tests {
         for (i, &y) in [16u8, 235, 81, 145].iter().enumerate() {
             let c = 1.164 * (y as f32 - 16.0);
             let (u, v) = (90.0 - 128.0, 240.0 - 128.0);
-            let want = [
-                c + 1.596 * v,
-                c - 0.391 * u - 0.813 * v,
-                c + 2.018 * u,
-            ];
+            let want = [c + 1.596 * v, c - 0.391 * u - 0.813 * v, c + 2.018 * u];
             let got = rgb.as_raw()[i * 3..i * 3 + 3].to_vec();
             for k in 0..3 {
                 let w = want[k].round().clamp(0.0, 255.0);
-                assert!((got[k] as f32 - w).abs() <= 1.0, "px {i} ch {k}: {} vs {w}", got[k]);
+                assert!(
+                    (got[k] as f32 - w).abs() <= 1.0,
+                    "px {i} ch {k}: {} vs {w}",
+                    got[k]
+                );
             }
         }
     }

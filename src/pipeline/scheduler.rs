@@ -3,9 +3,10 @@
 //!
 //! Between capture and inference sits a one-frame slot. A live source overwrites it (the
 //! newest frame wins; the one it replaces is reported `dropped`, reason `stale`); other
-//! sources wait until it is free. A worker that takes a frame whose deadline has passed, or
-//! would pass before the variant in use can answer while a fresher frame could still make it,
-//! reports it `dropped` (`deadline`) instead of answering late. The variant ladder
+//! sources wait until it is free. For live sources, a worker that takes a frame whose deadline
+//! has passed, or would pass before the variant in use can answer while a fresher frame could
+//! still make it, reports it `dropped` (`deadline`) instead of answering late; frames of files
+//! (and `every_frame` runs) are all answered, late ones marked `over_budget`. The variant ladder
 //! ([`crate::budget::Ladder`]) picks the model for each frame. Every frame that enters gets
 //! exactly one report, also when the run is stopped (`shutdown`).
 
@@ -64,7 +65,7 @@ struct Unrun {
 #[derive(Default)]
 struct Slot {
     pending: Option<Frame>,
-    unrun: Vec<Unrun>,
+    unrun: std::collections::VecDeque<Unrun>,
     /// No frame will be put any more (end of input, or stopped).
     closed: bool,
 }
@@ -73,6 +74,8 @@ struct Shared {
     variants: Vec<Arc<Runtime>>,
     names: Vec<String>,
     budget: Duration,
+    /// Frames come at the source's pace: stale and deadline drops apply.
+    live: bool,
     slot: Mutex<Slot>,
     /// Wakes a pull-mode capture thread when the slot frees up (or the run stops).
     freed: Condvar,
@@ -103,8 +106,16 @@ impl Shared {
             notified.as_mut().enable();
             {
                 let mut s = lock(&self.slot);
-                if let Some(u) = s.unrun.pop() {
-                    return Work::Unrun(u);
+                // Oldest first, so reports keep capture order where they can.
+                let unrun_first = match (s.unrun.front(), &s.pending) {
+                    (Some(u), Some(f)) => u.id < f.id,
+                    (Some(_), None) => true,
+                    _ => false,
+                };
+                if unrun_first {
+                    if let Some(u) = s.unrun.pop_front() {
+                        return Work::Unrun(u);
+                    }
                 }
                 if let Some(f) = s.pending.take() {
                     self.freed.notify_all();
@@ -133,7 +144,7 @@ impl Shared {
             return false;
         }
         if let Some(old) = s.pending.replace(frame) {
-            s.unrun.push(Unrun {
+            s.unrun.push_back(Unrun {
                 id: old.id,
                 source: old.source,
                 captured: old.captured,
@@ -151,7 +162,7 @@ impl Shared {
         if s.closed {
             return false;
         }
-        s.unrun.push(u);
+        s.unrun.push_back(u);
         drop(s);
         self.filled.notify_one();
         true
@@ -245,10 +256,7 @@ impl Pipeline {
             if r.verdict == Verdict::Error {
                 return Err(Error::InvalidGraph {
                     file: v.model().file.label().to_string(),
-                    reason: format!(
-                        "cannot answer a frame: {}",
-                        r.error.unwrap_or_default()
-                    ),
+                    reason: format!("cannot answer a frame: {}", r.error.unwrap_or_default()),
                 });
             }
         }
@@ -275,6 +283,7 @@ impl Pipeline {
         let budget = self.variants[0].budget();
         let budget_ms = budget.as_secs_f64() * 1e3;
         let names = self.names();
+        let live = source.is_live() && !self.options.every_frame;
         let shared = Arc::new(Shared {
             ladder: Mutex::new(Ladder::new(
                 self.variants.len(),
@@ -284,6 +293,7 @@ impl Pipeline {
             variants: self.variants,
             names,
             budget,
+            live,
             slot: Mutex::new(Slot::default()),
             freed: Condvar::new(),
             filled: Notify::new(),
@@ -291,7 +301,6 @@ impl Pipeline {
             summary: Mutex::new(Summary::new(budget_ms)),
         });
         let (tx, rx) = mpsc::channel(self.options.channel.max(1));
-        let live = source.is_live() && !self.options.every_frame;
         // A plain thread, not the blocking pool: a source blocked in a read (stdin, a camera)
         // must not keep the runtime from shutting down.
         let cap = shared.clone();
@@ -337,7 +346,14 @@ impl Pipeline {
 
 /// A mid-grey image of the model's input size.
 fn warm_up_image(rt: &Runtime) -> image::DynamicImage {
-    let (w, h) = match rt.model().exec.graph().inputs.first().map(|i| i.shape.as_slice()) {
+    let (w, h) = match rt
+        .model()
+        .exec
+        .graph()
+        .inputs
+        .first()
+        .map(|i| i.shape.as_slice())
+    {
         Some(&[_, _, h, w]) if h > 0 && w > 0 => (w as u32, h as u32),
         _ => (224, 224),
     };
@@ -361,7 +377,8 @@ async fn worker(shared: Arc<Shared>, tx: mpsc::Sender<Explained>) {
         let pick = lock(&shared.ladder).pick();
         let rt = shared.variants[pick.variant].clone();
         if shared.stop.load(Ordering::SeqCst) {
-            let r = rt.unprocessed_report(frame.id, &frame.source, frame.captured, "shutdown", false);
+            let r =
+                rt.unprocessed_report(frame.id, &frame.source, frame.captured, "shutdown", false);
             if !emit(&shared, &tx, bare(r)).await {
                 break;
             }
@@ -373,10 +390,12 @@ async fn worker(shared: Arc<Shared>, tx: mpsc::Sender<Explained>) {
             .map(|ms| Duration::from_secs_f64(ms / 1e3));
         // Answering after the deadline is answering wrong; when the variant could answer a
         // fresher frame in time, skip this one and wait for it.
-        let late = age >= shared.budget
-            || estimate.is_some_and(|e| e < shared.budget && age + e > shared.budget);
+        let late = shared.live
+            && (age >= shared.budget
+                || estimate.is_some_and(|e| e < shared.budget && age + e > shared.budget));
         if late {
-            let r = rt.unprocessed_report(frame.id, &frame.source, frame.captured, "deadline", false);
+            let r =
+                rt.unprocessed_report(frame.id, &frame.source, frame.captured, "deadline", false);
             if !emit(&shared, &tx, bare(r)).await {
                 break;
             }

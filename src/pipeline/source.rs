@@ -220,14 +220,15 @@ impl<R: Read + Send + 'static> FrameSource for RawSource<R> {
                     self.frame_bytes, self.width, self.height, self.pix
                 ))
             }
-            Ok(_) => match Frame::from_raw(id, &self.name, self.width, self.height, self.pix, buf)
-            {
-                Ok(mut f) => {
-                    f.captured = captured;
-                    SourceItem::Frame(f)
+            Ok(_) => {
+                match Frame::from_raw(id, &self.name, self.width, self.height, self.pix, buf) {
+                    Ok(mut f) => {
+                        f.captured = captured;
+                        SourceItem::Frame(f)
+                    }
+                    Err(e) => failed(e.to_string()),
                 }
-                Err(e) => failed(e.to_string()),
-            },
+            }
             Err(e) => {
                 self.done = true;
                 failed(format!("cannot read: {e}"))
@@ -360,9 +361,14 @@ mod tests {
     #[test]
     fn raw_reports_a_truncated_last_frame() {
         let bytes = vec![7u8; 2 * 2 * 3 * 2 + 5];
-        let mut s =
-            RawSource::new(std::io::Cursor::new(bytes), "stdin", (2, 2), PixelFormat::Rgb24, None)
-                .unwrap();
+        let mut s = RawSource::new(
+            std::io::Cursor::new(bytes),
+            "stdin",
+            (2, 2),
+            PixelFormat::Rgb24,
+            None,
+        )
+        .unwrap();
         assert!(matches!(s.next_item(), Some(SourceItem::Frame(f)) if f.id == 0));
         assert!(matches!(s.next_item(), Some(SourceItem::Frame(f)) if f.id == 1));
         match s.next_item() {
