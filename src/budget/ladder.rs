@@ -22,7 +22,8 @@ pub struct LadderOptions {
     /// While on a lighter variant, run one frame in this many on the next heavier one to see
     /// whether it fits again. Default 30; 0 never probes (the ladder then only goes down).
     pub probe_every: u64,
-    /// Probes a heavier variant needs before it can be chosen again. Default 3.
+    /// Probes a heavier variant needs before it can be chosen again: the slowest of its last
+    /// this many probes must fit with the hysteresis margin. Default 3.
     pub probe_samples: usize,
 }
 
@@ -46,7 +47,8 @@ pub struct Switch {
     pub from: usize,
     /// Variant index after.
     pub to: usize,
-    /// The p95 (ms) that decided it: of `from` when going down, of `to` when going up.
+    /// The estimate (ms) that decided it: the rolling p95 of `from` when going down, the
+    /// slowest of `to`'s last probes when going up.
     pub p95_ms: f64,
 }
 
@@ -65,7 +67,11 @@ pub struct Ladder {
     budget_ms: f64,
     options: LadderOptions,
     current: usize,
+    /// Latencies of frames each variant ran while in use.
     windows: Vec<Rolling>,
+    /// The last few probes of each variant (recent evidence only: a variant that was slow
+    /// for a while must not need a window's worth of fast probes to come back).
+    probes: Vec<Rolling>,
     since_probe: u64,
 }
 
@@ -77,6 +83,9 @@ impl Ladder {
             current: 0,
             windows: (0..variants.max(1))
                 .map(|_| Rolling::new(options.window))
+                .collect(),
+            probes: (0..variants.max(1))
+                .map(|_| Rolling::new(options.probe_samples))
                 .collect(),
             since_probe: 0,
             options,
@@ -123,10 +132,13 @@ impl Ladder {
     /// Records how long a frame took on `variant` (ms, processing only); returns the switch
     /// it caused, if any.
     pub fn record(&mut self, variant: usize, ms: f64) -> Option<Switch> {
-        let w = self.windows.get_mut(variant)?;
-        w.push(ms);
-        let limit = self.limit();
         let cur = self.current;
+        if variant < cur {
+            self.probes.get_mut(variant)?.push(ms);
+        } else {
+            self.windows.get_mut(variant)?.push(ms);
+        }
+        let limit = self.limit();
         if variant == cur
             && cur + 1 < self.windows.len()
             && self.windows[cur].count() >= self.options.min_samples
@@ -135,6 +147,7 @@ impl Ladder {
                 // What made this variant too slow may pass; only probes taken from now on
                 // can bring it back.
                 self.windows[cur].clear();
+                self.probes[cur].clear();
                 self.current = cur + 1;
                 self.since_probe = 0;
                 return Some(Switch {
@@ -144,12 +157,20 @@ impl Ladder {
                 });
             }
         }
-        if cur > 0 && self.windows[cur - 1].count() >= self.options.probe_samples {
-            if let Some(p) = self
-                .p95(cur - 1)
+        let up = cur.checked_sub(1);
+        if let Some(up) = up.filter(|&u| self.probes[u].count() >= self.options.probe_samples) {
+            if let Some(p) = self.probes[up]
+                .quantile(1.0)
                 .filter(|&p| p * (1.0 + self.options.hysteresis) <= limit)
             {
-                self.current = cur - 1;
+                // The probes are the variant's record from here on.
+                let w = &mut self.windows[up];
+                w.clear();
+                for _ in 0..self.options.probe_samples {
+                    w.push(p);
+                }
+                self.probes[up].clear();
+                self.current = up;
                 self.since_probe = 0;
                 // The lighter variant's record stays: it is the first step down next time.
                 return Some(Switch {
