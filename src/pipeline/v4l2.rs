@@ -65,6 +65,8 @@ pub struct V4l2Source {
     /// Bytes per row as the driver lays them out (at least the packed row length).
     stride: usize,
     layout: Layout,
+    /// The negotiated format's code, for messages.
+    fourcc: FourCC,
     next_id: u64,
 }
 
@@ -186,6 +188,7 @@ impl V4l2Source {
             height: fmt.height,
             stride,
             layout,
+            fourcc: fmt.fourcc,
             next_id: 0,
         })
     }
@@ -201,9 +204,9 @@ impl V4l2Source {
         let (w, h) = (self.width, self.height);
         let short = |need: usize| {
             format!(
-                "short buffer: {} bytes, a {w}x{h} {:?} frame needs {need}",
+                "short buffer: {} bytes, a {w}x{h} {} frame needs {need}",
                 bytes.len(),
-                self.layout
+                self.fourcc
             )
         };
         match self.layout {
