@@ -12,15 +12,49 @@ use crate::device::DeviceRequest;
 use crate::error::{Error, Result};
 
 /// The element type a board computes in where the device supports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {
     /// 32-bit floats.
+    #[default]
     F32,
     /// Half precision (Jetson GPUs).
     F16,
     /// bfloat16.
     Bf16,
+}
+
+impl ComputeDtype {
+    /// candle's element type.
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            ComputeDtype::F32 => candle_core::DType::F32,
+            ComputeDtype::F16 => candle_core::DType::F16,
+            ComputeDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for ComputeDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(ComputeDtype::F32),
+            "f16" => Ok(ComputeDtype::F16),
+            "bf16" => Ok(ComputeDtype::Bf16),
+            other => Err(format!("unknown compute dtype '{other}' (f32, f16, bf16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for ComputeDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::F16 => "f16",
+            ComputeDtype::Bf16 => "bf16",
+        })
+    }
 }
 
 /// A board profile.

@@ -146,6 +146,9 @@ impl TargetArgs {
         if let Some(n) = self.cpu.threads {
             v.extend(["--threads".to_string(), n.to_string()]);
         }
+        if let Some(c) = self.cpu.compute_dtype {
+            v.extend(["--compute-dtype".to_string(), c.to_string()]);
+        }
         v.extend([
             "--kernels".to_string(),
             self.cpu.kernels.to_string(),
@@ -185,11 +188,18 @@ struct CpuArgs {
     /// always, never.
     #[arg(long, default_value = "auto")]
     winograd: Winograd,
+    /// Compute in f32, f16 or bf16 on any device (default: the board's compute_dtype on a GPU,
+    /// f32 on the CPU; f16 on the CPU runs candle's reference ops, for checking the GPU path).
+    #[arg(long)]
+    compute_dtype: Option<edgeinfer::board::ComputeDtype>,
 }
 
 impl CpuArgs {
     fn apply(&self, b: edgeinfer::runtime::RuntimeBuilder) -> edgeinfer::runtime::RuntimeBuilder {
-        let b = b.kernels(self.kernels).winograd(self.winograd);
+        let mut b = b.kernels(self.kernels).winograd(self.winograd);
+        if let Some(c) = self.compute_dtype {
+            b = b.compute_dtype(c);
+        }
         match self.threads {
             Some(n) => b.threads(n),
             None => b,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType as CDType, Tensor};
 
-use crate::board::Board;
+use crate::board::{Board, ComputeDtype};
 use crate::budget::{FrameTimer, Stage};
 use crate::device::{self, DeviceChoice, DeviceRequest};
 use crate::error::{Error, Result};
@@ -44,6 +44,8 @@ pub struct RuntimeBuilder {
     exec: ExecOptions,
     explain: ExplainOptions,
     variant: Option<String>,
+    /// Asked for explicitly (applies on any device).
+    compute: Option<ComputeDtype>,
 }
 
 impl Default for RuntimeBuilder {
@@ -59,6 +61,7 @@ impl Default for RuntimeBuilder {
             exec: ExecOptions::default(),
             explain: ExplainOptions::default(),
             variant: None,
+            compute: None,
         }
     }
 }
@@ -90,6 +93,14 @@ impl RuntimeBuilder {
         self.exec.threads = Some(board.cpu_threads);
         self.budget = Duration::from_secs_f64(board.budget_ms / 1e3);
         self.board = Some(board);
+        self
+    }
+
+    /// Element type to compute in, on any device (f16/bf16 on the CPU run candle's reference
+    /// ops, much slower than our f32 kernels: for checking the GPU path, not for speed).
+    /// Without it, a board profile's `compute_dtype` applies on GPUs and the CPU computes f32.
+    pub fn compute_dtype(mut self, dtype: ComputeDtype) -> Self {
+        self.compute = Some(dtype);
         self
     }
 
@@ -163,6 +174,12 @@ impl RuntimeBuilder {
             check_memory(&file, board)?;
         }
         let choice = device::select_first(&self.devices)?;
+        let mut exec = self.exec;
+        exec.compute = match (self.compute, &self.board) {
+            (Some(c), _) => c,
+            (None, Some(b)) if !choice.device.is_cpu() => b.compute_dtype,
+            _ => ComputeDtype::F32,
+        };
         let mut taps = self.taps;
         let explainer = match self.explain.choice {
             Choice::Off => None,
@@ -173,8 +190,7 @@ impl RuntimeBuilder {
                 Some(e)
             }
         };
-        let mut model =
-            LoadedModel::load(Arc::new(file), &choice, &taps, self.optimize, self.exec)?;
+        let mut model = LoadedModel::load(Arc::new(file), &choice, &taps, self.optimize, exec)?;
         if let Some(v) = self.variant {
             model.variant = v;
         }
@@ -330,6 +346,11 @@ impl Runtime {
     /// The per-frame budget.
     pub fn budget(&self) -> Duration {
         self.budget
+    }
+
+    /// The element type the model computes in.
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        self.model.exec.options().compute
     }
 
     /// The variant name reports carry.

@@ -47,6 +47,9 @@ pub struct ExecOptions {
     pub threads: Option<usize>,
     /// Winograd policy for 3 × 3 stride-1 convolutions (native kernels only).
     pub winograd: Winograd,
+    /// Element type of float weights and activations. Our CPU kernels compute in f32; f16 and
+    /// bf16 run candle's ops (the GPU path, and the CPU reference path that tests it).
+    pub compute: crate::board::ComputeDtype,
 }
 
 /// A graph planned for one device, with its weights resident there.
@@ -210,6 +213,15 @@ impl Executor {
             file: graph.name.clone(),
             reason,
         };
+        let compute = options.compute.candle();
+        if compute != CDType::F32 {
+            // After the passes: BatchNorm folding and friends ran in f32.
+            for t in weights.values_mut() {
+                if t.dtype() == CDType::F32 {
+                    *t = t.to_dtype(compute)?;
+                }
+            }
+        }
         let mut slots: HashMap<String, usize> = HashMap::new();
         let mut inputs = Vec::new();
         for i in &graph.inputs {
@@ -279,7 +291,9 @@ impl Executor {
             crate::kernels::par::SpinPool::new(spin_threads)
                 .map_err(|e| bad(format!("cannot start {spin_threads} threads: {e}")))?,
         );
-        let native = device.is_cpu() && options.kernels == Kernels::Native;
+        let native = device.is_cpu()
+            && options.kernels == Kernels::Native
+            && options.compute == crate::board::ComputeDtype::F32;
 
         // Prepared inside the pool: some choices are timed, and must be timed as they will run.
         // Weights that only native kernels read live on packed in `prepared`: candle's copy is
@@ -533,6 +547,12 @@ impl Executor {
                     });
                 }
             }
+            let compute = self.options.compute.candle();
+            let t = if t.dtype() == CDType::F32 && compute != CDType::F32 {
+                t.to_dtype(compute)?
+            } else {
+                t.clone()
+            };
             values[*slot] = Some(t.to_device(&self.device)?);
         }
         for (name, _) in feeds {
