@@ -33,7 +33,10 @@ fn logits(device: DeviceRequest, dtype: ComputeDtype, model: &str, photo: &str) 
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -46,7 +49,10 @@ fn cuda_f32_matches_the_cpu_within_1e_4() {
         let d = max_abs(&cpu, &gpu);
         eprintln!("{photo}: cuda f32 vs cpu max abs {d}");
         // cuDNN/cuBLAS may use TF32 on Ampere+; candle keeps f32 matmuls in f32 unless told.
-        assert!(d < 1e-4 * cpu.iter().fold(1f32, |m, v| m.max(v.abs())), "{photo}: {d}");
+        assert!(
+            d < 1e-4 * cpu.iter().fold(1f32, |m, v| m.max(v.abs())),
+            "{photo}: {d}"
+        );
     }
 }
 

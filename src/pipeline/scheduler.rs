@@ -374,33 +374,41 @@ async fn worker(shared: Arc<Shared>, tx: mpsc::Sender<Explained>) {
             }
             Work::Frame(f) => f,
         };
-        let pick = lock(&shared.ladder).pick();
-        let rt = shared.variants[pick.variant].clone();
+        let (current, estimate) = {
+            let l = lock(&shared.ladder);
+            let c = l.current();
+            (c, l.median(c).map(|ms| Duration::from_secs_f64(ms / 1e3)))
+        };
+        let unrun = |reason: &str| {
+            shared.variants[current].unprocessed_report(
+                frame.id,
+                &frame.source,
+                frame.captured,
+                reason,
+                false,
+            )
+        };
         if shared.stop.load(Ordering::SeqCst) {
-            let r =
-                rt.unprocessed_report(frame.id, &frame.source, frame.captured, "shutdown", false);
-            if !emit(&shared, &tx, bare(r)).await {
+            if !emit(&shared, &tx, bare(unrun("shutdown"))).await {
                 break;
             }
             continue;
         }
         let age = frame.captured.elapsed();
-        let estimate = lock(&shared.ladder)
-            .median(pick.variant)
-            .map(|ms| Duration::from_secs_f64(ms / 1e3));
         // Answering after the deadline is answering wrong; when the variant could answer a
         // fresher frame in time, skip this one and wait for it.
         let late = shared.live
             && (age >= shared.budget
                 || estimate.is_some_and(|e| e < shared.budget && age + e > shared.budget));
         if late {
-            let r =
-                rt.unprocessed_report(frame.id, &frame.source, frame.captured, "deadline", false);
-            if !emit(&shared, &tx, bare(r)).await {
+            if !emit(&shared, &tx, bare(unrun("deadline"))).await {
                 break;
             }
             continue;
         }
+        // Picked only for a frame that will run, so a probe is never spent on a dropped one.
+        let pick = lock(&shared.ladder).pick();
+        let rt = shared.variants[pick.variant].clone();
         let runner = rt.clone();
         let id = frame.id;
         let source = frame.source.clone();
