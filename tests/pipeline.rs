@@ -204,3 +204,35 @@ fn stopping_reports_every_frame_that_entered() {
     // Frames are numbered as captured: none that entered is missing.
     assert_eq!(ids, (0..reports.len() as u64).collect());
 }
+
+#[test]
+fn a_frame_whose_deadline_passed_in_the_slot_is_dropped_not_answered_late() {
+    // A 5 ms budget, frames every 10 ms, an engine of >= 40 ms: the frame waiting when the
+    // engine frees up is often older than its budget already.
+    let rt = runtime(
+        "models/fashion_resnet.safetensors",
+        Duration::from_millis(5),
+        "base",
+    );
+    rt.set_test_delay(Duration::from_millis(40));
+    let reports: Vec<FrameReport> = tokio().block_on(async {
+        rt.stream(SyntheticSource::new(32, 32, 100.0, Some(80)))
+            .unwrap()
+            .collect()
+            .await
+    });
+    assert_eq!(reports.len(), 80);
+    let deadline: Vec<&FrameReport> = reports
+        .iter()
+        .filter(|r| r.reason.as_deref() == Some("deadline"))
+        .collect();
+    assert!(!deadline.is_empty(), "no deadline drop in {reports:?}");
+    for r in deadline {
+        assert_eq!(r.verdict, Verdict::Dropped);
+        assert!(
+            r.total_ms >= 5.0,
+            "dropped at {} ms, before its deadline",
+            r.total_ms
+        );
+    }
+}
