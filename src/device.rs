@@ -78,6 +78,9 @@ pub fn select(req: DeviceRequest) -> Result<DeviceChoice> {
 /// The first usable device of a preference list (a board profile's `devices`); the reason
 /// says what was passed over. An error only when none is usable.
 pub fn select_first(prefs: &[DeviceRequest]) -> Result<DeviceChoice> {
+    if let [only] = prefs {
+        return select(*only);
+    }
     let mut skipped = Vec::new();
     for &req in prefs {
         match select(req) {
@@ -112,7 +115,11 @@ fn try_cuda(n: usize) -> std::result::Result<DeviceChoice, String> {
             name: format!("cuda:{n}"),
             reason: "CUDA device available".into(),
         }),
-        Err(e) => Err(format!("no CUDA device {n}: {e}")),
+        // candle appends a backtrace when RUST_BACKTRACE is set: the reason is its first line.
+        Err(e) => Err(format!(
+            "no CUDA device {n}: {}",
+            e.to_string().lines().next().unwrap_or_default()
+        )),
     }
 }
 
