@@ -217,11 +217,11 @@ pub fn run_pipeline(args: &PipelineArgs, variants: Vec<Runtime>, sinks: Sinks) -
         let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = interrupted.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
+            if stop_signal().await {
                 flag.store(true, std::sync::atomic::Ordering::SeqCst);
                 eprintln!("interrupted: finishing the frames in flight (Ctrl-C again quits now)");
                 stop.stop();
-                if tokio::signal::ctrl_c().await.is_ok() {
+                if stop_signal().await {
                     std::process::exit(130);
                 }
             }
@@ -290,6 +290,22 @@ pub fn run_pipeline(args: &PipelineArgs, variants: Vec<Runtime>, sinks: Sinks) -
         std::fs::write(p, json + "\n").with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
+}
+
+/// Waits for Ctrl-C (SIGINT) or, on Unix, SIGTERM (what `systemctl stop` and `docker stop`
+/// send); false when no handler could be installed.
+async fn stop_signal() -> bool {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                r = tokio::signal::ctrl_c() => r.is_ok(),
+                _ = term.recv() => true,
+            };
+        }
+    }
+    tokio::signal::ctrl_c().await.is_ok()
 }
 
 fn status_line(quiet: bool) -> ProgressBar {

@@ -11,15 +11,15 @@ use super::DType;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// The operating system refused an operation on the file (open, map, write, rename).
-    #[error("{label}: cannot {action}: {source}")]
+    // The OS error is part of the message (not a `source`), so `{:#}` chains print it once.
+    #[error("{label}: cannot {action}: {cause}")]
     Io {
         /// The path the operation was about.
         label: String,
         /// What was being attempted ("open", "memory-map", "write", ...).
         action: &'static str,
         /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     /// The file cannot even hold the 8-byte header length prefix.

@@ -330,7 +330,7 @@ impl ModelFile {
         let io_err = |action: &'static str, source: std::io::Error| ModelError::Io {
             label: label.clone(),
             action,
-            source,
+            cause: source,
         };
         let file = std::fs::File::open(path).map_err(|e| io_err("open", e))?;
         let len = file.metadata().map_err(|e| io_err("stat", e))?.len();

@@ -192,7 +192,7 @@ impl ModelWriter {
         let io_err = |action: &'static str, source: std::io::Error| ModelError::Io {
             label: label.clone(),
             action,
-            source,
+            cause: source,
         };
 
         let result = (|| {
