@@ -277,6 +277,14 @@ struct PruneArgs {
     /// Channel spaces to keep whole: first, last, or value names (comma-separated).
     #[arg(long, value_delimiter = ',')]
     keep: Vec<String>,
+    /// Images (a folder, or a folder of class folders) on which to measure the mean activation
+    /// of every removed channel; each layer that read it gets that mean folded into its bias
+    /// (mean replacement) instead of losing the channel's contribution.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// How many calibration images (spread over the folder).
+    #[arg(long, default_value_t = 256)]
+    calibration_images: usize,
     /// Output model file.
     #[arg(short, long)]
     output: PathBuf,
@@ -732,7 +740,11 @@ fn prune(a: PruneArgs) -> Result<()> {
         round_to: a.round_to,
         keep: a.keep.clone(),
     };
-    let (writer, plan) = edgeinfer::prune::prune(&file, &opts)
+    let images = match &a.calibration {
+        Some(dir) => edgeinfer::prune::calibration_images(&file, dir, a.calibration_images)?,
+        None => Vec::new(),
+    };
+    let (writer, plan) = edgeinfer::prune::prune_calibrated(&file, &opts, &images)
         .with_context(|| format!("pruning {}", a.model.display()))?;
     writer
         .write(&a.output)

@@ -38,6 +38,10 @@ pub struct BenchCmd {
     /// Sweep: training images for --finetune-epochs (DIR/<label>/...).
     #[arg(long)]
     pub train: Option<PathBuf>,
+    /// Sweep: prune with mean replacement measured on these images (256, spread over the
+    /// folder and its sub-folders; see `prune --calibration`).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
     /// Sweep: folder for the variants, report.md, report.json and latency_vs_ratio.svg.
     #[arg(long, default_value = "bench-report")]
     pub report: PathBuf,
@@ -340,6 +344,10 @@ fn sweep(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let exe = std::env::current_exe().context("locating this binary")?;
+    let calibration = match &a.calibration {
+        Some(dir) => edgeinfer::prune::calibration_images(&base, dir, 256)?,
+        None => Vec::new(),
+    };
     let mut rows = Vec::new();
     for &ratio in &a.ratios {
         let pruned_path = if ratio == 0.0 {
@@ -352,7 +360,7 @@ fn sweep(
                 round_to: a.round_to,
                 keep: Vec::new(),
             };
-            let (w, _) = edgeinfer::prune::prune(&base, &opts)?;
+            let (w, _) = edgeinfer::prune::prune_calibrated(&base, &opts, &calibration)?;
             let p = vdir.join(format!("p{:.0}.safetensors", ratio * 100.0));
             w.write(&p)?;
             if a.finetune_epochs > 0 {

@@ -8,7 +8,7 @@
 //! Each free space keeps its most important channels (L1 / L2 norm of the filters producing
 //! it, or BatchNorm scale), and every tensor axis in that space is sliced: the file shrinks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::error::{Error, Result};
 use crate::graph::{derived_provenance, BinaryKind, Graph, Op, META_GRAPH, META_PROVENANCE};
@@ -93,6 +93,9 @@ pub struct Plan {
     widths: HashMap<String, usize>,
     /// Per pruned space.
     pub spaces: Vec<Width>,
+    /// Bias tensor → what to add to it (original length) before slicing: the removed input
+    /// channels' mean contribution (see [`compensate`]).
+    bias_delta: HashMap<String, Vec<f32>>,
 }
 
 #[derive(Default)]
@@ -511,7 +514,220 @@ pub fn plan(graph: &Graph, file: &ModelFile, opts: &PruneOptions) -> Result<Plan
         slices,
         widths,
         spaces: spaces.into_values().collect(),
+        bias_delta: HashMap::new(),
     })
+}
+
+/// Up to `n` images from `dir` and its sub-folders (e.g. one per class), spread evenly over
+/// them in name order, preprocessed for `file`'s input: the data [`compensate`] measures on.
+pub fn calibration_images(
+    file: &ModelFile,
+    dir: &std::path::Path,
+    n: usize,
+) -> Result<Vec<candle_core::Tensor>> {
+    let io = |cause: std::io::Error| Error::Io {
+        path: dir.display().to_string(),
+        cause,
+    };
+    let mut inputs = vec![dir.to_path_buf()];
+    let mut subdirs: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    subdirs.sort();
+    inputs.extend(subdirs);
+    let paths = crate::pipeline::image_paths(&inputs)?;
+    let none = |reason: &str| Error::BadInput {
+        name: dir.display().to_string(),
+        reason: reason.into(),
+    };
+    if paths.is_empty() || n == 0 {
+        return Err(none(
+            "no calibration images (png, jpg) in it or its sub-folders",
+        ));
+    }
+    let graph = Graph::from_model_file(file)?;
+    let input = match graph.inputs.as_slice() {
+        [i] => i,
+        _ => return Err(none("calibration feeds single-input models")),
+    };
+    let n = n.min(paths.len());
+    (0..n)
+        .map(|i| {
+            let p = &paths[i * paths.len() / n];
+            let bad = |reason: String| Error::BadInput {
+                name: p.display().to_string(),
+                reason,
+            };
+            let img = image::open(p).map_err(|e| bad(e.to_string()))?;
+            crate::pipeline::preprocess::image_to_tensor(&img, input, &candle_core::Device::Cpu)
+                .map_err(bad)
+        })
+        .collect()
+}
+
+/// A layer that reads a pruned space through its weights' input axis.
+struct Consumer {
+    input: String,
+    weight: String,
+    bias: String,
+    /// The weight's input-channel axis.
+    axis: usize,
+    /// Bias delta = `scale` × Σ W·mean (Gemm's alpha ÷ beta; 1 for Conv).
+    scale: f32,
+}
+
+fn consumers(graph: &Graph, plan: &Plan) -> Vec<Consumer> {
+    let mut out = Vec::new();
+    for n in &graph.nodes {
+        let (axis, scale) = match n.op {
+            Op::Conv { group: 1, .. } => (1, 1.0),
+            Op::Gemm {
+                alpha,
+                beta,
+                trans_b,
+                ..
+            } if beta != 0.0 => (usize::from(trans_b), alpha / beta),
+            _ => continue,
+        };
+        let (Some(input), Some(weight), Some(bias)) =
+            (n.inputs.first(), n.inputs.get(1), n.inputs.get(2))
+        else {
+            continue;
+        };
+        let cut = plan
+            .slices
+            .get(weight)
+            .is_some_and(|c| c.iter().any(|(a, _)| *a == axis));
+        if cut {
+            out.push(Consumer {
+                input: input.clone(),
+                weight: weight.clone(),
+                bias: bias.clone(),
+                axis,
+                scale,
+            });
+        }
+    }
+    out
+}
+
+/// Mean replacement: instead of dropping a removed channel's contribution to the layers that
+/// read it, keep its average. Runs the stored graph on `images` (preprocessed input tensors),
+/// takes each pruned input channel's mean activation at every Conv / Gemm that reads it, and
+/// folds Σ weight × mean into that layer's bias. With BatchNorm folded into the convolutions
+/// (as ONNX exports do) a ReLU channel's mean is far from zero, so zeroing it shifts every
+/// later layer; this removes the shift. Returns how many layers were compensated.
+pub fn compensate(
+    plan: &mut Plan,
+    graph: &Graph,
+    file: &ModelFile,
+    images: &[candle_core::Tensor],
+) -> Result<usize> {
+    let cons = consumers(graph, plan);
+    if cons.is_empty() || images.is_empty() {
+        return Ok(0);
+    }
+    let bad = |reason: String| Error::InvalidGraph {
+        file: file.label().to_string(),
+        reason,
+    };
+    let input = graph
+        .inputs
+        .first()
+        .map(|i| i.name.clone())
+        .ok_or_else(|| bad("the model has no inputs".into()))?;
+    let needed: HashSet<&str> = cons.iter().map(|c| c.input.as_str()).collect();
+    let weights =
+        crate::exec::load_weights(file, &graph.tensor_names(), &candle_core::Device::Cpu)?;
+    // Σ over images of each needed value's per-channel mean.
+    let mut sums: HashMap<String, Vec<f64>> = HashMap::new();
+    for x in images {
+        let mut values: HashMap<&str, candle_core::Tensor> =
+            HashMap::from([(input.as_str(), x.clone())]);
+        for n in &graph.nodes {
+            let ins = n
+                .inputs
+                .iter()
+                .map(|i| {
+                    values
+                        .get(i.as_str())
+                        .or_else(|| weights.get(i))
+                        .cloned()
+                        .ok_or_else(|| bad(format!("'{i}' is missing")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for (name, t) in n.outputs.iter().zip(crate::exec::ops::eval(&n.op, &ins)?) {
+                values.insert(name.as_str(), t);
+            }
+        }
+        for v in &needed {
+            let t = values
+                .get(v)
+                .ok_or_else(|| bad(format!("value '{v}' was not computed")))?;
+            if t.rank() < 2 {
+                return Err(bad(format!("value '{v}' has shape {:?}", t.dims())));
+            }
+            let c = t.dim(1)?;
+            let m = t
+                .to_dtype(candle_core::DType::F32)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((c, ()))?
+                .mean(1)?
+                .to_vec1::<f32>()?;
+            let acc = sums.entry(v.to_string()).or_insert_with(|| vec![0.0; c]);
+            acc.iter_mut().zip(&m).for_each(|(a, &b)| *a += b as f64);
+        }
+    }
+    let count = images.len() as f64;
+    let mut done = 0;
+    for c in &cons {
+        let (Some(mean), Some(view)) = (sums.get(&c.input), file.get(&c.weight)) else {
+            continue;
+        };
+        let shape = view.info.shape.clone();
+        let w = view.to_f32_vec()?;
+        let kept: HashSet<usize> = plan.slices[&c.weight]
+            .iter()
+            .filter(|(a, _)| *a == c.axis)
+            .flat_map(|(_, k)| k.iter().copied())
+            .collect();
+        let cin = shape.get(c.axis).copied().unwrap_or(0);
+        if cin != mean.len() || shape.len() < 2 {
+            return Err(bad(format!(
+                "'{}' {:?} reads {} channels of '{}'",
+                c.weight,
+                shape,
+                mean.len(),
+                c.input
+            )));
+        }
+        // Output channels lie on the other of the first two axes; the rest is the kernel.
+        let out_axis = 1 - c.axis;
+        let cout = shape[out_axis];
+        let inner: usize = shape[2..].iter().product();
+        let mut delta = vec![0f32; cout];
+        for ci in (0..cin).filter(|i| !kept.contains(i)) {
+            let mu = mean[ci] / count;
+            for (co, d) in delta.iter_mut().enumerate() {
+                let (o, i) = if c.axis == 1 { (co, ci) } else { (ci, co) };
+                let base = (o * shape[1] + i) * inner;
+                let s: f64 = w[base..base + inner].iter().map(|&v| v as f64).sum();
+                *d += (c.scale as f64 * s * mu) as f32;
+            }
+        }
+        let acc = plan
+            .bias_delta
+            .entry(c.bias.clone())
+            .or_insert_with(|| vec![0.0; cout]);
+        if acc.len() == cout {
+            acc.iter_mut().zip(&delta).for_each(|(a, d)| *a += d);
+            done += 1;
+        }
+    }
+    Ok(done)
 }
 
 /// The kept indices of space `s`, `None` when it keeps everything.
@@ -602,14 +818,19 @@ pub fn apply(
             file: file.label().to_string(),
             reason: format!("tensor '{}' vanished", info.name),
         })?;
-        let Some(cuts) = plan.slices.get(&info.name) else {
-            w.add_tensor(
-                info.name.clone(),
-                info.dtype,
-                info.shape.clone(),
-                view.data.to_vec(),
-            )?;
-            continue;
+        let delta = plan.bias_delta.get(&info.name);
+        let cuts: &[(usize, Vec<usize>)] = match plan.slices.get(&info.name) {
+            Some(c) => c,
+            None if delta.is_some() => &[],
+            None => {
+                w.add_tensor(
+                    info.name.clone(),
+                    info.dtype,
+                    info.shape.clone(),
+                    view.data.to_vec(),
+                )?;
+                continue;
+            }
         };
         if !matches!(info.dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::InvalidGraph {
@@ -621,6 +842,9 @@ pub fn apply(
             });
         }
         let mut vals = view.to_f32_vec()?;
+        if let Some(d) = delta.filter(|d| d.len() == vals.len()) {
+            vals.iter_mut().zip(d).for_each(|(v, d)| *v += d);
+        }
         let mut shape = info.shape.clone();
         for (axis, k) in cuts {
             // The graph's channel counts come from the file's header like the tensor's shape;
@@ -697,9 +921,21 @@ fn zero_axis(vals: &[f32], shape: &[usize], axis: usize, keep: &[usize]) -> Vec<
 /// Prunes `file` and returns the new file's writer and the plan (widths per space). The
 /// provenance records the parent's hash, the settings and the widths.
 pub fn prune(file: &ModelFile, opts: &PruneOptions) -> Result<(ModelWriter, Plan)> {
+    prune_calibrated(file, opts, &[])
+}
+
+/// [`prune`] with mean replacement ([`compensate`]) measured on `images` (preprocessed input
+/// tensors; none: plain pruning).
+pub fn prune_calibrated(
+    file: &ModelFile,
+    opts: &PruneOptions,
+    images: &[candle_core::Tensor],
+) -> Result<(ModelWriter, Plan)> {
     let graph = Graph::from_model_file(file)?;
-    let plan = plan(&graph, file, opts)?;
+    let mut plan = plan(&graph, file, opts)?;
+    let compensated = compensate(&mut plan, &graph, file, images)?;
     let record = serde_json::json!({
+        "mean_replacement": {"images": images.len(), "layers": compensated},
         // Through f64 from the f32 flag: 0.4, not 0.4000000059604645.
         "ratio": (opts.ratio as f64 * 1e6).round() / 1e6,
         "criterion": format!("{:?}", opts.criterion).to_lowercase(),
