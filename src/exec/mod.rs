@@ -100,6 +100,20 @@ pub fn run_nodes(
     output: &str,
     err: impl Fn(String) -> Error,
 ) -> Result<Tensor> {
+    let mut values = eval_nodes(nodes, start, constant, &err)?;
+    values
+        .remove(output)
+        .ok_or_else(|| err(format!("the graph did not produce '{output}'")))
+}
+
+/// [`run_nodes`], returning every value computed, by name (for measuring intermediate
+/// activations, e.g. pruning's mean replacement).
+pub fn eval_nodes<'a>(
+    nodes: &'a [crate::graph::Node],
+    start: (&'a str, Tensor),
+    constant: impl Fn(&str) -> Option<Tensor>,
+    err: impl Fn(String) -> Error,
+) -> Result<HashMap<&'a str, Tensor>> {
     let mut values: HashMap<&str, Tensor> = HashMap::from([start]);
     for n in nodes {
         let ins = n
@@ -117,9 +131,7 @@ pub fn run_nodes(
             values.insert(name.as_str(), t);
         }
     }
-    values
-        .remove(output)
-        .ok_or_else(|| err(format!("the graph did not produce '{output}'")))
+    Ok(values)
 }
 
 /// Reads the model file's tensors as candle tensors on `device`. Float weights become f32 (the

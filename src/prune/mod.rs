@@ -644,24 +644,12 @@ pub fn compensate(
     // Σ over images of each needed value's per-channel mean.
     let mut sums: HashMap<String, Vec<f64>> = HashMap::new();
     for x in images {
-        let mut values: HashMap<&str, candle_core::Tensor> =
-            HashMap::from([(input.as_str(), x.clone())]);
-        for n in &graph.nodes {
-            let ins = n
-                .inputs
-                .iter()
-                .map(|i| {
-                    values
-                        .get(i.as_str())
-                        .or_else(|| weights.get(i))
-                        .cloned()
-                        .ok_or_else(|| bad(format!("'{i}' is missing")))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            for (name, t) in n.outputs.iter().zip(crate::exec::ops::eval(&n.op, &ins)?) {
-                values.insert(name.as_str(), t);
-            }
-        }
+        let values = crate::exec::eval_nodes(
+            &graph.nodes,
+            (input.as_str(), x.clone()),
+            |i| weights.get(i).cloned(),
+            bad,
+        )?;
         for v in &needed {
             let t = values
                 .get(v)
