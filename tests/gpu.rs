@@ -5,11 +5,13 @@
 
 mod common;
 
+use candle_core::Tensor;
+use common::{max_abs, max_abs_diff};
 use edgeinfer::board::ComputeDtype;
 use edgeinfer::device::DeviceRequest;
 use edgeinfer::Runtime;
 
-fn logits(device: DeviceRequest, dtype: ComputeDtype, model: &str, photo: &str) -> Vec<f32> {
+fn logits(device: DeviceRequest, dtype: ComputeDtype, model: &str, photo: &str) -> Tensor {
     let rt = Runtime::builder()
         .model(common::root().join(model))
         .device(device)
@@ -24,19 +26,6 @@ fn logits(device: DeviceRequest, dtype: ComputeDtype, model: &str, photo: &str) 
         .1
         .to_device(&candle_core::Device::Cpu)
         .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -46,13 +35,10 @@ fn cuda_f32_matches_the_cpu_within_1e_4() {
         let m = "models/mobilenet_v2.safetensors";
         let cpu = logits(DeviceRequest::Cpu, ComputeDtype::F32, m, photo);
         let gpu = logits(DeviceRequest::Cuda(0), ComputeDtype::F32, m, photo);
-        let d = max_abs(&cpu, &gpu);
+        let d = max_abs_diff(&cpu, &gpu);
         eprintln!("{photo}: cuda f32 vs cpu max abs {d}");
         // cuDNN/cuBLAS may use TF32 on Ampere+; candle keeps f32 matmuls in f32 unless told.
-        assert!(
-            d < 1e-4 * cpu.iter().fold(1f32, |m, v| m.max(v.abs())),
-            "{photo}: {d}"
-        );
+        assert!(d < 1e-4 * max_abs(&cpu).max(1.0), "{photo}: {d}");
     }
 }
 
@@ -63,8 +49,8 @@ fn cuda_f16_matches_the_cpu_within_1e_2() {
         let m = "models/mobilenet_v2.safetensors";
         let cpu = logits(DeviceRequest::Cpu, ComputeDtype::F32, m, photo);
         let gpu = logits(DeviceRequest::Cuda(0), ComputeDtype::F16, m, photo);
-        let d = max_abs(&cpu, &gpu);
-        let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = max_abs_diff(&cpu, &gpu);
+        let scale = max_abs(&cpu);
         eprintln!("{photo}: cuda f16 vs cpu f32 max abs {d} (largest |logit| {scale})");
         assert!(d < 1e-2 * scale, "{photo}: {d} of {scale}");
     }

@@ -113,24 +113,31 @@ pub fn to_image(
     })
 }
 
-/// NV12 → RGB24, BT.601 limited range in 16.16 fixed point.
+/// NV12 → RGB24 (see [`yuv_to_rgb`]).
 fn nv12_to_rgb(w: usize, h: usize, src: &[u8]) -> Vec<u8> {
     let (luma, chroma) = src.split_at(w * h);
     let mut out = vec![0u8; w * h * 3];
-    let clamp = |v: i32| (v >> 16).clamp(0, 255) as u8;
     for (y, row) in out.chunks_exact_mut(w * 3).enumerate() {
         let yrow = &luma[y * w..(y + 1) * w];
         let crow = &chroma[(y / 2) * w..(y / 2) * w + w];
         for (x, px) in row.chunks_exact_mut(3).enumerate() {
-            let c = 298 * 256 * (yrow[x] as i32 - 16);
-            let u = crow[x & !1] as i32 - 128;
-            let v = crow[(x & !1) + 1] as i32 - 128;
-            px[0] = clamp(c + 409 * 256 * v + (1 << 15));
-            px[1] = clamp(c - 100 * 256 * u - 208 * 256 * v + (1 << 15));
-            px[2] = clamp(c + 516 * 256 * u + (1 << 15));
+            px.copy_from_slice(&yuv_to_rgb(yrow[x], crow[x & !1], crow[(x & !1) + 1]));
         }
     }
     out
+}
+
+/// One BT.601 limited-range pixel (what cameras send) to RGB, in 16.16 fixed point; every YUV
+/// layout (NV12 here, YUYV from V4L2) converts through it, so all camera paths agree.
+pub(crate) fn yuv_to_rgb(y: u8, u: u8, v: u8) -> [u8; 3] {
+    let clamp = |x: i32| (x >> 16).clamp(0, 255) as u8;
+    let c = 298 * 256 * (y as i32 - 16);
+    let (u, v) = (u as i32 - 128, v as i32 - 128);
+    [
+        clamp(c + 409 * 256 * v + (1 << 15)),
+        clamp(c - 100 * 256 * u - 208 * 256 * v + (1 << 15)),
+        clamp(c + 516 * 256 * u + (1 << 15)),
+    ]
 }
 
 #[cfg(test)]

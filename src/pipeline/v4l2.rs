@@ -468,22 +468,20 @@ fn compact(src: &[u8], stride: usize, row: usize, rows: usize) -> Vec<u8> {
     out
 }
 
-/// YUYV (4:2:2, Y0 U Y1 V) → RGB24, BT.601 limited range in 16.16 fixed point, the same
-/// arithmetic as the NV12 conversion in [`super::raw`] so both camera paths agree. The caller
+/// YUYV (4:2:2, Y0 U Y1 V) → RGB24 through the same BT.601 pixel conversion as NV12
+/// ([`super::raw::yuv_to_rgb`]). The caller
 /// checked that `src` holds `h` rows of `stride` bytes (the last one unpadded).
 fn yuyv_to_rgb(w: usize, h: usize, stride: usize, src: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; w * h * 3];
-    let clamp = |v: i32| (v >> 16).clamp(0, 255) as u8;
     for (y, row) in out.chunks_exact_mut(w * 3).enumerate() {
         let line = &src[y * stride..];
         for (x, px) in row.chunks_exact_mut(3).enumerate() {
             let m = (x / 2) * 4;
-            let c = 298 * 256 * (line[m + (x & 1) * 2] as i32 - 16);
-            let u = line[m + 1] as i32 - 128;
-            let v = line[m + 3] as i32 - 128;
-            px[0] = clamp(c + 409 * 256 * v + (1 << 15));
-            px[1] = clamp(c - 100 * 256 * u - 208 * 256 * v + (1 << 15));
-            px[2] = clamp(c + 516 * 256 * u + (1 << 15));
+            px.copy_from_slice(&super::raw::yuv_to_rgb(
+                line[m + (x & 1) * 2],
+                line[m + 1],
+                line[m + 3],
+            ));
         }
     }
     out
