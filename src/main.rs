@@ -306,9 +306,15 @@ struct FinetuneArgs {
     /// Samples per optimizer step.
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// Shuffling seed.
+    /// Shuffling and augmentation seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Learning-rate schedule: cosine (decays to zero at the last step) or constant.
+    #[arg(long, default_value = "cosine")]
+    schedule: edgeinfer::finetune::Schedule,
+    /// Mirror training images left-right at random (only where a mirror keeps the class).
+    #[arg(long)]
+    hflip: bool,
     /// Output model file.
     #[arg(short, long)]
     output: PathBuf,
@@ -702,6 +708,8 @@ fn finetune(a: FinetuneArgs) -> Result<()> {
         lr: a.lr,
         batch: a.batch,
         seed: a.seed,
+        schedule: a.schedule,
+        hflip: a.hflip,
     };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(

@@ -173,6 +173,7 @@ fn finetuning_a_pruned_model_recovers_accuracy_and_records_it() {
         lr: 1e-3,
         batch: 8,
         seed: 0,
+        ..Default::default()
     };
     let mut steps = 0;
     let (w, stats) =

@@ -374,6 +374,7 @@ fn sweep(
                     lr: 1e-3,
                     batch: 16,
                     seed: 0,
+                    ..Default::default()
                 };
                 let (w, _) = edgeinfer::finetune::finetune(
                     &ModelFile::open(&p)?,
