@@ -184,7 +184,8 @@ fn finetuning_a_pruned_model_recovers_accuracy_and_records_it() {
     w.write(&tuned).unwrap();
     let after = accuracy(&tuned, &data);
     eprintln!("p55 accuracy on its training frames: {before:.2} -> {after:.2}; {stats:?}");
-    // Measured: 0.24 -> ~0.6. The loss must fall and the accuracy rise for real.
+    // Measured (two-branch defect classifier, 2026-11-27): 0.56 -> 0.86. The loss must fall and
+    // the accuracy rise for real.
     assert!(after >= before + 0.2, "{before} -> {after}");
     assert!(stats[3].loss < stats[0].loss, "{stats:?}");
     let tf = ModelFile::open(&tuned).unwrap();
