@@ -163,8 +163,8 @@ fn finetuning_a_pruned_model_recovers_accuracy_and_records_it() {
     let tmp = tempfile::tempdir().unwrap();
     let data = root().join("tests/fixtures/defects/images");
     let file = ModelFile::open(root().join("models/defect_cnn.safetensors")).unwrap();
-    let (w, _) = prune(&file, &opts(0.55, Scope::Global, 8)).unwrap();
-    let pruned = tmp.path().join("p55.safetensors");
+    let (w, _) = prune(&file, &opts(0.7, Scope::Global, 8)).unwrap();
+    let pruned = tmp.path().join("p70.safetensors");
     w.write(&pruned).unwrap();
     let before = accuracy(&pruned, &data);
     let pf = ModelFile::open(&pruned).unwrap();
@@ -180,20 +180,21 @@ fn finetuning_a_pruned_model_recovers_accuracy_and_records_it() {
         edgeinfer::finetune::finetune(&pf, &data, &o, |_, _, _, _| steps += 1).unwrap();
     assert_eq!(stats.len(), 4);
     assert!(steps > 0);
-    let tuned = tmp.path().join("p55-ft.safetensors");
+    let tuned = tmp.path().join("p70-ft.safetensors");
     w.write(&tuned).unwrap();
     let after = accuracy(&tuned, &data);
-    eprintln!("p55 accuracy on its training frames: {before:.2} -> {after:.2}; {stats:?}");
-    // Measured (two-branch defect classifier, 2026-11-27): 0.56 -> 0.86. The loss must fall and
-    // the accuracy rise for real.
+    eprintln!("p70 accuracy on its training frames: {before:.2} -> {after:.2}; {stats:?}");
+    // 0.7, not 0.55: the defect classifier with 1x1 local layers keeps 0.86 at 0.55 before any
+    // fine-tuning, which leaves no room to show a recovery. Measured (2026-11-27): 0.54 -> 0.94.
+    // The loss must fall and the accuracy rise for real.
     assert!(after >= before + 0.2, "{before} -> {after}");
     assert!(stats[3].loss < stats[0].loss, "{stats:?}");
     let tf = ModelFile::open(&tuned).unwrap();
     let prov: serde_json::Value =
         serde_json::from_str(&tf.metadata()["edgeinfer.provenance"]).unwrap();
-    assert_eq!(prov["variant"], "p55-ft");
+    assert_eq!(prov["variant"], "p70-ft");
     assert_eq!(prov["finetune"]["epochs"], 4);
-    assert_eq!(prov["pruning"]["ratio"], 0.55);
+    assert_eq!(prov["pruning"]["ratio"], 0.7);
 }
 
 #[test]
