@@ -6,13 +6,14 @@ use std::str::FromStr;
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::graph::{Activation, BinaryKind, Op, PoolKind, ValueInfo};
+use crate::graph::{Activation, BinaryKind, Op, PoolKind, ResizeMode, ValueInfo};
 use crate::kernels::conv::{ConvPacking, PackedConv};
 use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
 use crate::kernels::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA, PackedB};
 use crate::kernels::layout::{self, BinOp};
 use crate::kernels::par::{self, SendPtr};
 use crate::kernels::pool::max_pool2d;
+use crate::kernels::resize::{resize2d, AxisMap};
 use crate::kernels::rowwise::{layer_norm_rows, softmax_rows};
 use crate::kernels::winograd::WinogradConv;
 use crate::model::DType as ModelDType;
@@ -223,6 +224,13 @@ pub(crate) enum Prepared {
     Split { axis: usize, sizes: Vec<usize> },
     /// Take constant `indices` (already in range) along `axis`.
     Gather { axis: usize, indices: Vec<usize> },
+    /// Resize of the two spatial axes of an NCHW tensor whose shape is known at load.
+    Resize {
+        /// The input shape the maps were made for.
+        input: [usize; 4],
+        rows: AxisMap,
+        cols: AxisMap,
+    },
 }
 
 /// A weight operand of an elementwise op: (input position, values, shape).
@@ -267,6 +275,7 @@ impl Prepared {
             Prepared::Concat { .. } => "concat",
             Prepared::Split { .. } => "split",
             Prepared::Gather { .. } => "gather",
+            Prepared::Resize { .. } => "resize",
         }
     }
 }
@@ -553,6 +562,46 @@ pub(crate) fn prepare<'a, 'b>(
             Some(Prepared::Gather {
                 axis: *axis,
                 indices,
+            })
+        }
+        Op::Resize {
+            mode,
+            sizes,
+            pre,
+            div,
+            post,
+            nearest_mode,
+            exclude_outside: _,
+        } if float(0) && n_inputs >= 1 => {
+            let &[n, c, h, w] = input_shape? else {
+                return None;
+            };
+            if sizes.len() != 4 || pre.len() != 4 || div.len() != 4 || post.len() != 4 {
+                return None;
+            }
+            // Batch and channels must pass through untouched.
+            let identity = |a: usize| pre[a] == 0.0 && div[a] == 1.0 && post[a] == 0.0;
+            if sizes[0] != n || sizes[1] != c || !identity(0) || !identity(1) {
+                return None;
+            }
+            if h == 0 || w == 0 || div[2] == 0.0 || div[3] == 0.0 {
+                return None;
+            }
+            let t = |a: usize| [pre[a], div[a], post[a]];
+            let (rows, cols) = match mode {
+                ResizeMode::Linear => (
+                    AxisMap::linear(h, sizes[2], t(2)),
+                    AxisMap::linear(w, sizes[3], t(3)),
+                ),
+                ResizeMode::Nearest => (
+                    AxisMap::nearest(h, sizes[2], t(2), nearest_mode),
+                    AxisMap::nearest(w, sizes[3], t(3), nearest_mode),
+                ),
+            };
+            Some(Prepared::Resize {
+                input: [n, c, h, w],
+                rows,
+                cols,
             })
         }
         // Both operands computed per frame (attention): batched products on our GEMM.
@@ -950,6 +999,24 @@ fn run_one(p: &Prepared, x: In, ins: &[In], out: &mut [f32], od: &[usize]) -> Re
                     (out, od),
                     *activation,
                 ))
+        }
+        Prepared::Resize { input, rows, cols } => {
+            if dims != input.as_slice()
+                || od.len() != 4
+                || od[..2] != input[..2]
+                || od[2] != rows.positions()
+                || od[3] != cols.positions()
+            {
+                return Ok(false);
+            }
+            let planes = input[0] * input[1];
+            Ok(resize2d(
+                x.data,
+                (planes, input[2], input[3]),
+                rows,
+                cols,
+                out,
+            ))
         }
         Prepared::GlobalPool { max } => {
             if dims.len() < 3 || od.len() != dims.len() {

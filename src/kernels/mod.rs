@@ -1,5 +1,5 @@
 //! Our own CPU kernels for the shapes where candle's generic path is slow: a packed GEMM with
-//! a fused epilogue (convolutions, linear layers), Winograd and depthwise convolution, pooling,
+//! a fused epilogue (convolutions, linear layers), Winograd and depthwise convolution, pooling, resizing,
 //! row-wise softmax and LayerNorm, the layout and elementwise ops between them, and the
 //! activations the epilogues apply. They read and write plain slices (the executor's arena),
 //! take temporaries from per-thread [`scratch`] pools, and split work over [`par`]'s threads.
@@ -12,6 +12,7 @@ pub mod gemm;
 pub mod layout;
 pub mod par;
 pub mod pool;
+pub mod resize;
 pub mod rowwise;
 pub mod scratch;
 pub mod winograd;
