@@ -51,6 +51,12 @@ pub struct BenchCmd {
     /// Timed runs per measurement (after warm-up); medians are reported.
     #[arg(long, default_value_t = 50)]
     pub runs: usize,
+    /// Sweep: measure the variants in this many interleaved rounds (each round runs every
+    /// variant once, in a fresh process, for its share of --runs, alternating the order), and
+    /// pool the timings, so a burst of load on a shared host hits every variant alike instead
+    /// of one row.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Also write the table as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -271,14 +277,11 @@ pub fn variant_cmd(a: &VariantCmd, builder: RuntimeBuilder) -> Result<()> {
         run()?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    ms.sort_by(f64::total_cmp);
     println!(
         "{}",
         serde_json::json!({
             "load_ms": load_ms,
-            "p50_ms": percentile(&ms, 0.5),
-            "p95_ms": percentile(&ms, 0.95),
-            "p99_ms": percentile(&ms, 0.99),
+            "ms": ms,
             "peak_rss_mb": peak_rss_mb(),
         })
     );
@@ -349,6 +352,7 @@ fn sweep(
         None => Vec::new(),
     };
     let mut rows = Vec::new();
+    let mut paths = Vec::new();
     for &ratio in &a.ratios {
         let pruned_path = if ratio == 0.0 {
             base_path.clone()
@@ -393,25 +397,6 @@ fn sweep(
             let (w, _) = edgeinfer::quant::quantize(&pruned, dtype)?;
             let path = vdir.join(format!("{variant}.safetensors"));
             w.write(&path)?;
-            let mut cmd = std::process::Command::new(&exe);
-            cmd.arg("bench-variant")
-                .arg("--model")
-                .arg(&path)
-                .arg("--input-tensor")
-                .arg(&input)
-                .arg("--runs")
-                .arg(a.runs.to_string())
-                .args(["--device", "cpu"]);
-            cmd.args(child_args);
-            let out = cmd.output().context("running bench-variant")?;
-            if !out.status.success() {
-                bail!(
-                    "measuring {variant}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-            let m: serde_json::Value = serde_json::from_slice(&out.stdout)
-                .with_context(|| format!("bench-variant output for {variant}"))?;
             let file = ModelFile::open(&path)?;
             let graph = edgeinfer::graph::Graph::from_model_file(&file)?;
             let st = edgeinfer::graph::stats::stats(&graph, |n| {
@@ -424,7 +409,6 @@ fn sweep(
                 }
                 None => None,
             };
-            let f = |k: &str| m[k].as_f64().unwrap_or(0.0);
             rows.push(SweepRow {
                 variant,
                 ratio: ratio as f64,
@@ -432,15 +416,70 @@ fn sweep(
                 params: st.params,
                 macs: st.macs as u64,
                 file_bytes: file.file_size() as u64,
-                load_ms: f("load_ms"),
-                p50_ms: f("p50_ms"),
-                p95_ms: f("p95_ms"),
-                p99_ms: f("p99_ms"),
-                peak_rss_mb: f("peak_rss_mb"),
+                load_ms: 0.0,
+                p50_ms: 0.0,
+                p95_ms: 0.0,
+                p99_ms: 0.0,
+                peak_rss_mb: 0.0,
                 accuracy: acc,
             });
+            paths.push(path);
             bar.inc(1);
         }
+    }
+    // Timing, in interleaved rounds: variant i's samples pooled over the rounds.
+    let rounds = a.rounds.clamp(1, a.runs.max(1));
+    let per_round = a.runs.div_ceil(rounds);
+    bar.set_position(0);
+    bar.set_length((rounds * paths.len()) as u64);
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut loads: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut rss = vec![0f64; paths.len()];
+    for round in 0..rounds {
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..paths.len()).collect()
+        } else {
+            (0..paths.len()).rev().collect()
+        };
+        for i in order {
+            let variant = &rows[i].variant;
+            bar.set_message(format!("timing {variant} (round {}/{rounds})", round + 1));
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("bench-variant")
+                .arg("--model")
+                .arg(&paths[i])
+                .arg("--input-tensor")
+                .arg(&input)
+                .arg("--runs")
+                .arg(per_round.to_string())
+                .args(["--device", "cpu"]);
+            cmd.args(child_args);
+            let out = cmd.output().context("running bench-variant")?;
+            if !out.status.success() {
+                bail!(
+                    "measuring {variant}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let m: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .with_context(|| format!("bench-variant output for {variant}"))?;
+            let ms = m["ms"]
+                .as_array()
+                .with_context(|| format!("bench-variant output for {variant} has no timings"))?;
+            samples[i].extend(ms.iter().filter_map(|v| v.as_f64()));
+            loads[i].push(m["load_ms"].as_f64().unwrap_or(0.0));
+            rss[i] = rss[i].max(m["peak_rss_mb"].as_f64().unwrap_or(0.0));
+            bar.inc(1);
+        }
+    }
+    for (i, row) in rows.iter_mut().enumerate() {
+        let ms = &mut samples[i];
+        ms.sort_by(f64::total_cmp);
+        row.p50_ms = percentile(ms, 0.5);
+        row.p95_ms = percentile(ms, 0.95);
+        row.p99_ms = percentile(ms, 0.99);
+        row.load_ms = median(std::mem::take(&mut loads[i]));
+        row.peak_rss_mb = rss[i];
     }
     bar.finish_and_clear();
     let title = format!("{} on this machine", base.label());
