@@ -158,13 +158,13 @@ fn blocked(job: &Job, y: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn block_avx512(job: &Job, n: usize, c0: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
+unsafe fn block_avx512(job: &Job, n: usize, c0: usize, out: &mut [f32], scratch: &mut Scratch) {
     block_body(job, n, c0, out, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2(job: &Job, n: usize, c0: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
+unsafe fn block_avx2(job: &Job, n: usize, c0: usize, out: &mut [f32], scratch: &mut Scratch) {
     block_body(job, n, c0, out, scratch)
 }
 
@@ -172,7 +172,9 @@ unsafe fn block_avx2(job: &Job, n: usize, c0: usize, out: &mut [f32], scratch: &
 /// the weights interleaved 16 channels per position, every output position a 16-lane sum
 /// over the taps, then the planes written back with residual and activation.
 #[inline(always)]
-fn block_body(job: &Job, n: usize, c0: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
+fn block_body(job: &Job, n: usize, c0: usize, out: &mut [f32], scratch: &mut Scratch) {
+    scratch.zeroed_for = None;
+    let scratch = &mut scratch.buf;
     let s = job.s;
     let (oh, ow) = (job.oh, job.ow);
     let plane_out = oh * ow;
@@ -272,20 +274,32 @@ struct Job<'a> {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn planes_avx512(job: &Job, first: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
+unsafe fn planes_avx512(job: &Job, first: usize, out: &mut [f32], scratch: &mut Scratch) {
     planes(job, first, out, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn planes_avx2(job: &Job, first: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
+unsafe fn planes_avx2(job: &Job, first: usize, out: &mut [f32], scratch: &mut Scratch) {
     planes(job, first, out, scratch)
 }
 
 /// The planes (image · channel) `first ..` that `out` holds, one after another.
 #[inline(always)]
-fn planes(job: &Job, first: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
+fn planes(job: &Job, first: usize, out: &mut [f32], scratch: &mut Scratch) {
     let s = job.s;
+    // ReLU and Clip run in the copy out of the row sums; anything else in a pass per plane.
+    let (clamp, rest) = match job.activation {
+        Some(Activation::Relu) => (Some((0.0, f32::INFINITY)), None),
+        Some(Activation::Clip { min, max }) => (
+            Some((
+                min.unwrap_or(f32::NEG_INFINITY),
+                max.unwrap_or(f32::INFINITY),
+            )),
+            None,
+        ),
+        other => (None, other),
+    };
     let (plane_in, plane_out) = (s.h * s.w, job.oh * job.ow);
     for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
         let nc = first + i;
@@ -300,16 +314,31 @@ fn planes(job: &Job, first: usize, out: &mut [f32], scratch: &mut Vec<f32>) {
                 .map(|r| &r[nc * plane_out..(nc + 1) * plane_out]),
             o,
             (job.oh, job.ow),
+            clamp,
             scratch,
         );
         // Still in cache: the activation runs here rather than in another pass.
-        apply_activation(job.activation, o);
+        apply_activation(rest, o);
     }
 }
 
 thread_local! {
     /// The calling thread's phase planes and row sums, reused across channels and frames.
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<Scratch> = const {
+        RefCell::new(Scratch {
+            buf: Vec::new(),
+            zeroed_for: None,
+        })
+    };
+}
+
+/// A thread's buffer, and the plane geometry whose padding cells in it are known to be zero.
+/// [`split_phases`] writes the same cells for every plane of one geometry and the sums never
+/// write the phase planes, so consecutive planes of a layer (and the same layer next frame)
+/// skip re-zeroing, which took an eighth of the depthwise time.
+struct Scratch {
+    buf: Vec<f32>,
+    zeroed_for: Option<[usize; 9]>,
 }
 
 const BLOCK: usize = 16;
@@ -409,7 +438,8 @@ fn plane_flat(
     residual: Option<&[f32]>,
     out: &mut [f32],
     (oh, ow): (usize, usize),
-    scratch: &mut Vec<f32>,
+    clamp: Option<(f32, f32)>,
+    scratch: &mut Scratch,
 ) {
     let (sy, sx) = s.stride;
     let (dy, dx) = s.dilation;
@@ -417,9 +447,25 @@ fn plane_flat(
     let phases = sy * sx;
     let ylen = (oh * ws).div_ceil(BLOCK) * BLOCK;
     let p_len = phases * plane_len + ylen + BLOCK;
-    scratch.clear();
-    scratch.resize(p_len + ylen, 0.0);
-    let (p, y) = scratch.split_at_mut(p_len);
+    // Everything that decides which cells of `p` split_phases writes (and where y starts).
+    let geometry = [
+        s.h,
+        s.w,
+        sy,
+        sx,
+        s.pad_begin.0,
+        s.pad_begin.1,
+        ws,
+        plane_len,
+        p_len,
+    ];
+    if scratch.zeroed_for != Some(geometry) || scratch.buf.len() < p_len + ylen {
+        scratch.buf.clear();
+        scratch.buf.resize(p_len + ylen, 0.0);
+        scratch.zeroed_for = Some(geometry);
+    }
+    // y is written whole by the sums below: it needs no zeroing.
+    let (p, y) = scratch.buf[..p_len + ylen].split_at_mut(p_len);
     split_phases(s, x, p, ws, plane_len);
     let n_taps = s.kh * s.kw;
     let mut stack = [(0f32, 0usize); MAX_STACK_TAPS];
@@ -470,13 +516,30 @@ fn plane_flat(
     for oy in 0..oh {
         let dst = &mut out[oy * ow..(oy + 1) * ow];
         let src = &y[oy * ws..oy * ws + ow];
-        match residual {
-            Some(r) => {
+        // Comparisons, as in act.rs: NaN stays NaN and the loop vectorises.
+        let clip = |v: f32, (lo, hi): (f32, f32)| {
+            let t = if v < lo { lo } else { v };
+            if t > hi {
+                hi
+            } else {
+                t
+            }
+        };
+        match (residual, clamp) {
+            (Some(r), c) => {
                 for ((o, v), rv) in dst.iter_mut().zip(src).zip(&r[oy * ow..(oy + 1) * ow]) {
-                    *o = v + rv;
+                    *o = match c {
+                        Some(c) => clip(v + rv, c),
+                        None => v + rv,
+                    };
                 }
             }
-            None => dst.copy_from_slice(src),
+            (None, Some(c)) => {
+                for (o, &v) in dst.iter_mut().zip(src) {
+                    *o = clip(v, c);
+                }
+            }
+            (None, None) => dst.copy_from_slice(src),
         }
     }
 }
@@ -488,11 +551,32 @@ mod tests {
 
     /// Compares against candle's grouped conv2d on a padded input (the reference path).
     fn check(s: DepthwiseShape) {
+        // Plain, and with the epilogues that run fused in the copy out (residual, ReLU, Clip)
+        // or in a pass of their own (LeakyReLU).
+        for (residual, act) in [
+            (false, None),
+            (true, Some(Activation::Relu)),
+            (
+                false,
+                Some(Activation::Clip {
+                    min: Some(-0.5),
+                    max: Some(0.5),
+                }),
+            ),
+            (true, Some(Activation::LeakyRelu { alpha: 0.1 })),
+        ] {
+            check_with(s, residual, act);
+        }
+    }
+
+    fn check_with(s: DepthwiseShape, residual: bool, act: Option<Activation>) {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (s.n, s.c, s.h, s.w), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (s.c, 1, s.kh, s.kw), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, s.c, &dev).unwrap();
         let (oh, ow) = s.out_hw().unwrap();
+        let r = Tensor::randn(0f32, 1.0, (s.n, s.c, oh, ow), &dev).unwrap();
+        let rv: Vec<f32> = r.flatten_all().unwrap().to_vec1().unwrap();
         // NaN-filled: every output element must be written.
         let mut got = vec![f32::NAN; s.n * s.c * oh * ow];
         assert!(depthwise_conv2d(
@@ -500,8 +584,8 @@ mod tests {
             &x.flatten_all().unwrap().to_vec1().unwrap(),
             &w.flatten_all().unwrap().to_vec1().unwrap(),
             Some(&b.to_vec1::<f32>().unwrap()),
-            None,
-            None,
+            residual.then_some(rv.as_slice()),
+            act,
             &mut got,
         ));
         let xp = x
@@ -514,12 +598,15 @@ mod tests {
             "reference supports square strides only"
         );
         assert_eq!(s.dilation.0, s.dilation.1);
-        let want = xp
+        let mut want = xp
             .conv2d(&w, 0, s.stride.0, s.dilation.0, s.c)
             .unwrap()
             .broadcast_add(&b.reshape((1, s.c, 1, 1)).unwrap())
             .unwrap();
-        let (oh, ow) = s.out_hw().unwrap();
+        if residual {
+            want = (want + &r).unwrap();
+        }
+        let want = crate::exec::ops::apply_activation(want, act.as_ref()).unwrap();
         assert_eq!(want.dims(), &[s.n, s.c, oh, ow], "{s:?}");
         let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(got.len(), want.len());
@@ -528,7 +615,7 @@ mod tests {
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(max < 1e-4, "{s:?}: max abs diff {max}");
+        assert!(max < 1e-4, "{s:?} {act:?}: max abs diff {max}");
     }
 
     fn shape(
