@@ -347,6 +347,11 @@ impl<'a> Im2col<'a> {
             let lo = pl.saturating_sub(px).div_ceil(sx).min(wq);
             let hi = (pl + w).saturating_sub(px).div_ceil(sx).clamp(lo, wq);
             dst[..lo].fill(0.0);
+            dst[hi..].fill(0.0);
+            if hi == lo {
+                // The whole phase row lies in the padding (a narrow input, a wide stride).
+                return;
+            }
             let first = lo * sx + px - pl;
             if sx == 1 {
                 dst[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
@@ -355,7 +360,6 @@ impl<'a> Im2col<'a> {
                     *o = v;
                 }
             }
-            dst[hi..].fill(0.0);
         };
         let fill_chan = |ci: usize, dst: &mut [f32]| {
             for (ph, plane) in dst.chunks_exact_mut(hq * wq).enumerate() {
@@ -652,6 +656,8 @@ mod tests {
         // Output rows of 32 or more positions: whole panels inside one output row take the
         // fixed-size copy in `Im2col::pack_with` (for 16- and 32-wide panels).
         for &(k, stride, pad, dil, hw) in &[
+            // One input column, left padding 2, stride 3: phase rows that are all padding.
+            (3, 3, 2, 1, (1, 1)),
             (3, 1, 1, 1, (6, 70)),
             (3, 2, 1, 1, (9, 81)),
             (5, 1, 2, 2, (4, 40)),
