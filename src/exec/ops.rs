@@ -7,6 +7,7 @@ use crate::graph::{
     Activation, BinaryKind, Op, PadMode, PoolKind, ReduceKind, ResizeMode, SliceRange, UnaryKind,
     VariadicKind,
 };
+use crate::kernels::resize::{linear_source, nearest_source};
 
 fn bail<T>(msg: String) -> Result<T> {
     Err(candle_core::Error::Msg(msg))
@@ -655,16 +656,7 @@ fn resize(
             ResizeMode::Nearest => {
                 let idx: Vec<u32> = src
                     .iter()
-                    .map(|&c| {
-                        let r = match nearest_mode {
-                            "floor" => c.floor(),
-                            "ceil" => c.ceil(),
-                            "round_prefer_ceil" => (c + 0.5).floor(),
-                            // round_prefer_floor: halves go down.
-                            _ => (c - 0.5).ceil(),
-                        };
-                        r.clamp(0.0, last) as u32
-                    })
+                    .map(|&c| nearest_source(c, last, nearest_mode) as u32)
                     .collect();
                 y = take(&y, idx, axis)?;
             }
@@ -673,11 +665,10 @@ fn resize(
                 let mut i1 = Vec::with_capacity(n_out);
                 let mut wt = Vec::with_capacity(n_out);
                 for &c in &src {
-                    let c = c.clamp(0.0, last);
-                    let f = c.floor();
-                    i0.push(f as u32);
-                    i1.push((f + 1.0).min(last) as u32);
-                    wt.push(c - f);
+                    let (a, b, w) = linear_source(c, last);
+                    i0.push(a as u32);
+                    i1.push(b as u32);
+                    wt.push(w);
                 }
                 let dev = y.device().clone();
                 let a = take(&y, i0, axis)?;

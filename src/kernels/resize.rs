@@ -11,6 +11,28 @@
 use super::par::par_chunks_mut;
 use super::scratch;
 
+/// The input index nearest to source coordinate `c`, rounded as ONNX's `nearest_mode` says
+/// (`floor`, `ceil`, `round_prefer_ceil`; anything else is `round_prefer_floor`), clamped
+/// to `0..=last`. Shared with candle's path (`exec::ops`), so both pick the same pixels.
+pub fn nearest_source(c: f64, last: f64, mode: &str) -> usize {
+    let r = match mode {
+        "floor" => c.floor(),
+        "ceil" => c.ceil(),
+        "round_prefer_ceil" => (c + 0.5).floor(),
+        // round_prefer_floor: halves go down.
+        _ => (c - 0.5).ceil(),
+    };
+    r.clamp(0.0, last) as usize
+}
+
+/// The two input indices around source coordinate `c` (clamped to `0..=last`) and the weight
+/// of the second. Shared with candle's path (`exec::ops`).
+pub fn linear_source(c: f64, last: f64) -> (usize, usize, f64) {
+    let c = c.clamp(0.0, last);
+    let f = c.floor();
+    (f as usize, (f + 1.0).min(last) as usize, c - f)
+}
+
 /// How one output axis reads its input axis.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AxisMap {
@@ -22,36 +44,25 @@ pub enum AxisMap {
 
 impl AxisMap {
     /// Nearest neighbour from `n_in` to `n_out` positions: source coordinate
-    /// `(i + pre) / div + post`, rounded as `nearest_mode` says (ONNX's names; anything else is
-    /// `round_prefer_floor`), clamped into the input.
+    /// `(i + pre) / div + post`, rounded as `nearest_mode` says (see [`nearest_source`]).
     pub fn nearest(n_in: usize, n_out: usize, [pre, div, post]: [f64; 3], mode: &str) -> Self {
         let last = n_in.saturating_sub(1) as f64;
         AxisMap::Nearest(
             (0..n_out)
-                .map(|i| {
-                    let c = (i as f64 + pre) / div + post;
-                    let r = match mode {
-                        "floor" => c.floor(),
-                        "ceil" => c.ceil(),
-                        "round_prefer_ceil" => (c + 0.5).floor(),
-                        _ => (c - 0.5).ceil(),
-                    };
-                    r.clamp(0.0, last) as usize
-                })
+                .map(|i| nearest_source((i as f64 + pre) / div + post, last, mode))
                 .collect(),
         )
     }
 
     /// Linear interpolation from `n_in` to `n_out` positions, source coordinate as in
-    /// [`AxisMap::nearest`], clamped into the input.
+    /// [`AxisMap::nearest`] (see [`linear_source`]).
     pub fn linear(n_in: usize, n_out: usize, [pre, div, post]: [f64; 3]) -> Self {
         let last = n_in.saturating_sub(1) as f64;
         AxisMap::Linear(
             (0..n_out)
                 .map(|i| {
-                    let c = ((i as f64 + pre) / div + post).clamp(0.0, last);
-                    let f = c.floor();
-                    (f as usize, (f + 1.0).min(last) as usize, (c - f) as f32)
+                    let (a, b, w) = linear_source((i as f64 + pre) / div + post, last);
+                    (a, b, w as f32)
                 })
                 .collect(),
         )
@@ -107,7 +118,6 @@ pub fn resize2d(
             }
             (AxisMap::Linear(ry), AxisMap::Linear(cx)) => {
                 let mut t = scratch::take(w);
-                t.resize(w, 0.0);
                 for (o, &(y0, y1, wy)) in out.chunks_exact_mut(ow).zip(ry) {
                     let (a, b) = (&src[y0 * w..(y0 + 1) * w], &src[y1 * w..(y1 + 1) * w]);
                     for ((tv, &av), &bv) in t.iter_mut().zip(a).zip(b) {
