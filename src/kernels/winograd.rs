@@ -14,7 +14,7 @@ use super::scratch;
 use super::act::apply_activation;
 #[cfg(target_arch = "x86_64")]
 use super::gemm::Isa;
-use super::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA};
+use super::gemm::{gemm, BSource, Epilogue, Layout, PackedA, KC};
 use crate::graph::Activation;
 
 /// Work below this many multiply-adds per frame runs serially: rayon's fork costs more.
@@ -122,68 +122,65 @@ impl WinogradConv {
         {
             return false;
         }
-        let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
-        let t = th * tw;
+        let nr = self.u.first().map_or(16, |u| u.isa().nr());
+        let pad = (self.pad_begin.0 as isize, self.pad_begin.1 as isize);
+        let geo = Geometry::new((h, w), (oh, ow), pad, nr);
+        // The whole image at once: V and M run to a few MB on a ResNet's early layers, but
+        // banding the tile rows to keep them in cache measured slower at every band size
+        // (the 16 GEMMs lose more on short rows than the cache saves).
+        let gp = geo.gp;
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let (v, m) = &mut *scratch;
-            // Grow-only and every element is written before it is read: no per-frame
-            // allocation or page faults after the first frame.
-            if v.len() < 16 * self.cin * t {
-                v.resize(16 * self.cin * t, 0.0);
+            // Grow-only, and every element read is written first, or lies in a tile column
+            // whose result is dropped (finite either way: the buffers start zeroed): no
+            // per-frame allocation or page faults after the first frame.
+            if v.len() < 16 * self.cin * gp {
+                v.resize(16 * self.cin * gp, 0.0);
             }
-            if m.len() < 16 * self.cout * t {
-                m.resize(16 * self.cout * t, 0.0);
+            if m.len() < 16 * self.cout * gp {
+                m.resize(16 * self.cout * gp, 0.0);
             }
-            self.run_with(x, (n, h, w), (oh, ow), residual, activation, out, v, m);
+            for img in 0..n {
+                let x = &x[img * self.cin * h * w..(img + 1) * self.cin * h * w];
+                let o = &mut out[img * self.cout * plane..(img + 1) * self.cout * plane];
+                let r =
+                    residual.map(|r| &r[img * self.cout * plane..(img + 1) * self.cout * plane]);
+                self.run_image(x, &geo, r, activation, o, v, m);
+            }
         });
         true
     }
 
+    /// One image.
     #[allow(clippy::too_many_arguments)]
-    fn run_with(
+    fn run_image(
         &self,
         x: &[f32],
-        (n, h, w): (usize, usize, usize),
-        (oh, ow): (usize, usize),
+        geo: &Geometry,
         residual: Option<&[f32]>,
         activation: Option<Activation>,
         out: &mut [f32],
         v: &mut [f32],
         m: &mut [f32],
     ) {
-        let plane = oh * ow;
-        let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
-        let t = th * tw;
-        let geo = Geometry {
-            h,
-            w,
-            oh,
-            ow,
-            th,
-            tw,
-            pad: (self.pad_begin.0 as isize, self.pad_begin.1 as isize),
-        };
-        let par = self.cin * self.cout * t >= PAR_MIN;
-        for img in 0..n {
-            let xi = &x[img * self.cin * h * w..(img + 1) * self.cin * h * w];
-            input_transform(xi, self.cin, &geo, v, par);
-            for (xi_pos, u) in self.u.iter().enumerate() {
-                let b = MatrixB {
-                    data: &v[xi_pos * self.cin * t..(xi_pos + 1) * self.cin * t],
-                    rs: t,
-                    cs: 1,
-                };
-                let c = &mut m[xi_pos * self.cout * t..(xi_pos + 1) * self.cout * t];
-                gemm(u, &b, t, c, Layout { rs: t, cs: 1 }, &Epilogue::default());
-            }
-            let o = &mut out[img * self.cout * plane..(img + 1) * self.cout * plane];
-            let r = residual.map(|r| &r[img * self.cout * plane..(img + 1) * self.cout * plane]);
-            self.output_transform(m, &geo, o, r, activation, par);
+        let (gp, g) = (geo.gp, geo.g);
+        let par = self.cin * self.cout * g >= PAR_MIN;
+        input_transform(x, self.cin, geo, v, par);
+        for (xi_pos, u) in self.u.iter().enumerate() {
+            let b = Panels {
+                data: &v[xi_pos * self.cin * gp..(xi_pos + 1) * self.cin * gp],
+                k: self.cin,
+                n: g,
+                gp,
+                nr: geo.nr,
+            };
+            let c = &mut m[xi_pos * self.cout * gp..(xi_pos + 1) * self.cout * gp];
+            gemm(u, &b, g, c, Layout { rs: gp, cs: 1 }, &Epilogue::default());
         }
+        self.output_transform(m, geo, out, residual, activation, par);
     }
 
-    #[allow(clippy::needless_range_loop)] // tx indexes 16 runs at once
     fn output_transform(
         &self,
         m: &[f32],
@@ -216,6 +213,12 @@ impl WinogradConv {
     }
 }
 
+/// The tile grid of one image. Tile `(ty, tx)` covers output rows `2ty, 2ty + 1` and columns
+/// `2tx, 2tx + 1`; each tile row carries one extra tile (`tx = tw`) whose result is dropped,
+/// so that along the flat index `g = ty · (tw + 1) + tx` every operand of the transforms is
+/// one contiguous run: they vectorise over whole 16-tile chunks with no row ends (a row of
+/// 28 tiles left 12 scalar iterations per loop). The extra column costs 1 / (tw + 1) more
+/// GEMM columns (3.4 % at 56 × 56, 12.5 % at 14 × 14).
 struct Geometry {
     h: usize,
     w: usize,
@@ -223,15 +226,112 @@ struct Geometry {
     ow: usize,
     th: usize,
     tw: usize,
+    /// Tiles per grid row, `tw + 1`.
+    gw: usize,
+    /// Tiles in the grid (the GEMM's columns), `th · gw`.
+    g: usize,
+    /// `g` rounded up to whole panels: the row length of V's and M's matrices.
+    gp: usize,
+    /// The micro-kernel's panel width (a multiple of 16).
+    nr: usize,
     pad: (isize, isize),
 }
 
-/// `V[ξ][ci][tile] = (Bᵀ d B)[ξ]` for every channel and 4 × 4 input tile `d` (stride 2).
+impl Geometry {
+    fn new(
+        (h, w): (usize, usize),
+        (oh, ow): (usize, usize),
+        pad: (isize, isize),
+        nr: usize,
+    ) -> Self {
+        debug_assert!(
+            nr.is_multiple_of(16),
+            "16-tile chunks must stay within one panel"
+        );
+        let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+        let gw = tw + 1;
+        let g = th * gw;
+        Geometry {
+            h,
+            w,
+            oh,
+            ow,
+            th,
+            tw,
+            gw,
+            g,
+            gp: g.div_ceil(nr) * nr,
+            nr,
+            pad,
+        }
+    }
+
+    /// Where `V[ξ][ci][g]` lies: each ξ's `cin × gp` matrix is stored already packed for
+    /// the GEMM (per `KC` block of rows, per panel of `nr` tiles, `kc × nr` values), so the
+    /// products read it in place instead of copying it into panels first.
+    #[inline(always)]
+    fn v_at(&self, cin: usize, xi: usize, ci: usize, g: usize) -> usize {
+        xi * cin * self.gp + panel_index(cin, self.gp, self.nr, ci, g)
+    }
+}
+
+/// Where element `(k, col)` of a `k × gp` matrix lies when packed like the GEMM's right
+/// operand: per `KC` block of rows, per panel of `nr` columns, `kc × nr` values.
+#[inline(always)]
+fn panel_index(k: usize, gp: usize, nr: usize, row: usize, col: usize) -> usize {
+    let k0 = row / KC * KC;
+    let kc = KC.min(k - k0);
+    k0 * gp + ((col / nr) * kc + row - k0) * nr + col % nr
+}
+
+/// One ξ's transformed input as the GEMM's right operand, laid out by [`Geometry::v_at`].
+struct Panels<'a> {
+    data: &'a [f32],
+    k: usize,
+    n: usize,
+    gp: usize,
+    nr: usize,
+}
+
+impl BSource for Panels<'_> {
+    fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
+        if let Some(src) = self.packed(k0, kc, n0, nc, nr) {
+            dst[..src.len()].copy_from_slice(src);
+            return;
+        }
+        // Another panel width (not asked by our own GEMM): element by element.
+        for p in 0..nc.div_ceil(nr) {
+            for kk in 0..kc {
+                for j in 0..nr {
+                    let col = n0 + p * nr + j;
+                    dst[(p * kc + kk) * nr + j] = if p * nr + j < nc && col < self.n {
+                        self.data[panel_index(self.k, self.gp, self.nr, k0 + kk, col)]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+
+    fn packed(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize) -> Option<&[f32]> {
+        // The driver asks for KC blocks of rows and whole panels of our width.
+        if nr != self.nr || !n0.is_multiple_of(nr) || kc != KC.min(self.k - k0) {
+            return None;
+        }
+        let block = k0 * self.gp;
+        let (p0, np) = (n0 / nr, nc.div_ceil(nr));
+        self.data
+            .get(block + p0 * kc * nr..block + (p0 + np) * kc * nr)
+    }
+}
+
+/// `V[ξ][ci][g] = (Bᵀ d B)[ξ]` for every channel and 4 × 4 input tile `d` (stride 2).
 fn input_transform(x: &[f32], cin: usize, g: &Geometry, v: &mut [f32], par: bool) {
     let vptr = SendPtr(v.as_mut_ptr());
     let one = |ci: usize| {
         let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        // SAFETY: channel ci's runs of V are written by this task only, and lie inside V.
+        // SAFETY: channel ci's cells of V are written by this task only, and lie inside V.
         unsafe { dispatch_input(plane, g, ci, cin, vptr.get()) }
     };
     if par {
@@ -242,7 +342,7 @@ fn input_transform(x: &[f32], cin: usize, g: &Geometry, v: &mut [f32], par: bool
 }
 
 /// # Safety
-/// `v` must address the whole of V; no other thread may write channel `ci`'s runs.
+/// `v` must address the whole of V; no other thread may write channel `ci`'s cells.
 unsafe fn dispatch_input(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     match Isa::detect() {
@@ -265,24 +365,53 @@ unsafe fn input_avx2(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *mut
     input_channel(plane, g, ci, cin, v)
 }
 
-/// One channel's input transform. Every loop runs over a row of tiles (tx), on contiguous
-/// arrays, so it vectorises: each padded input row is split into even and odd columns, the
-/// row transform (d₀ − d₂, d₁ + d₂, d₂ − d₁, d₁ − d₃) reads them at tx and tx + 1, and the
-/// column transform combines four such rows.
+type V16 = [f32; 16];
+
+// Plain loops rather than `array::from_fn`: closures are compiled without the caller's
+// target features and did not inline (a fifth of the time went to the calls).
+#[inline(always)]
+fn add16(a: &V16, b: &V16) -> V16 {
+    let mut r = [0f32; 16];
+    for i in 0..16 {
+        r[i] = a[i] + b[i];
+    }
+    r
+}
+
+#[inline(always)]
+fn sub16(a: &V16, b: &V16) -> V16 {
+    let mut r = [0f32; 16];
+    for i in 0..16 {
+        r[i] = a[i] - b[i];
+    }
+    r
+}
+
+/// 16 values from `s` at `at` (callers keep `at + 16` inside `s`).
+#[inline(always)]
+fn ld16(s: &[f32], at: usize) -> V16 {
+    let mut v = [0f32; 16];
+    v.copy_from_slice(&s[at..at + 16]);
+    v
+}
+
+/// One channel's input transform. The padded rows of the channel are first split into even
+/// and odd columns and laid out along the tile grid: `E[r][g] = padded[2ty + r][2tx]`,
+/// `O[r][g] = padded[2ty + r][2tx + 1]` (r < 4), so tile g's 4 × 4 input is `E[r][g],
+/// O[r][g], E[r][g + 1], O[r][g + 1]`. Then each chunk of 16 tiles is the row transform
+/// (d₀ − d₂, d₁ + d₂, d₂ − d₁, d₁ − d₃) and the column transform on 16-lane arrays, stored
+/// as 16 runs of V.
 ///
 /// # Safety
 /// As for [`dispatch_input`].
 #[inline(always)]
 unsafe fn input_channel(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *mut f32) {
-    let (tw, t) = (g.tw, g.th * g.tw);
-    let width = 2 * tw + 2;
-    let half = tw + 1;
-    // Every part is written before it is read.
-    let mut buf = scratch::take(width + 16 * tw + 2 * half);
-    let (row, rest) = buf.split_at_mut(width);
-    // Row transforms of the tile row's 4 input rows: h[r][c][tx].
-    let (h, rest) = rest.split_at_mut(16 * tw);
-    let (even, odd) = rest.split_at_mut(half);
+    // 16 + 1 values of slack after each array: the last chunk reads up to g + 16.
+    let len = g.g + 32;
+    let width = 2 * g.gw;
+    // Every part is written before it is read (the slack is zeroed below).
+    let mut buf = scratch::take(8 * len + width);
+    let (eo, row) = buf.split_at_mut(8 * len);
     for ty in 0..g.th {
         for r in 0..4 {
             let iy = (2 * ty + r) as isize - g.pad.0;
@@ -294,45 +423,52 @@ unsafe fn input_channel(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *
                 let n = g.w.min(width.saturating_sub(lo));
                 row[lo..lo + n].copy_from_slice(&src[..n]);
             }
-            for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(row.chunks_exact(2)) {
+            let (e, o) = eo[2 * r * len..(2 * r + 2) * len].split_at_mut(len);
+            let at = ty * g.gw;
+            for ((e, o), pair) in e[at..at + g.gw]
+                .iter_mut()
+                .zip(&mut o[at..at + g.gw])
+                .zip(row.chunks_exact(2))
+            {
                 *e = pair[0];
                 *o = pair[1];
             }
-            let hr = &mut h[r * 4 * tw..(r + 1) * 4 * tw];
-            let (h0, rest) = hr.split_at_mut(tw);
-            let (h1, rest) = rest.split_at_mut(tw);
-            let (h2, h3) = rest.split_at_mut(tw);
-            for tx in 0..tw {
-                let (d0, d1, d2, d3) = (even[tx], odd[tx], even[tx + 1], odd[tx + 1]);
-                h0[tx] = d0 - d2;
-                h1[tx] = d1 + d2;
-                h2[tx] = d2 - d1;
-                h3[tx] = d1 - d3;
-            }
         }
-        for c in 0..4 {
-            let hrc = |r: usize| &h[(r * 4 + c) * tw..(r * 4 + c + 1) * tw];
-            let (r0, r1, r2, r3) = (hrc(0), hrc(1), hrc(2), hrc(3));
-            let run = |i: usize| {
-                // SAFETY: run (ξ = 4i + c, ci, tile row ty) of V, owned by this task.
-                unsafe {
-                    std::slice::from_raw_parts_mut(
-                        v.add(((i * 4 + c) * cin + ci) * t + ty * tw),
-                        tw,
-                    )
-                }
-            };
-            for ((o, a), b) in run(0).iter_mut().zip(r0).zip(r2) {
-                *o = a - b;
-            }
-            for ((o, a), b) in run(1).iter_mut().zip(r1).zip(r2) {
-                *o = a + b;
-            }
-            for ((o, a), b) in run(2).iter_mut().zip(r2).zip(r1) {
-                *o = a - b;
-            }
-            for ((o, a), b) in run(3).iter_mut().zip(r1).zip(r3) {
-                *o = a - b;
+    }
+    for r in 0..8 {
+        eo[r * len + g.g..(r + 1) * len].fill(0.0);
+    }
+    let arr = |i: usize| &eo[i * len..(i + 1) * len];
+    let (e, o) = (
+        [arr(0), arr(2), arr(4), arr(6)],
+        [arr(1), arr(3), arr(5), arr(7)],
+    );
+    for c in (0..g.g).step_by(16) {
+        // Row transform of input row r of the 16 tiles: h[r][col].
+        let mut h = [[[0f32; 16]; 4]; 4];
+        for (hr, (er, or)) in h.iter_mut().zip(e.iter().zip(&o)) {
+            let (e0, e1) = (ld16(er, c), ld16(er, c + 1));
+            let (o0, o1) = (ld16(or, c), ld16(or, c + 1));
+            *hr = [
+                sub16(&e0, &e1),
+                add16(&o0, &e1),
+                sub16(&e1, &o0),
+                sub16(&o0, &o1),
+            ];
+        }
+        #[allow(clippy::needless_range_loop)] // col picks one of four columns of four rows
+        for col in 0..4 {
+            let vals = [
+                sub16(&h[0][col], &h[2][col]),
+                add16(&h[1][col], &h[2][col]),
+                sub16(&h[2][col], &h[1][col]),
+                sub16(&h[1][col], &h[3][col]),
+            ];
+            for (i, val) in vals.iter().enumerate() {
+                // SAFETY: 16 cells of (ξ, ci) within one panel (c is a multiple of 16 and
+                // the panel width of 16), inside V's gp columns; owned by this task.
+                let dst = v.add(g.v_at(cin, i * 4 + col, ci, c));
+                std::ptr::copy_nonoverlapping(val.as_ptr(), dst, 16);
             }
         }
     }
@@ -363,44 +499,55 @@ unsafe fn output_avx2(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [
     output_body(m, g, cout, co, o)
 }
 
-/// Vectorised over tx like the input transform: the column transform (m₀ + m₁ + m₂,
-/// m₁ − m₂ − m₃) on whole runs, then the row transform into even and odd output columns.
+/// Chunks of 16 tiles along the grid like the input transform: the column transform
+/// (m₀ + m₁ + m₂, m₁ − m₂ − m₃), then the row transform, into four grid-shaped arrays
+/// `Y[i][j][g]` (output row 2ty + i, column 2tx + j); then each output row interleaves its
+/// even and odd columns from them, dropping the extra tile of the row.
 #[inline(always)]
 fn output_body(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
-    let (tw, t) = (g.tw, g.th * g.tw);
+    let gp = g.gp;
     // Every part is written before it is read.
-    let mut buf = scratch::take(10 * tw);
-    let (s, rest) = buf.split_at_mut(8 * tw);
-    let (even, odd) = rest.split_at_mut(tw);
-    for ty in 0..g.th {
-        let ms =
-            |xi: usize| &m[(xi * cout + co) * t + ty * tw..(xi * cout + co) * t + (ty + 1) * tw];
-        for c in 0..4 {
-            let (s0, s1) = s[c * 2 * tw..(c + 1) * 2 * tw].split_at_mut(tw);
-            let (m0, m1, m2, m3) = (ms(c), ms(4 + c), ms(8 + c), ms(12 + c));
-            for tx in 0..tw {
-                s0[tx] = m0[tx] + m1[tx] + m2[tx];
-                s1[tx] = m1[tx] - m2[tx] - m3[tx];
-            }
-        }
+    let mut buf = scratch::take(4 * gp);
+    let mut mx: [&[f32]; 16] = [&[]; 16];
+    for (xi, r) in mx.iter_mut().enumerate() {
+        *r = &m[(xi * cout + co) * gp..(xi * cout + co + 1) * gp];
+    }
+    for c in (0..g.g).step_by(16) {
+        let mut y = [[0f32; 16]; 4];
         for i in 0..2 {
-            let y = 2 * ty + i;
-            if y >= g.oh {
+            let mut s = [[0f32; 16]; 4];
+            for (col, sc) in s.iter_mut().enumerate() {
+                let (m0, m1) = (ld16(mx[col], c), ld16(mx[4 + col], c));
+                let (m2, m3) = (ld16(mx[8 + col], c), ld16(mx[12 + col], c));
+                *sc = if i == 0 {
+                    add16(&add16(&m0, &m1), &m2)
+                } else {
+                    sub16(&sub16(&m1, &m2), &m3)
+                };
+            }
+            y[2 * i] = add16(&add16(&s[0], &s[1]), &s[2]);
+            y[2 * i + 1] = sub16(&sub16(&s[1], &s[2]), &s[3]);
+        }
+        for (k, yk) in y.iter().enumerate() {
+            buf[k * gp + c..k * gp + c + 16].copy_from_slice(yk);
+        }
+    }
+    for ty in 0..g.th {
+        for i in 0..2 {
+            let yr = 2 * ty + i;
+            if yr >= g.oh {
                 continue;
             }
-            let sc = |c: usize| &s[(c * 2 + i) * tw..(c * 2 + i + 1) * tw];
-            let (q0, q1, q2, q3) = (sc(0), sc(1), sc(2), sc(3));
-            for tx in 0..tw {
-                even[tx] = q0[tx] + q1[tx] + q2[tx];
-                odd[tx] = q1[tx] - q2[tx] - q3[tx];
-            }
-            let dst = &mut o[y * g.ow..(y + 1) * g.ow];
-            for (pair, (e, od)) in dst.chunks_exact_mut(2).zip(even.iter().zip(odd.iter())) {
+            let at = ty * g.gw;
+            let even = &buf[2 * i * gp + at..2 * i * gp + at + g.tw];
+            let odd = &buf[(2 * i + 1) * gp + at..(2 * i + 1) * gp + at + g.tw];
+            let dst = &mut o[yr * g.ow..(yr + 1) * g.ow];
+            for (pair, (e, od)) in dst.chunks_exact_mut(2).zip(even.iter().zip(odd)) {
                 pair[0] = *e;
                 pair[1] = *od;
             }
             if g.ow % 2 == 1 {
-                dst[g.ow - 1] = even[tw - 1];
+                dst[g.ow - 1] = even[g.tw - 1];
             }
         }
     }
@@ -425,6 +572,9 @@ mod tests {
             (1, 32, 48, 45, 37, [1, 1, 1, 1]),
             (2, 24, 40, 61, 30, [1, 0, 0, 1]),
             (1, 5, 3, 3, 3, [0, 0, 0, 0]),
+            // More input channels than one KC block of the GEMM (two blocks of V's panels).
+            (1, 300, 20, 9, 11, [1, 1, 1, 1]),
+            (1, 520, 8, 5, 5, [1, 1, 1, 1]),
         ] {
             let wt = rand(cout * cin * 9, 1);
             let b = rand(cout, 2);
