@@ -90,7 +90,8 @@ impl std::fmt::Display for Kernels {
 pub(crate) enum ConvEngine {
     /// im2col packed on the fly into the GEMM.
     Gemm(PackedConv),
-    /// Winograd F(2×2, 3×3), for the 3 × 3 stride-1 layers where it measured faster.
+    /// Winograd F(2×2, 3×3) or F(4×4, 3×3), for the 3 × 3 stride-1 layers where it measured
+    /// faster.
     Winograd(WinogradConv),
 }
 
@@ -259,9 +260,15 @@ impl Prepared {
                 ..
             } => "gemm-conv",
             Prepared::Conv {
-                conv: ConvEngine::Winograd(_),
+                conv: ConvEngine::Winograd(c),
                 ..
-            } => "winograd",
+            } => {
+                if c.tile() == 4 {
+                    "winograd-f4"
+                } else {
+                    "winograd"
+                }
+            }
             Prepared::Depthwise { .. } => "depthwise",
             Prepared::Linear { .. } => "linear",
             Prepared::MaxPool { .. } => "maxpool",
@@ -382,17 +389,38 @@ pub(crate) fn prepare<'a, 'b>(
                     let big = wshape[0] * cin * 9 * h * w >= WINOGRAD_MIN_MACS
                         && tiles >= WINOGRAD_MIN_TILES;
                     let try_it = winograd == Winograd::Always || big;
-                    let wino = try_it
-                        .then(|| {
-                            WinogradConv::new(&weight, wshape[0], cin, bias.as_deref(), &pads4)
-                        })
-                        .flatten()
-                        .map(ConvEngine::Winograd);
-                    match wino {
-                        Some(wino) if winograd == Winograd::Always => wino,
-                        // Keep whichever ran faster here, on this CPU and thread count.
-                        Some(wino) if wino.time(cin, h, w) < 0.9 * direct.time(cin, h, w) => wino,
-                        _ => direct,
+                    let make = |tile: usize| {
+                        let c = WinogradConv::with_tile(
+                            &weight,
+                            wshape[0],
+                            cin,
+                            bias.as_deref(),
+                            &pads4,
+                            tile,
+                        );
+                        c.map(ConvEngine::Winograd)
+                    };
+                    if !try_it {
+                        direct
+                    } else if winograd == Winograd::Always {
+                        // F(2×2): the smaller transforms, the closer to the direct result.
+                        make(2).unwrap_or(direct)
+                    } else {
+                        // Keep whichever ran fastest here, on this CPU and thread count:
+                        // F(4×4) won on 28 × 28 and 56 × 56 maps, F(2×2) on 14 × 14, direct
+                        // on 7 × 7 (measured, ResNet widths, 1 thread). A Winograd form must
+                        // beat direct by 10 % (the load-time timing is noisy).
+                        let base = direct.time(cin, h, w);
+                        let mut best = (0.9 * base, direct);
+                        for tile in [2, 4] {
+                            if let Some(c) = make(tile) {
+                                let t = c.time(cin, h, w);
+                                if t < best.0 {
+                                    best = (t, c);
+                                }
+                            }
+                        }
+                        best.1
                     }
                 }
                 _ => direct,
