@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 
-use super::par::{par_chunks_mut, par_for, SendPtr};
+use super::par::{self, par_chunks_mut, par_for, SendPtr};
 use super::scratch;
 
 use super::act::apply_activation;
@@ -201,7 +201,9 @@ impl WinogradConv {
         let (gp, g) = (geo.gp, geo.g);
         let par = self.cin * self.cout * g >= PAR_MIN;
         input_transform(x, self.cin, geo, v, par);
-        for (xi_pos, u) in self.u.iter().enumerate() {
+        let v: &[f32] = v;
+        let mptr = SendPtr(m.as_mut_ptr());
+        let product = |xi_pos: usize| {
             let b = Panels {
                 data: &v[xi_pos * self.cin * gp..(xi_pos + 1) * self.cin * gp],
                 k: self.cin,
@@ -209,9 +211,32 @@ impl WinogradConv {
                 gp,
                 nr: geo.nr,
             };
-            let c = &mut m[xi_pos * self.cout * gp..(xi_pos + 1) * self.cout * gp];
-            gemm(u, &b, g, c, Layout { rs: gp, cs: 1 }, &Epilogue::default());
+            // SAFETY: ξ's cout × gp block of M lies inside M (sized for all of them) and
+            // is written by this call only.
+            let c = unsafe {
+                std::slice::from_raw_parts_mut(
+                    mptr.get().add(xi_pos * self.cout * gp),
+                    self.cout * gp,
+                )
+            };
+            gemm(
+                &self.u[xi_pos],
+                &b,
+                g,
+                c,
+                Layout { rs: gp, cs: 1 },
+                &Epilogue::default(),
+            );
+        };
+        // The 16 or 36 products are independent: threads take whole products, each on one
+        // thread, rather than splitting every small product (64 × 64 × 224 for a 56 × 56
+        // layer) and meeting after each.
+        if par && self.u.len() >= 4 * par::current_threads() {
+            par_for(self.u.len(), product);
+        } else {
+            (0..self.u.len()).for_each(product);
         }
+        let m: &[f32] = m;
         self.output_transform(m, geo, out, residual, activation, par);
     }
 
