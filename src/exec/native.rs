@@ -154,7 +154,7 @@ impl ConvEngine {
 
 /// Winograd is only tried when a layer has at least this many multiply-adds: below it the
 /// transforms cannot pay for themselves and the load-time measurement is noise.
-const WINOGRAD_MIN_MACS: usize = 20_000_000;
+const WINOGRAD_MIN_MACS: usize = 8_000_000;
 /// ... and at least this many output tiles.
 const WINOGRAD_MIN_TILES: usize = 36;
 
