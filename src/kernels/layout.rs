@@ -286,6 +286,63 @@ impl BinOp {
     }
 }
 
+/// `o[j] = f(a[at + j], b[at + j])`, either operand possibly one scalar.
+#[inline(always)]
+fn flat(f: impl Fn(f32, f32) -> f32, a: &[f32], b: &[f32], at: usize, o: &mut [f32]) {
+    let len = o.len();
+    match (a.len() == 1, b.len() == 1) {
+        (false, false) => {
+            for ((o, &x), &y) in o.iter_mut().zip(&a[at..at + len]).zip(&b[at..at + len]) {
+                *o = f(x, y);
+            }
+        }
+        (false, true) => {
+            let y = b[0];
+            for (o, &x) in o.iter_mut().zip(&a[at..at + len]) {
+                *o = f(x, y);
+            }
+        }
+        _ => {
+            let x = a[0];
+            for (o, &y) in o.iter_mut().zip(&b[at..at + len]) {
+                *o = f(x, y);
+            }
+        }
+    }
+}
+
+/// One output row of the broadcasting path: `dst[j] = f(a[oa + j·ia], b[ob + j·ib])` with
+/// unit or zero steps.
+#[inline(always)]
+fn row(
+    f: impl Fn(f32, f32) -> f32,
+    (a, oa, ia): (&[f32], usize, usize),
+    (b, ob, ib): (&[f32], usize, usize),
+    dst: &mut [f32],
+) {
+    let len = dst.len();
+    match (ia, ib) {
+        (1, 1) => {
+            for ((o, &x), &y) in dst.iter_mut().zip(&a[oa..oa + len]).zip(&b[ob..ob + len]) {
+                *o = f(x, y);
+            }
+        }
+        (1, 0) => {
+            let y = b[ob];
+            for (o, &x) in dst.iter_mut().zip(&a[oa..oa + len]) {
+                *o = f(x, y);
+            }
+        }
+        (0, 1) => {
+            let x = a[oa];
+            for (o, &y) in dst.iter_mut().zip(&b[ob..ob + len]) {
+                *o = f(x, y);
+            }
+        }
+        _ => dst.fill(f(a[oa], b[ob])),
+    }
+}
+
 /// Broadcast strides of an operand of shape `d` against the output shape `od` (aligned on
 /// the right); `None` when it does not broadcast.
 fn broadcast_strides(d: &[usize], od: &[usize], out: &mut [usize; MAX_RANK]) -> Option<()> {
@@ -330,28 +387,15 @@ pub fn binary(
     let n = out.len();
     let chunk = n.div_ceil(pieces(n)).max(1);
     if a.len() == n && (b.len() == n || b.len() == 1) || a.len() == 1 && b.len() == n {
-        // Elementwise or against one scalar: flat pieces in parallel.
+        // Elementwise or against one scalar: flat pieces in parallel, the operation chosen
+        // outside the loops (a `match` per element kept them scalar: 1 cycle per value).
         par::par_chunks_mut(out, chunk, |i, o| {
             let at = i * chunk;
-            let len = o.len();
-            match (a.len() == 1, b.len() == 1) {
-                (false, false) => {
-                    for ((o, &x), &y) in o.iter_mut().zip(&a[at..at + len]).zip(&b[at..]) {
-                        *o = op.apply(x, y);
-                    }
-                }
-                (false, true) => {
-                    let y = b[0];
-                    for (o, &x) in o.iter_mut().zip(&a[at..at + len]) {
-                        *o = op.apply(x, y);
-                    }
-                }
-                _ => {
-                    let x = a[0];
-                    for (o, &y) in o.iter_mut().zip(&b[at..at + len]) {
-                        *o = op.apply(x, y);
-                    }
-                }
+            match op {
+                BinOp::Add => flat(|x, y| x + y, a, b, at, o),
+                BinOp::Sub => flat(|x, y| x - y, a, b, at, o),
+                BinOp::Mul => flat(|x, y| x * y, a, b, at, o),
+                BinOp::Div => flat(|x, y| x / y, a, b, at, o),
             }
             apply_activation(activation, o);
         });
@@ -367,25 +411,12 @@ pub fn binary(
         let (mut oa, mut ob) = (0usize, 0usize);
         for row in 0..rows {
             let dst = &mut out[row * inner..(row + 1) * inner];
-            match (ia, ib) {
-                (1, 1) => {
-                    for ((o, &x), &y) in dst.iter_mut().zip(&a[oa..]).zip(&b[ob..]) {
-                        *o = op.apply(x, y);
-                    }
-                }
-                (1, 0) => {
-                    let y = b[ob];
-                    for (o, &x) in dst.iter_mut().zip(&a[oa..]) {
-                        *o = op.apply(x, y);
-                    }
-                }
-                (0, 1) => {
-                    let x = a[oa];
-                    for (o, &y) in dst.iter_mut().zip(&b[ob..]) {
-                        *o = op.apply(x, y);
-                    }
-                }
-                _ => dst.fill(op.apply(a[oa], b[ob])),
+            let (pa, pb) = ((a, oa, ia), (b, ob, ib));
+            match op {
+                BinOp::Add => self::row(|x, y| x + y, pa, pb, dst),
+                BinOp::Sub => self::row(|x, y| x - y, pa, pb, dst),
+                BinOp::Mul => self::row(|x, y| x * y, pa, pb, dst),
+                BinOp::Div => self::row(|x, y| x / y, pa, pb, dst),
             }
             for ax in (0..r - 1).rev() {
                 idx[ax] += 1;
