@@ -105,6 +105,10 @@ pub fn resize2d(
     {
         return false;
     }
+    let phases = match cols {
+        AxisMap::Linear(cx) => Phases::find(cx, w),
+        AxisMap::Nearest(_) => None,
+    };
     let plane = |p: usize, out: &mut [f32]| {
         let src = &x[p * h * w..(p + 1) * h * w];
         match (rows, cols) {
@@ -117,18 +121,35 @@ pub fn resize2d(
                 }
             }
             (AxisMap::Linear(ry), AxisMap::Linear(cx)) => {
-                let mut t = scratch::take(w);
+                let periodic = phases.as_ref();
+                let mut buf = scratch::take(w + periodic.map_or(0, |p| p.s * (p.hi - p.lo)));
+                let (t, ph) = buf.split_at_mut(w);
                 for (o, &(y0, y1, wy)) in out.chunks_exact_mut(ow).zip(ry) {
                     let (a, b) = (&src[y0 * w..(y0 + 1) * w], &src[y1 * w..(y1 + 1) * w]);
                     for ((tv, &av), &bv) in t.iter_mut().zip(a).zip(b) {
                         *tv = av + (bv - av) * wy;
                     }
-                    for (v, &(x0, x1, wx)) in o.iter_mut().zip(cx) {
+                    let gather = |v: &mut f32, &(x0, x1, wx): &(usize, usize, f32)| {
                         let (av, bv) = (t[x0], t[x1]);
                         *v = av + (bv - av) * wx;
+                    };
+                    match periodic {
+                        None => o.iter_mut().zip(cx).for_each(|(v, c)| gather(v, c)),
+                        Some(p) => {
+                            let (c0, c1) = (p.s * p.lo, p.s * p.hi);
+                            o[..c0]
+                                .iter_mut()
+                                .zip(&cx[..c0])
+                                .for_each(|(v, c)| gather(v, c));
+                            o[c1..]
+                                .iter_mut()
+                                .zip(&cx[c1..])
+                                .for_each(|(v, c)| gather(v, c));
+                            p.blend(t, ph, &mut o[c0..c1]);
+                        }
                     }
                 }
-                scratch::give(t);
+                scratch::give(buf);
             }
             // Mixed kinds are refused below, before any plane runs.
             _ => {}
@@ -148,6 +169,86 @@ pub fn resize2d(
         }
     });
     true
+}
+
+/// The columns of an integer upscale by `s` that repeat with period `s`: for `i` in
+/// `lo..hi` and each phase `k`, output column `s·i + k` blends `t[i + d[k]]` and
+/// `t[i + d[k] + 1]` with weight `w[k]`. Blending phase by phase reads contiguous runs (the
+/// loops vectorise) where the per-column gather took ~1 ns per output value; the border
+/// columns, where the source index is clamped, keep the gather.
+struct Phases {
+    s: usize,
+    lo: usize,
+    hi: usize,
+    d: Vec<usize>,
+    w: Vec<f32>,
+}
+
+impl Phases {
+    /// The periodic run of `cols` (a map from `n_in` columns), if it has one worth using.
+    fn find(cols: &[(usize, usize, f32)], n_in: usize) -> Option<Phases> {
+        let n_out = cols.len();
+        if n_in < 4 || !n_out.is_multiple_of(n_in) || n_out / n_in < 2 {
+            return None;
+        }
+        let s = n_out / n_in;
+        let mid = n_in / 2;
+        // Each phase's offset and weight, read at the middle (d[k] = x0 − i + 1 ≥ 0, so
+        // the offset of column i is i + d[k] − 1).
+        let mut d = Vec::with_capacity(s);
+        let mut w = Vec::with_capacity(s);
+        for k in 0..s {
+            let (x0, x1, wk) = cols[s * mid + k];
+            if x1 != x0 + 1 || x0 + 1 < mid {
+                return None;
+            }
+            d.push(x0 + 1 - mid);
+            w.push(wk);
+        }
+        let regular = |i: usize| {
+            (0..s).all(|k| {
+                let x0 = (i + d[k]).wrapping_sub(1);
+                cols[s * i + k] == (x0, x0 + 1, w[k]) && x0 + 1 < n_in
+            })
+        };
+        let mut lo = mid;
+        while lo > 0 && regular(lo - 1) {
+            lo -= 1;
+        }
+        let mut hi = mid + 1;
+        while hi < n_in && regular(hi) {
+            hi += 1;
+        }
+        // Offsets relative to lo: t[i + d[k] − 1] for i ≥ lo needs lo + d[k] ≥ 1.
+        (hi - lo >= 8 && d.iter().all(|&dk| lo + dk >= 1)).then_some(Phases { s, lo, hi, d, w })
+    }
+
+    /// `out[s·(i − lo) + k]` for `i` in `lo..hi`, from the blended row `t`; `ph` holds
+    /// `s · (hi − lo)` values of scratch.
+    fn blend(&self, t: &[f32], ph: &mut [f32], out: &mut [f32]) {
+        let n = self.hi - self.lo;
+        for (k, pk) in ph.chunks_exact_mut(n).enumerate() {
+            let x0 = self.lo + self.d[k] - 1;
+            let (a, b) = (&t[x0..x0 + n], &t[x0 + 1..x0 + 1 + n]);
+            let wk = self.w[k];
+            for ((v, &av), &bv) in pk.iter_mut().zip(a).zip(b) {
+                *v = av + (bv - av) * wk;
+            }
+        }
+        if self.s == 2 {
+            let (p0, p1) = ph.split_at(n);
+            for (pair, (&e, &o)) in out.chunks_exact_mut(2).zip(p0.iter().zip(p1)) {
+                pair[0] = e;
+                pair[1] = o;
+            }
+        } else {
+            for (k, pk) in ph.chunks_exact(n).enumerate() {
+                for (v, &x) in out[k..].iter_mut().step_by(self.s).zip(pk) {
+                    *v = x;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +340,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Integer upscales take the phase-by-phase blend for their interior columns: still
+    /// bit-identical to candle, for each coordinate transform and factor.
+    #[test]
+    fn integer_upscales_match_candle_exactly() {
+        for (h, w, s) in [(7, 32, 2), (5, 20, 3), (4, 16, 4), (3, 9, 2), (6, 40, 2)] {
+            let (oh, ow) = (h * 2, w * s);
+            let x = rand(2 * 3 * h * w, (w * s) as u64);
+            for t in [
+                [[0.5, 2.0, -0.5], [0.5, s as f64, -0.5]],
+                [[0.0, 2.0, 0.0], [0.0, s as f64, 0.0]],
+                [
+                    [0.0, (oh - 1) as f64 / (h - 1) as f64, 0.0],
+                    [0.0, (ow - 1) as f64 / (w - 1) as f64, 0.0],
+                ],
+            ] {
+                let dims = [2, 3, h, w];
+                let want = reference(&x, dims, ResizeMode::Linear, [2, 3, oh, ow], t, "");
+                let (rows, cols) = (AxisMap::linear(h, oh, t[0]), AxisMap::linear(w, ow, t[1]));
+                let mut got = vec![f32::NAN; want.len()];
+                assert!(resize2d(&x, (6, h, w), &rows, &cols, &mut got));
+                assert_eq!(got, want, "{h}x{w} x{s} {t:?}");
+            }
+        }
+        // The half-pixel ×2 map of 32 columns has a periodic interior (what the test above
+        // is for), the align-corners one does not.
+        let AxisMap::Linear(c) = AxisMap::linear(32, 64, [0.5, 2.0, -0.5]) else {
+            unreachable!()
+        };
+        let p = Phases::find(&c, 32).expect("a periodic interior");
+        assert_eq!((p.s, p.lo, p.hi), (2, 1, 31));
     }
 
     #[test]
