@@ -292,6 +292,41 @@ fn analyse(graph: &Graph, file: &ModelFile) -> Analysis {
                     None => unknown = true,
                 }
             }
+            (
+                Op::Resize {
+                    sizes,
+                    pre,
+                    div,
+                    post,
+                    ..
+                },
+                Some(si),
+            ) => {
+                // A spatial resize (an upsampled branch before a Mul or Add with another)
+                // keeps the channel axis when it leaves N and C as they are.
+                let from = graph
+                    .values
+                    .get(x)
+                    .map(|v| v.shape.clone())
+                    .unwrap_or_default();
+                let unit = |ax: usize| {
+                    div.get(ax) == Some(&1.0)
+                        && pre
+                            .get(ax)
+                            .zip(post.get(ax))
+                            .is_some_and(|(p, q)| p + q == 0.0)
+                };
+                let channels_kept = sizes.len() == 4
+                    && from.len() == 4
+                    && sizes[..2] == from[..2]
+                    && unit(0)
+                    && unit(1);
+                if channels_kept {
+                    a.of_value.insert(out, si);
+                } else {
+                    unknown = true;
+                }
+            }
             (Op::Reshape { shape }, Some(si)) => {
                 // Flatten after global pooling: [1, C, 1, 1] -> [1, C] keeps the channel axis.
                 let from = graph
@@ -777,6 +812,11 @@ pub fn apply(
                 Op::Reshape { shape } => {
                     if let Some(&c) = plan.widths.get(&out) {
                         shape[1] = c;
+                    }
+                }
+                Op::Resize { sizes, .. } => {
+                    if let Some(&c) = plan.widths.get(&out) {
+                        sizes[1] = c;
                     }
                 }
                 Op::Conv { group, .. } if *group > 1 => {
