@@ -196,12 +196,19 @@ fn softmax_row(row: &mut [f32]) {
             *s += *v;
         }
     }
-    let mut sum = 0f32;
-    for v in blocks.into_remainder() {
+    // The tail as one more (padded) block: scalar exps for the last few values of a
+    // 197-wide attention row cost almost as much as the 12 vector blocks before them.
+    // Padding is −∞, whose exp is 0.
+    let tail = blocks.into_remainder();
+    let mut block = [f32::NEG_INFINITY; LANES];
+    block[..tail.len()].copy_from_slice(tail);
+    for (v, s) in block.iter_mut().zip(&mut sums) {
         *v = exp_nonpositive(*v - max);
-        sum += *v;
+        *s += *v;
     }
-    let sum = sum + sums.iter().sum::<f32>();
+    let n = tail.len();
+    tail.copy_from_slice(&block[..n]);
+    let sum = sums.iter().sum::<f32>();
     let inv = 1.0 / sum;
     for v in row.iter_mut() {
         *v *= inv;
