@@ -493,37 +493,8 @@ impl Tile for AvxTile {
     }
     #[inline(always)]
     fn transpose(r: [Self::V; 8]) -> [Self::V; 8] {
-        use std::arch::x86_64::*;
         // SAFETY: register shuffles only; AVX as above.
-        unsafe {
-            // Pairs of rows interleaved, then quads, then the 128-bit halves exchanged.
-            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-            [
-                _mm256_permute2f128_ps::<0x20>(u0, u4),
-                _mm256_permute2f128_ps::<0x20>(u1, u5),
-                _mm256_permute2f128_ps::<0x20>(u2, u6),
-                _mm256_permute2f128_ps::<0x20>(u3, u7),
-                _mm256_permute2f128_ps::<0x31>(u0, u4),
-                _mm256_permute2f128_ps::<0x31>(u1, u5),
-                _mm256_permute2f128_ps::<0x31>(u2, u6),
-                _mm256_permute2f128_ps::<0x31>(u3, u7),
-            ]
-        }
+        unsafe { super::gemm::transpose8x8(r) }
     }
     #[inline(always)]
     fn add(a: Self::V, b: Self::V) -> Self::V {
@@ -568,17 +539,7 @@ unsafe fn planes_avx2(job: &Job, first: usize, out: &mut [f32], scratch: &mut Sc
 fn planes(job: &Job, first: usize, out: &mut [f32], scratch: &mut Scratch) {
     let s = job.s;
     // ReLU and Clip run in the copy out of the row sums; anything else in a pass per plane.
-    let (clamp, rest) = match job.activation {
-        Some(Activation::Relu) => (Some((0.0, f32::INFINITY)), None),
-        Some(Activation::Clip { min, max }) => (
-            Some((
-                min.unwrap_or(f32::NEG_INFINITY),
-                max.unwrap_or(f32::INFINITY),
-            )),
-            None,
-        ),
-        other => (None, other),
-    };
+    let (clamp, rest) = split_activation(job.activation);
     let (plane_in, plane_out) = (s.h * s.w, job.oh * job.ow);
     for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
         let nc = first + i;
@@ -795,15 +756,6 @@ fn plane_flat(
     for oy in 0..oh {
         let dst = &mut out[oy * ow..(oy + 1) * ow];
         let src = &y[oy * ws..oy * ws + ow];
-        // Comparisons, as in act.rs: NaN stays NaN and the loop vectorises.
-        let clip = |v: f32, (lo, hi): (f32, f32)| {
-            let t = if v < lo { lo } else { v };
-            if t > hi {
-                hi
-            } else {
-                t
-            }
-        };
         match (residual, clamp) {
             (Some(r), c) => {
                 for ((o, v), rv) in dst.iter_mut().zip(src).zip(&r[oy * ow..(oy + 1) * ow]) {

@@ -798,6 +798,9 @@ mod portable {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use x86::transpose8x8;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     /// Packs 8 rows (at `a + r · rs`) of `kc` values k-major: `dst[kk · 8 + r] = row_r[kk]`,
     /// 8 × 8 blocks transposed in registers.
@@ -808,33 +811,12 @@ mod x86 {
     pub unsafe fn transpose_8_rows(a: *const f32, rs: usize, kc: usize, dst: *mut f32) {
         let mut kk = 0;
         while kk + 8 <= kc {
-            let r = |i: usize| _mm256_loadu_ps(a.add(i * rs + kk));
-            let (r0, r1, r2, r3, r4, r5, r6, r7) = (r(0), r(1), r(2), r(3), r(4), r(5), r(6), r(7));
-            let t0 = _mm256_unpacklo_ps(r0, r1);
-            let t1 = _mm256_unpackhi_ps(r0, r1);
-            let t2 = _mm256_unpacklo_ps(r2, r3);
-            let t3 = _mm256_unpackhi_ps(r2, r3);
-            let t4 = _mm256_unpacklo_ps(r4, r5);
-            let t5 = _mm256_unpackhi_ps(r4, r5);
-            let t6 = _mm256_unpacklo_ps(r6, r7);
-            let t7 = _mm256_unpackhi_ps(r6, r7);
-            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let r: [__m256; 8] =
+                [0, 1, 2, 3, 4, 5, 6, 7].map(|i| _mm256_loadu_ps(a.add(i * rs + kk)));
             let d = dst.add(kk * 8);
-            _mm256_storeu_ps(d, _mm256_permute2f128_ps::<0x20>(u0, u4));
-            _mm256_storeu_ps(d.add(8), _mm256_permute2f128_ps::<0x20>(u1, u5));
-            _mm256_storeu_ps(d.add(16), _mm256_permute2f128_ps::<0x20>(u2, u6));
-            _mm256_storeu_ps(d.add(24), _mm256_permute2f128_ps::<0x20>(u3, u7));
-            _mm256_storeu_ps(d.add(32), _mm256_permute2f128_ps::<0x31>(u0, u4));
-            _mm256_storeu_ps(d.add(40), _mm256_permute2f128_ps::<0x31>(u1, u5));
-            _mm256_storeu_ps(d.add(48), _mm256_permute2f128_ps::<0x31>(u2, u6));
-            _mm256_storeu_ps(d.add(56), _mm256_permute2f128_ps::<0x31>(u3, u7));
+            for (i, v) in transpose8x8(r).into_iter().enumerate() {
+                _mm256_storeu_ps(d.add(8 * i), v);
+            }
             kk += 8;
         }
         for k in kk..kc {
@@ -842,6 +824,43 @@ mod x86 {
                 *dst.add(k * 8 + r) = *a.add(r * rs + k);
             }
         }
+    }
+
+    /// `out[j]` lane `i` = `r[i]` lane `j`: pairs of rows interleaved, then quads, then the
+    /// 128-bit halves exchanged (24 shuffles). Shared by the A packing here and depthwise's
+    /// channel-blocked path.
+    ///
+    /// # Safety
+    /// Call only from code compiled with AVX (it inlines there; elsewhere the intrinsics
+    /// would be calls into AVX code on a CPU that may lack it).
+    #[inline(always)]
+    pub(crate) unsafe fn transpose8x8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
     }
 
     use super::Fused;

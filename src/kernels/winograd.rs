@@ -439,6 +439,20 @@ unsafe fn input_avx2(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *mut
     input_any(plane, g, ci, cin, v)
 }
 
+/// Row `y` of the zero-padded plane (`y` counts from the top padding) into `row`:
+/// `row[j] = plane[y − pad.0][j − pad.1]` where that lies inside the plane, 0 elsewhere.
+#[inline(always)]
+fn padded_row(plane: &[f32], g: &Geometry, y: isize, row: &mut [f32]) {
+    let iy = y - g.pad.0;
+    row.fill(0.0);
+    if iy >= 0 && (iy as usize) < g.h {
+        let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+        let lo = g.pad.1.max(0) as usize;
+        let n = g.w.min(row.len().saturating_sub(lo));
+        row[lo..lo + n].copy_from_slice(&src[..n]);
+    }
+}
+
 type V16 = [f32; 16];
 
 // Plain loops rather than `array::from_fn`: closures are compiled without the caller's
@@ -488,15 +502,7 @@ unsafe fn input_channel(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *
     let (eo, row) = buf.split_at_mut(8 * len);
     for ty in 0..g.th {
         for r in 0..4 {
-            let iy = (2 * ty + r) as isize - g.pad.0;
-            row.fill(0.0);
-            if iy >= 0 && (iy as usize) < g.h {
-                let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                // row[j] = src[j - pad.1] where in range.
-                let lo = g.pad.1.max(0) as usize;
-                let n = g.w.min(width.saturating_sub(lo));
-                row[lo..lo + n].copy_from_slice(&src[..n]);
-            }
+            padded_row(plane, g, (2 * ty + r) as isize, row);
             let (e, o) = eo[2 * r * len..(2 * r + 2) * len].split_at_mut(len);
             let at = ty * g.gw;
             for ((e, o), pair) in e[at..at + g.gw]
@@ -683,14 +689,7 @@ unsafe fn input_channel4(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: 
     let (ts, row) = buf.split_at_mut(24 * len);
     for ty in 0..g.th {
         for r in 0..6 {
-            let iy = (4 * ty + r) as isize - g.pad.0;
-            row.fill(0.0);
-            if iy >= 0 && (iy as usize) < g.h {
-                let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                let lo = g.pad.1.max(0) as usize;
-                let n = g.w.min(width.saturating_sub(lo));
-                row[lo..lo + n].copy_from_slice(&src[..n]);
-            }
+            padded_row(plane, g, (4 * ty + r) as isize, row);
             let at = ty * g.gw;
             let rs = &mut ts[4 * r * len..4 * (r + 1) * len];
             let (p0, rest) = rs.split_at_mut(len);
