@@ -378,7 +378,8 @@ fn fma16(a: &mut [f32; LANES], w: &[f32; LANES], x: &[f32; LANES]) {
     }
 }
 
-/// [`sums_fixed`] for any kernel size.
+/// [`sums_fixed`] for any kernel size (inlined, like it, into the AVX entry points).
+#[inline(always)]
 fn sums_any(
     g: &Geometry,
     (kh, kw): (usize, usize),

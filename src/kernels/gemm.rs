@@ -811,8 +811,12 @@ mod x86 {
     pub unsafe fn transpose_8_rows(a: *const f32, rs: usize, kc: usize, dst: *mut f32) {
         let mut kk = 0;
         while kk + 8 <= kc {
-            let r: [__m256; 8] =
-                [0, 1, 2, 3, 4, 5, 6, 7].map(|i| _mm256_loadu_ps(a.add(i * rs + kk)));
+            // A plain loop, not `array::map`: a closure run through a generic function may
+            // be compiled without this function's AVX and call the load out of line.
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (i, ri) in r.iter_mut().enumerate() {
+                *ri = _mm256_loadu_ps(a.add(i * rs + kk));
+            }
             let d = dst.add(kk * 8);
             for (i, v) in transpose8x8(r).into_iter().enumerate() {
                 _mm256_storeu_ps(d.add(8 * i), v);

@@ -1,10 +1,11 @@
-//! 3 × 3, stride-1 convolution by Winograd's minimal filtering F(2×2, 3×3) (Lavin & Gray 2016):
-//! each 2 × 2 output tile costs 16 multiplications per input channel instead of 36, so the GEMM
-//! work falls 2.25×. The weights are transformed (`U = G g Gᵀ`) and packed once at load into 16
-//! matrices; per frame the input tiles are transformed (`V = Bᵀ d B`), the 16 products
-//! `M = U · V` run on the packed GEMM, and the output transform (`Y = Aᵀ M A`) applies bias,
-//! residual and activation as it writes. The transforms use only ±1 and ½, so the result
-//! stays within a few f32 ulps of direct convolution.
+//! 3 × 3, stride-1 convolution by Winograd's minimal filtering (Lavin & Gray 2016), F(2×2, 3×3)
+//! or F(4×4, 3×3): a 2 × 2 output tile costs 16 multiplications per input channel instead of
+//! 36 (2.25× less GEMM work), a 4 × 4 tile 36 instead of 144 (4×). The weights are transformed
+//! (`U = G g Gᵀ`, in f64) and packed once at load into 16 or 36 matrices; per frame the input
+//! tiles are transformed (`V = Bᵀ d B`), the products `M = U · V` run on the packed GEMM, and
+//! the output transform (`Y = Aᵀ M A`) applies bias, residual and activation as it writes.
+//! F(2×2)'s transforms use only ±1 and ½ (a few f32 ulps from direct convolution); F(4×4)'s
+//! reach 8 (measured within 1e-5 of direct, relative to the output's largest value).
 
 use std::cell::RefCell;
 
@@ -25,7 +26,7 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// A 3 × 3 stride-1 convolution prepared for F(2×2, 3×3).
+/// A 3 × 3 stride-1 convolution prepared for F(2×2, 3×3) or F(4×4, 3×3).
 #[derive(Debug, Clone)]
 pub struct WinogradConv {
     /// Output tile side: 2 for F(2×2, 3×3), 4 for F(4×4, 3×3).
