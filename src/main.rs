@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use edgeinfer::budget::parse_budget;
 use edgeinfer::device::DeviceRequest;
-use edgeinfer::exec::{Kernels, Winograd};
+use edgeinfer::exec::{BlockFusion, Kernels, Winograd};
 use edgeinfer::graph::stats::stats;
 use edgeinfer::graph::{ColorOrder, Graph, Preprocess, META_PROVENANCE};
 use edgeinfer::import::{import_onnx, ImportOptions, SUPPORTED_OPS};
@@ -154,6 +154,8 @@ impl TargetArgs {
             self.cpu.kernels.to_string(),
             "--winograd".to_string(),
             self.cpu.winograd.to_string(),
+            "--fuse-blocks".to_string(),
+            self.cpu.fuse_blocks.to_string(),
         ]);
         v
     }
@@ -188,6 +190,10 @@ struct CpuArgs {
     /// always, never.
     #[arg(long, default_value = "auto")]
     winograd: Winograd,
+    /// Inverted residual blocks (expand, depthwise, project) as one kernel in bands of rows:
+    /// auto (blocks whose expanded map outgrows the L2 cache), always, never.
+    #[arg(long, default_value = "auto")]
+    fuse_blocks: BlockFusion,
     /// Compute in f32, f16 or bf16 on any device (default: the board's compute_dtype on a GPU,
     /// f32 on the CPU; f16 on the CPU runs candle's reference ops, for checking the GPU path).
     #[arg(long)]
@@ -196,7 +202,10 @@ struct CpuArgs {
 
 impl CpuArgs {
     fn apply(&self, b: edgeinfer::runtime::RuntimeBuilder) -> edgeinfer::runtime::RuntimeBuilder {
-        let mut b = b.kernels(self.kernels).winograd(self.winograd);
+        let mut b = b
+            .kernels(self.kernels)
+            .winograd(self.winograd)
+            .fusion(self.fuse_blocks);
         if let Some(c) = self.compute_dtype {
             b = b.compute_dtype(c);
         }

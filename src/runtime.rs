@@ -13,7 +13,9 @@ use crate::board::{Board, ComputeDtype};
 use crate::budget::{FrameTimer, Stage};
 use crate::device::{self, DeviceChoice, DeviceRequest};
 use crate::error::{Error, Result};
-use crate::exec::{load_weights, ExecOptions, Executor, Kernels, RunOutputs, Winograd};
+use crate::exec::{
+    load_weights, BlockFusion, ExecOptions, Executor, Kernels, RunOutputs, Winograd,
+};
 use crate::explain::{Choice, ExplainOptions, Explainer, Explanation};
 use crate::graph::passes::{optimize, PassReport};
 use crate::graph::stats::stats;
@@ -149,6 +151,13 @@ impl RuntimeBuilder {
     /// Winograd policy for 3 × 3 stride-1 convolutions (default: measured per layer at load).
     pub fn winograd(mut self, policy: Winograd) -> Self {
         self.exec.winograd = policy;
+        self
+    }
+
+    /// Whether inverted residual blocks run fused (default: those whose expanded map
+    /// outgrows the L2 cache).
+    pub fn fusion(mut self, policy: BlockFusion) -> Self {
+        self.exec.fusion = policy;
         self
     }
 

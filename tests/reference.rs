@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use edgeinfer::device::DeviceRequest;
-use edgeinfer::exec::{Kernels, Winograd};
+use edgeinfer::exec::{BlockFusion, Kernels, Winograd};
 use edgeinfer::model::DType;
 use edgeinfer::pipeline::Frame;
 use edgeinfer::Runtime;
@@ -35,6 +35,7 @@ fn check_fixture_full(dir: &str, optimize: bool, kernels: Kernels, winograd: Win
         .winograd(winograd)
         .build()
         .unwrap();
+
     let native = rt.model().exec.native_nodes();
     if winograd == Winograd::Always {
         let counts = rt.model().exec.kernel_counts();
@@ -113,11 +114,38 @@ fn squeezenet_matches_onnxruntime() {
 }
 
 fn mobilenet() -> Runtime {
+    mobilenet_with(BlockFusion::Auto)
+}
+
+fn mobilenet_with(fusion: BlockFusion) -> Runtime {
     Runtime::builder()
         .model(root().join("models/mobilenet_v2.safetensors"))
         .device(DeviceRequest::Cpu)
+        .fusion(fusion)
         .build()
         .unwrap()
+}
+
+#[test]
+fn embedded_mobilenet_v2_matches_onnxruntime_with_every_block_fused_and_none() {
+    for (fusion, blocks) in [(BlockFusion::Always, 7), (BlockFusion::Never, 0)] {
+        let rt = mobilenet_with(fusion);
+        // The blocks down to 28 × 28 (the first is depthwise → project): on smaller maps the
+        // project runs transposed (positions as GEMM rows), which bands do not take.
+        assert_eq!(rt.model().exec.fused_blocks(), blocks, "{fusion}");
+        for p in PHOTOS {
+            let input = read_tensors(&fixture(&format!("mobilenet_v2/{p}.input.safetensors")));
+            let expected =
+                read_tensors(&fixture(&format!("mobilenet_v2/{p}.expected.safetensors")));
+            let out = rt.run_tensors(&input, &[]).unwrap();
+            let (name, got) = &out.outputs[0];
+            let want = &expected.iter().find(|(n, _)| n == name).unwrap().1;
+            let d = max_abs_diff(got, want);
+            eprintln!("mobilenet_v2 {p}, fusion {fusion}: max |diff| = {d:e}");
+            assert!(d <= TOL, "{p}, fusion {fusion}: logits differ by {d}");
+            assert_eq!(argmax(got), argmax(want), "{p}, fusion {fusion}: top-1");
+        }
+    }
 }
 
 const PHOTOS: &[&str] = &["chelsea", "coffee", "astronaut"];

@@ -8,6 +8,7 @@
 //! the graph's liveness either way. Named values can be kept ("taps") for the explain layer.
 
 mod arena;
+mod fuse;
 pub mod native;
 pub mod ops;
 
@@ -17,6 +18,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, DType as CDType, Device, Storage, Tensor};
 
 use arena::ArenaPlan;
+pub use fuse::BlockFusion;
 use native::{In, Out, Prepared};
 pub use native::{Kernels, Winograd};
 
@@ -47,6 +49,8 @@ pub struct ExecOptions {
     pub threads: Option<usize>,
     /// Winograd policy for 3 × 3 stride-1 convolutions (native kernels only).
     pub winograd: Winograd,
+    /// Whether inverted residual blocks run as one fused kernel (native kernels only).
+    pub fusion: BlockFusion,
     /// Element type of float weights and activations. Our CPU kernels compute in f32; f16 and
     /// bf16 run candle's ops (the GPU path, and the CPU reference path that tests it).
     pub compute: crate::board::ComputeDtype,
@@ -57,6 +61,8 @@ pub struct Executor {
     device: Device,
     /// Per step: the node prepared for a native kernel (CPU only).
     prepared: Vec<Option<Prepared>>,
+    /// Per step: the fused block that starts there.
+    fused: Vec<Option<fuse::Fused>>,
     /// rayon's pool for candle's own ops, when `threads` was given.
     pool: Option<rayon::ThreadPool>,
     /// Our kernels' workers.
@@ -422,6 +428,34 @@ impl Executor {
                 live[root].1 = live[root].1.max(live[*out].1);
             }
         }
+        // Fused blocks read their input until their last step writes the output: the two must
+        // not share memory.
+        let fused = if native {
+            let mut uses = vec![0usize; slots.len()];
+            for step in &steps {
+                for r in &step.inputs {
+                    if let Ref::Slot(s) = r {
+                        uses[*s] += 1;
+                    }
+                }
+            }
+            let outs: HashSet<usize> = outputs
+                .iter()
+                .filter_map(|(_, r)| match r {
+                    Ref::Slot(s) => Some(*s),
+                    Ref::Weight(_) => None,
+                })
+                .collect();
+            fuse::plan(options.fusion, &steps, &prepared, &dims, &uses, &outs)
+        } else {
+            vec![None; steps.len()]
+        };
+        for (head, f) in fused.iter().enumerate() {
+            if let Some(f) = f {
+                let root = alias[f.input].unwrap_or(f.input);
+                live[root].1 = live[root].1.max(head + f.len - 1);
+            }
+        }
         let mut arena = ArenaPlan::new(&sizes, &live);
         for (s, root) in alias.iter().enumerate() {
             if let Some(r) = root {
@@ -436,6 +470,7 @@ impl Executor {
             released,
             device,
             prepared,
+            fused,
             pool,
             spin,
             options,
@@ -522,6 +557,11 @@ impl Executor {
     /// How many values have an arena region.
     pub fn arena_values(&self) -> usize {
         self.arena.regions.iter().flatten().count()
+    }
+
+    /// How many fused blocks run (each in place of 2 or 3 nodes).
+    pub fn fused_blocks(&self) -> usize {
+        self.fused.iter().flatten().count()
     }
 
     /// How many nodes run on our own kernels (the rest run candle's ops).
@@ -668,15 +708,46 @@ impl Executor {
                 }
                 _ => values[s].clone(),
             };
+        // Blocks with a tapped value inside run step by step.
+        let fusable =
+            |f: &fuse::Fused| !f.inner.iter().any(|s| tap_slots.iter().any(|t| t.1 == *s));
+        // Steps up to here were computed by a fused block.
+        let mut fused_until = 0;
         for (si, step) in self.steps.iter().enumerate() {
             let node = &self.graph.nodes[step.node];
             let started = profile.then(std::time::Instant::now);
+            let mut fused_kind = None;
             let exec_err = |source| Error::Exec {
                 node: node.name.clone(),
                 op: node.op.name(),
                 source: Box::new(source),
             };
-            let mut done = false;
+            let mut done = si < fused_until;
+            if let Some(f) = self.fused[si].as_ref().filter(|f| !done && fusable(f)) {
+                let data = |s: usize| match (resident[s], region(s)) {
+                    (true, Some(reg)) => Some(view(reg)),
+                    _ => feed[s],
+                };
+                let x = data(f.input);
+                let res = f.residual.map(data);
+                let block = fuse::block(&self.prepared[si..si + f.len]);
+                if let (Some(x), Some(block), Some(oreg), false) =
+                    (x, block, region(f.output), res.is_some_and(|r| r.is_none()))
+                {
+                    let d = &self.dims[f.input];
+                    let out = view_mut(oreg);
+                    block
+                        .run(x, (d[1], d[2], d[3]), res.flatten(), out)
+                        .map_err(|e| {
+                            exec_err(candle_core::Error::Msg(format!("fused block: {}", e.0)))
+                        })?;
+                    resident[f.output] = true;
+                    values[f.output] = None;
+                    fused_until = si + f.len;
+                    done = true;
+                    fused_kind = Some(format!("Bottleneck[{}] [fused]", f.len));
+                }
+            }
             if let ([Ref::Slot(src)], [out]) = (step.inputs.as_slice(), step.outputs.as_slice()) {
                 if self.aliased[*out] && resident[*src] {
                     // The elements are already where the output lives.
@@ -785,6 +856,8 @@ impl Executor {
             }
             if let Some(t0) = started {
                 let kind = match (&self.prepared[si], done) {
+                    _ if fused_kind.is_some() => fused_kind.clone().unwrap_or_default(),
+                    _ if si < fused_until => "(in a fused block)".to_string(),
                     (Some(p), true) => format!("{} [{}]", node.op.name(), p.kernel_name()),
                     _ => node.op.name(),
                 };

@@ -4,7 +4,7 @@
 //! add and the activation run in the GEMM's epilogue, so the output is written once.
 
 use super::act::apply_activation;
-use super::gemm::{gemm, BSource, Epilogue, Isa, Layout, MatrixB, PackedA, PackedB};
+use super::gemm::{gemm, gemm_into, BSource, Epilogue, Isa, Layout, MatrixB, PackedA, PackedB};
 use super::{par, scratch};
 use crate::graph::Activation;
 use std::cell::RefCell;
@@ -141,6 +141,62 @@ impl PackedConv {
     /// Output channels.
     pub fn cout(&self) -> usize {
         self.cout
+    }
+
+    /// Input channels.
+    pub fn cin(&self) -> usize {
+        self.cin_g * self.groups
+    }
+
+    /// Whether this is a plain pointwise product (1 × 1, stride 1, no padding, one group, weights
+    /// as the left operand): what [`PackedConv::pointwise_into`] runs.
+    pub fn is_pointwise(&self) -> bool {
+        self.kernel == (1, 1)
+            && self.stride == (1, 1)
+            && self.dilation == (1, 1)
+            && self.pad_begin == (0, 0)
+            && self.pad_end == (0, 0)
+            && self.groups == 1
+            && matches!(self.form, Form::Direct(_))
+    }
+
+    /// `out[co, j] = act(Σ_ci W[co, ci] · x[ci · x_rs + j] + bias[co] (+ residual))` for the
+    /// `n` columns `j` of a pointwise convolution, where C's rows are `out_rs` apart (a band of
+    /// rows of a larger map). `residual` is laid out like C.
+    ///
+    /// # Safety
+    /// Only for [`PackedConv::is_pointwise`] convolutions (checked, panics otherwise). `x` must
+    /// hold `(cin - 1) · x_rs + n` values; `out` must address `co · out_rs + j` for every
+    /// `co < cout`, `j < n`, and no other code may access those elements during the call;
+    /// `residual`, when given, must hold `(cout - 1) · out_rs + n` values.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn pointwise_into(
+        &self,
+        x: &[f32],
+        x_rs: usize,
+        n: usize,
+        out: *mut f32,
+        out_rs: usize,
+        residual: Option<&[f32]>,
+        activation: Option<Activation>,
+    ) {
+        let Form::Direct(ws) = &self.form else {
+            panic!("pointwise_into on a transposed convolution");
+        };
+        assert!(self.is_pointwise() && n > 0 && x.len() + x_rs >= self.cin() * x_rs + n);
+        let epi = Epilogue {
+            bias: self.bias.as_deref(),
+            col_bias: None,
+            residual,
+            activation,
+        };
+        let b = MatrixB {
+            data: x,
+            rs: x_rs,
+            cs: 1,
+        };
+        // SAFETY: the caller's contract covers C and the residual.
+        unsafe { gemm_into(&ws[0], &b, n, out, Layout { rs: out_rs, cs: 1 }, &epi) }
     }
 
     /// Output height and width for an `h × w` input, `None` when the kernel does not fit.

@@ -68,6 +68,33 @@ pub fn depthwise_conv2d(
     activation: Option<Activation>,
     y: &mut [f32],
 ) -> bool {
+    depthwise_any(s, x, weight, bias, residual, activation, y, true)
+}
+
+/// [`depthwise_conv2d`] plane by plane, never channel-blocked: for bands of a few rows of a
+/// wide map (a fused block's), where the per-plane 3 × 3 kernel reads the rows in place.
+pub(super) fn depthwise_planes(
+    s: &DepthwiseShape,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    activation: Option<Activation>,
+    y: &mut [f32],
+) -> bool {
+    depthwise_any(s, x, weight, bias, None, activation, y, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn depthwise_any(
+    s: &DepthwiseShape,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    activation: Option<Activation>,
+    y: &mut [f32],
+    may_block: bool,
+) -> bool {
     let Some((oh, ow)) = s.out_hw() else {
         return false;
     };
@@ -90,7 +117,7 @@ pub fn depthwise_conv2d(
         oh,
         ow,
     };
-    if plane_out <= SMALL_PLANE && s.c >= LANES {
+    if may_block && plane_out <= SMALL_PLANE && s.c >= LANES {
         blocked(&job, y, false);
         return true;
     }
@@ -542,10 +569,32 @@ fn planes(job: &Job, first: usize, out: &mut [f32], scratch: &mut Scratch) {
     // ReLU and Clip run in the copy out of the row sums; anything else in a pass per plane.
     let (clamp, rest) = split_activation(job.activation);
     let (plane_in, plane_out) = (s.h * s.w, job.oh * job.ow);
+    #[cfg(target_arch = "x86_64")]
+    let direct = super::dw3x3::covers(s) && Isa::detect() == Isa::Avx512;
     for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
         let nc = first + i;
         let ch = nc % s.c;
         let taps = s.kh * s.kw;
+        #[cfg(target_arch = "x86_64")]
+        if direct {
+            // SAFETY: AVX-512 was detected; the plane, taps, residual and output lengths
+            // follow from the shape checked by depthwise_conv2d.
+            unsafe {
+                super::dw3x3::plane_3x3(
+                    s,
+                    &job.x[nc * plane_in..(nc + 1) * plane_in],
+                    &job.weight[ch * taps..(ch + 1) * taps],
+                    job.bias.map_or(0.0, |b| b[ch]),
+                    job.residual
+                        .map(|r| &r[nc * plane_out..(nc + 1) * plane_out]),
+                    o,
+                    (job.oh, job.ow),
+                    clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY)),
+                )
+            };
+            apply_activation(rest, o);
+            continue;
+        }
         plane_flat(
             s,
             &job.x[nc * plane_in..(nc + 1) * plane_in],
@@ -933,6 +982,16 @@ mod tests {
     #[test]
     fn random_shapes_match_candle() {
         sweep(0x9e37_79b9_7f4a_7c15, 60, (1, 11), 20, 3, |_| true);
+    }
+
+    #[test]
+    fn wide_3x3_planes_match_candle() {
+        // Rows of several 64-column groups and ragged tails (the AVX-512 3 × 3 path).
+        for (stride, pad) in [(1, 1), (2, 1), (1, 0), (2, 0), (1, 2), (2, 2)] {
+            for hw in [17, 33, 70, 113] {
+                check(shape(3, hw, 3, stride, pad, 1));
+            }
+        }
     }
 
     /// Small planes with at least 16 channels take the channel-blocked path (partial blocks

@@ -407,7 +407,7 @@ thread_local! {
 /// `C = epilogue(A · B)` for `n` columns. `c` and `epi.residual` must hold every element the
 /// layout addresses; panics otherwise (callers size them from the same shapes).
 pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layout, epi: &Epilogue) {
-    let (m, k) = (a.m, a.k);
+    let m = a.m;
     if m == 0 || n == 0 {
         return;
     }
@@ -440,6 +440,30 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
             cb.len()
         );
     }
+    // SAFETY: C holds every element the layout addresses (checked above), and `c` is
+    // borrowed mutably for the call.
+    unsafe { gemm_into(a, b, n, c.as_mut_ptr(), layout, epi) }
+}
+
+/// [`gemm`] into C at a raw pointer, for callers that write disjoint parts of one output from
+/// several threads (a block computed in row strips).
+///
+/// # Safety
+/// `c` must address every element `i * layout.rs + j * layout.cs` (`i < a.m()`, `j < n`), and
+/// while the call runs no other code may access those elements; `epi.residual` and
+/// `epi.bias` / `epi.col_bias` must cover C's layout, its rows and its columns.
+pub unsafe fn gemm_into(
+    a: &PackedA,
+    b: &dyn BSource,
+    n: usize,
+    c: *mut f32,
+    layout: Layout,
+    epi: &Epilogue,
+) {
+    let (m, k) = (a.m, a.k);
+    if m == 0 || n == 0 {
+        return;
+    }
     if k == 0 {
         // No products: C is the epilogue of zero.
         for i in 0..m {
@@ -454,7 +478,8 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
                 .collect();
             apply_activation(epi.activation, &mut row);
             for (j, v) in row.into_iter().enumerate() {
-                c[i * layout.rs + j * layout.cs] = v;
+                // SAFETY: inside C (the caller's contract).
+                unsafe { *c.add(i * layout.rs + j * layout.cs) = v };
             }
         }
         return;
@@ -514,7 +539,7 @@ pub fn gemm(a: &PackedA, b: &dyn BSource, n: usize, c: &mut [f32], layout: Layou
         ..*epi
     };
     let epi = &tile_epi;
-    let cptr = SendPtr(c.as_mut_ptr());
+    let cptr = SendPtr(c);
     let run = |i: usize| {
         let (mi, nj) = (i % m_parts, i / m_parts);
         let (p0, p1) = split(mi, m_panels, m_parts);

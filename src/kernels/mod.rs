@@ -6,8 +6,11 @@
 //! Each is checked against the candle reference in its tests.
 
 pub mod act;
+pub mod bottleneck;
 pub mod conv;
 pub mod depthwise;
+#[cfg(target_arch = "x86_64")]
+mod dw3x3;
 pub mod gemm;
 pub mod layout;
 pub mod par;
