@@ -9,7 +9,7 @@ use candle_core::{DType, Result, Tensor};
 use crate::graph::{Activation, BinaryKind, Op, PoolKind, ResizeMode, ValueInfo};
 use crate::kernels::conv::{ConvPacking, PackedConv};
 use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
-use crate::kernels::gemm::{gemm, Epilogue, Layout, MatrixB, PackedA, PackedB};
+use crate::kernels::gemm::{gemm, gemv, Epilogue, Layout, MatrixB, PackedA, PackedB};
 use crate::kernels::layout::{self, BinOp};
 use crate::kernels::par::{self, SendPtr};
 use crate::kernels::pool::max_pool2d;
@@ -974,6 +974,10 @@ fn run_one(p: &Prepared, x: In, ins: &[In], out: &mut [f32], od: &[usize]) -> Re
             };
             // y = x · W: the rows of x (tokens) are the packed left operand, packed per frame
             // (rows × k, small beside the rows × k × n product), W the prepacked right one.
+            if rows == 1 {
+                gemv(x.data, w, out, &epi);
+                return Ok(true);
+            }
             let a = PackedA::pack_scratch(x.data, rows, k, k, 1);
             gemm(&a, w, n, out, Layout { rs: n, cs: 1 }, &epi);
             a.recycle();

@@ -252,7 +252,11 @@ pub struct PackedB {
 impl PackedB {
     /// Packs `B[k, n] = b[k * rs + n * cs]` for the CPU's micro-kernel.
     pub fn pack(b: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> PackedB {
-        let isa = Isa::detect();
+        Self::pack_for(Isa::detect(), b, k, n, rs, cs)
+    }
+
+    /// As [`PackedB::pack`], for a given micro-kernel.
+    pub fn pack_for(isa: Isa, b: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> PackedB {
         let nr = isa.nr();
         let panels = n.div_ceil(nr);
         let mut data = vec![0f32; panels * nr * k];
@@ -330,6 +334,154 @@ pub trait BSource: Sync {
     /// The same block when it already exists in packed form (no copy needed).
     fn packed(&self, _k0: usize, _kc: usize, _n0: usize, _nc: usize, _nr: usize) -> Option<&[f32]> {
         None
+    }
+}
+
+/// `y = act(x · B + col_bias + residual)` for one row `x` (`k` values) and a prepacked `B`:
+/// a matrix-vector product (a classifier over pooled features), which [`gemm`] would run on
+/// micro-tiles of which one row in `MR` is real. Each panel of `NR` columns streams its `k × NR`
+/// block once with four partial sums in flight; panels are shared between threads.
+pub fn gemv(x: &[f32], b: &PackedB, y: &mut [f32], epi: &Epilogue) {
+    let (k, n) = (b.k, b.n);
+    assert!(
+        x.len() == k && y.len() == n,
+        "gemv: x of {}, y of {}",
+        x.len(),
+        y.len()
+    );
+    assert!(epi.col_bias.is_none_or(|c| c.len() >= n) && epi.residual.is_none_or(|r| r.len() >= n));
+    let nr = b.isa.nr();
+    let panels = n.div_ceil(nr);
+    // Panels per task: enough to amortise a task, at most one share per thread.
+    let threads = par::current_threads().max(1);
+    let per = panels.div_ceil(threads).max(1);
+    par::par_chunks_mut(y, per * nr, |t, yc| {
+        let p0 = t * per;
+        #[cfg(target_arch = "x86_64")]
+        match b.isa {
+            // SAFETY: the packing's ISA was detected on this CPU.
+            Isa::Avx512 => return unsafe { gemv_avx512(x, b, p0, yc, epi) },
+            Isa::Avx2 => return unsafe { gemv_avx2(x, b, p0, yc, epi) },
+            Isa::Portable => {}
+        }
+        gemv_panels::<16>(x, b, p0, yc, epi)
+    });
+    apply_activation(epi.activation, y);
+}
+
+/// [`gemv_panels`] for 32-column panels in AVX-512 registers: four k-steps in flight, each
+/// with its own two accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gemv_avx512(x: &[f32], b: &PackedB, p0: usize, y: &mut [f32], epi: &Epilogue) {
+    use std::arch::x86_64::*;
+    const NR: usize = 32;
+    let (k, n) = (b.k, b.n);
+    let panels = n.div_ceil(NR);
+    assert!(b.data.len() >= panels * NR * k);
+    for (i, yp) in y.chunks_mut(NR).enumerate() {
+        let p = p0 + i;
+        let mut acc = [_mm512_setzero_ps(); 8];
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            // SAFETY: panel p of block k0 is kc × NR values inside data (asserted above).
+            let blk = unsafe { b.data.as_ptr().add(k0 * panels * NR + p * kc * NR) };
+            let xs = &x[k0..k0 + kc];
+            let mut kk = 0;
+            while kk + 4 <= kc {
+                for u in 0..4 {
+                    let xv = _mm512_set1_ps(xs[kk + u]);
+                    // SAFETY: row kk + u of the panel.
+                    let (r0, r1) = unsafe {
+                        let r = blk.add((kk + u) * NR);
+                        (_mm512_loadu_ps(r), _mm512_loadu_ps(r.add(16)))
+                    };
+                    acc[2 * u] = _mm512_fmadd_ps(xv, r0, acc[2 * u]);
+                    acc[2 * u + 1] = _mm512_fmadd_ps(xv, r1, acc[2 * u + 1]);
+                }
+                kk += 4;
+            }
+            while kk < kc {
+                let xv = _mm512_set1_ps(xs[kk]);
+                // SAFETY: row kk of the panel.
+                let (r0, r1) = unsafe {
+                    let r = blk.add(kk * NR);
+                    (_mm512_loadu_ps(r), _mm512_loadu_ps(r.add(16)))
+                };
+                acc[0] = _mm512_fmadd_ps(xv, r0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(xv, r1, acc[1]);
+                kk += 1;
+            }
+        }
+        let lo = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[4], acc[6]));
+        let hi = _mm512_add_ps(_mm512_add_ps(acc[1], acc[3]), _mm512_add_ps(acc[5], acc[7]));
+        let mut sums = [0f32; NR];
+        // SAFETY: sums holds 32 values.
+        unsafe {
+            _mm512_storeu_ps(sums.as_mut_ptr(), lo);
+            _mm512_storeu_ps(sums.as_mut_ptr().add(16), hi);
+        }
+        finish_panel(&sums, p * NR, yp, epi);
+    }
+}
+
+/// Writes a panel's sums into y with the column bias and residual of columns `c0 ..`.
+#[inline(always)]
+fn finish_panel(sums: &[f32], c0: usize, y: &mut [f32], epi: &Epilogue) {
+    for (j, v) in y.iter_mut().enumerate() {
+        let mut s = sums[j];
+        if let Some(cb) = epi.col_bias {
+            s += cb[c0 + j];
+        }
+        if let Some(r) = epi.residual {
+            s += r[c0 + j];
+        }
+        *v = s;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_avx2(x: &[f32], b: &PackedB, p0: usize, y: &mut [f32], epi: &Epilogue) {
+    gemv_panels::<16>(x, b, p0, y, epi)
+}
+
+/// Columns `p0 · NR ..` of y (as many as `y` holds), bias and residual added.
+#[inline(always)]
+fn gemv_panels<const NR: usize>(x: &[f32], b: &PackedB, p0: usize, y: &mut [f32], epi: &Epilogue) {
+    let (k, n) = (b.k, b.n);
+    let panels = n.div_ceil(NR);
+    for (i, yp) in y.chunks_mut(NR).enumerate() {
+        let p = p0 + i;
+        let mut acc = [[0f32; NR]; 4];
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let block = &b.data[k0 * panels * NR + p * kc * NR..][..kc * NR];
+            let xs = &x[k0..k0 + kc];
+            let quads = kc / 4;
+            for q in 0..quads {
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let kk = 4 * q + u;
+                    let xv = xs[kk];
+                    let row = &block[kk * NR..kk * NR + NR];
+                    for j in 0..NR {
+                        a[j] = xv.mul_add(row[j], a[j]);
+                    }
+                }
+            }
+            for kk in 4 * quads..kc {
+                let xv = xs[kk];
+                let row = &block[kk * NR..kk * NR + NR];
+                for j in 0..NR {
+                    acc[0][j] = xv.mul_add(row[j], acc[0][j]);
+                }
+            }
+        }
+        let mut sums = [0f32; NR];
+        for (j, v) in sums.iter_mut().enumerate() {
+            *v = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+        }
+        finish_panel(&sums, p * NR, yp, epi);
     }
 }
 
@@ -1247,6 +1399,45 @@ mod tests {
                     .map(|(x, y)| (x - y).abs())
                     .fold(0f32, f32::max);
                 assert!(err < 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n}: max err {err}");
+            }
+        }
+    }
+
+    /// One row times a prepacked matrix, for every micro-kernel's packing: deep k (several KC
+    /// blocks, k not a multiple of 4), ragged n, column bias, residual and an activation.
+    #[test]
+    fn gemv_matches_naive() {
+        for isa in Isa::available() {
+            for &(k, n) in &[(1280, 1000), (300, 37), (5, 33), (520, 64), (3, 1)] {
+                let x = rand(k, 21);
+                let b = rand(k * n, 22);
+                let cb = rand(n, 23);
+                let r = rand(n, 24);
+                let mut want = naive(&x, &b, 1, k, n);
+                for j in 0..n {
+                    want[j] = (want[j] + cb[j] + r[j]).max(0.0);
+                }
+                let pb = PackedB::pack_for(isa, &b, k, n, n, 1);
+                let mut y = vec![f32::NAN; n];
+                let epi = Epilogue {
+                    col_bias: Some(&cb),
+                    residual: Some(&r),
+                    activation: Some(Activation::Relu),
+                    ..Default::default()
+                };
+                for threads in [1, 2] {
+                    let pool = std::sync::Arc::new(par::SpinPool::new(threads).unwrap());
+                    pool.install(|| gemv(&x, &pb, &mut y, &epi));
+                    let err = y
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        err < 1e-4 * (k as f32).sqrt(),
+                        "{isa:?} {k}x{n}, {threads} threads: max err {err}"
+                    );
+                }
             }
         }
     }
