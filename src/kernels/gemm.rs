@@ -335,6 +335,13 @@ pub trait BSource: Sync {
     fn packed(&self, _k0: usize, _kc: usize, _n0: usize, _nc: usize, _nr: usize) -> Option<&[f32]> {
         None
     }
+
+    /// The block as rows of contiguous columns in place: `(s, ld)` with `B[k0 + kk, n0 + j] =
+    /// s[kk · ld + j]` for `kk < kc`, `j < nc`, so the micro-kernel can read whole panels
+    /// without a copy.
+    fn rows(&self, _k0: usize, _kc: usize, _n0: usize, _nc: usize) -> Option<(&[f32], usize)> {
+        None
+    }
 }
 
 /// `y = act(x · B + col_bias + residual)` for one row `x` (`k` values) and a prepacked `B`:
@@ -496,6 +503,16 @@ pub struct MatrixB<'a> {
 }
 
 impl BSource for MatrixB<'_> {
+    fn rows(&self, k0: usize, kc: usize, n0: usize, nc: usize) -> Option<(&[f32], usize)> {
+        if self.cs != 1 || kc == 0 {
+            return None;
+        }
+        let start = k0 * self.rs + n0;
+        self.data
+            .get(start..start + (kc - 1) * self.rs + nc)
+            .map(|s| (s, self.rs))
+    }
+
     fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, dst: &mut [f32]) {
         for p in 0..nc.div_ceil(nr) {
             let cols = nr.min(nc - p * nr);
@@ -710,21 +727,44 @@ pub unsafe fn gemm_into(
             for k0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - k0);
                 let len = kc * nc.div_ceil(nr) * nr;
-                // Prepacked operands are read where they lie; others are packed into `buf`.
+                // Prepacked operands are read where they lie, row-major ones in place (whole
+                // panels; a ragged last panel is packed), others are packed into `buf`.
+                let mut in_place = None;
                 let block: &[f32] = match b.packed(k0, kc, n0, nc, nr) {
                     Some(panels) => panels,
-                    None => {
-                        b.pack(k0, kc, n0, nc, nr, &mut buf[..len]);
-                        &buf[..len]
-                    }
+                    None => match b.rows(k0, kc, n0, nc).filter(|_| a.isa != Isa::Portable) {
+                        Some(rows) => {
+                            let full = nc / nr;
+                            if full * nr < nc {
+                                let at = full * kc * nr;
+                                b.pack(
+                                    k0,
+                                    kc,
+                                    n0 + full * nr,
+                                    nc - full * nr,
+                                    nr,
+                                    &mut buf[at..len],
+                                );
+                            }
+                            in_place = Some(rows);
+                            &buf[..len]
+                        }
+                        None => {
+                            b.pack(k0, kc, n0, nc, nr, &mut buf[..len]);
+                            &buf[..len]
+                        }
+                    },
                 };
                 let first = k0 == 0;
                 let final_block = k0 + kc == k;
                 let tile = |p: usize, np: usize| {
                     let ap = a.panel(k0, p);
                     let rows = mr.min(m - p * mr);
-                    let bp = &block[np * kc * nr..(np + 1) * kc * nr];
                     let cols = nr.min(nc - np * nr);
+                    let (bp, ldb) = match in_place {
+                        Some((rows, ld)) if cols == nr => (&rows[np * nr..], ld),
+                        _ => (&block[np * kc * nr..(np + 1) * kc * nr], nr),
+                    };
                     if rows == mr && cols == nr && layout.cs == 1 {
                         // Whole tile, unit column stride: the kernel adds into C itself.
                         let (i0, j0) = (p * mr, n0 + np * nr);
@@ -743,7 +783,16 @@ pub unsafe fn gemm_into(
                                 lo,
                                 hi,
                             });
-                            micro(a.isa, kc, ap, bp, cp, layout.rs, !first, fused.as_ref());
+                            micro(
+                                a.isa,
+                                kc,
+                                ap,
+                                (bp, ldb),
+                                cp,
+                                layout.rs,
+                                !first,
+                                fused.as_ref(),
+                            );
                             if final_block && !fusable {
                                 epilogue_in_place(cp, layout.rs, (i0, j0), (mr, nr), epi);
                             }
@@ -752,7 +801,7 @@ pub unsafe fn gemm_into(
                     }
                     let mut tile = [0f32; TILE_MAX];
                     // SAFETY: the tile buffer holds MR × NR values at row stride NR.
-                    unsafe { micro(a.isa, kc, ap, bp, tile.as_mut_ptr(), nr, false, None) };
+                    unsafe { micro(a.isa, kc, ap, (bp, ldb), tile.as_mut_ptr(), nr, false, None) };
                     // SAFETY: rows p*mr.. and columns n0+np*nr.. belong to this item only.
                     unsafe {
                         store(
@@ -868,7 +917,7 @@ unsafe fn micro(
     isa: Isa,
     kc: usize,
     a: &[f32],
-    b: &[f32],
+    (b, ldb): (&[f32], usize),
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
@@ -878,12 +927,13 @@ unsafe fn micro(
         // SAFETY: Isa::detect only picks Avx512 / Avx2 when the CPU has those features; the
         // panels hold kc·MR and kc·NR values.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => x86::kernel_8x32(kc, a, b, c, ldc, accumulate, fused),
+        Isa::Avx512 => x86::kernel_8x32(kc, a, (b, ldb), c, ldc, accumulate, fused),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => x86::kernel_6x16(kc, a, b, c, ldc, accumulate, fused),
+        Isa::Avx2 => x86::kernel_6x16(kc, a, (b, ldb), c, ldc, accumulate, fused),
         _ => {
             // The portable kernel stores plain sums; the caller's epilogue pass does the rest.
             let _ = fused;
+            let _ = ldb;
             portable::kernel_4x16(kc, a, b, c, ldc, accumulate)
         }
     }
@@ -1048,19 +1098,19 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// The CPU must have AVX-512F; `a` holds `kc * 8` and `b` `kc * 32` values; `c` addresses
-    /// 8 rows of 32 values at stride `ldc`.
+    /// The CPU must have AVX-512F; `a` holds `kc * 8` values and `b` `kc` rows of 32 at
+    /// stride `ldb`; `c` addresses 8 rows of 32 values at stride `ldc`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel_8x32(
         kc: usize,
         a: &[f32],
-        b: &[f32],
+        (b, ldb): (&[f32], usize),
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
         fused: Option<&Fused>,
     ) {
-        debug_assert!(a.len() >= kc * 8 && b.len() >= kc * 32);
+        assert!(a.len() >= kc * 8 && (kc == 0 || b.len() >= (kc - 1) * ldb + 32));
         let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
         let mut c0 = [_mm512_setzero_ps(); 8];
         let mut c1 = [_mm512_setzero_ps(); 8];
@@ -1073,7 +1123,7 @@ mod x86 {
                 c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
             }
             ap = ap.add(8);
-            bp = bp.add(32);
+            bp = bp.add(ldb);
         }
         for r in 0..8 {
             let t = c.add(r * ldc);
@@ -1107,19 +1157,19 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `a` holds `kc * 6` and `b` `kc * 16` values; `c`
-    /// addresses 6 rows of 16 values at stride `ldc`.
+    /// The CPU must have AVX2 and FMA; `a` holds `kc * 6` values and `b` `kc` rows of 16 at
+    /// stride `ldb`; `c` addresses 6 rows of 16 values at stride `ldc`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel_6x16(
         kc: usize,
         a: &[f32],
-        b: &[f32],
+        (b, ldb): (&[f32], usize),
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
         fused: Option<&Fused>,
     ) {
-        debug_assert!(a.len() >= kc * 6 && b.len() >= kc * 16);
+        assert!(a.len() >= kc * 6 && (kc == 0 || b.len() >= (kc - 1) * ldb + 16));
         let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
         let mut c0 = [_mm256_setzero_ps(); 6];
         let mut c1 = [_mm256_setzero_ps(); 6];
@@ -1132,7 +1182,7 @@ mod x86 {
                 c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
             }
             ap = ap.add(6);
-            bp = bp.add(16);
+            bp = bp.add(ldb);
         }
         for r in 0..6 {
             let t = c.add(r * ldc);
