@@ -154,8 +154,7 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Whether inverted residual blocks run fused (default: those whose expanded map
-    /// outgrows the L2 cache).
+    /// Whether inverted residual blocks run fused (default: never; see [`BlockFusion`]).
     pub fn fusion(mut self, policy: BlockFusion) -> Self {
         self.exec.fusion = policy;
         self

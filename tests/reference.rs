@@ -114,7 +114,7 @@ fn squeezenet_matches_onnxruntime() {
 }
 
 fn mobilenet() -> Runtime {
-    mobilenet_with(BlockFusion::Auto)
+    mobilenet_with(BlockFusion::default())
 }
 
 fn mobilenet_with(fusion: BlockFusion) -> Runtime {
@@ -128,7 +128,11 @@ fn mobilenet_with(fusion: BlockFusion) -> Runtime {
 
 #[test]
 fn embedded_mobilenet_v2_matches_onnxruntime_with_every_block_fused_and_none() {
-    for (fusion, blocks) in [(BlockFusion::Always, 7), (BlockFusion::Never, 0)] {
+    for (fusion, blocks) in [
+        (BlockFusion::Always, 7),
+        (BlockFusion::Auto, 2),
+        (BlockFusion::Never, 0),
+    ] {
         let rt = mobilenet_with(fusion);
         // The blocks down to 28 × 28 (the first is depthwise → project): on smaller maps the
         // project runs transposed (positions as GEMM rows), which bands do not take.
