@@ -123,6 +123,55 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
+    /// A window holding a NaN gives NaN, wherever the NaN sits among its taps and rows,
+    /// against a plain loop.
+    #[test]
+    fn nan_in_a_window_propagates() {
+        for &(stride, pad, h, w) in &[(2, 1, 13, 37), (1, 1, 9, 20), (2, 0, 11, 33)] {
+            let mut x: Vec<f32> = (0..h * w).map(|i| ((i * 37) % 101) as f32 - 50.0).collect();
+            for &i in &[0, 5, w + 3, 3 * w + w - 1, (h - 1) * w + 7] {
+                x[i] = f32::NAN;
+            }
+            let s = DepthwiseShape {
+                n: 1,
+                c: 1,
+                h,
+                w,
+                kh: 3,
+                kw: 3,
+                stride: (stride, stride),
+                dilation: (1, 1),
+                pad_begin: (pad, pad),
+                pad_end: (pad, pad),
+            };
+            let (oh, ow) = s.out_hw().unwrap();
+            let mut got = vec![0f32; oh * ow];
+            assert!(max_pool2d(&s, &x, &mut got));
+            let at =
+                |o: usize, k: usize, n: usize| (o * stride + k).checked_sub(pad).filter(|&i| i < n);
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let (mut m, mut nan) = (f32::NEG_INFINITY, false);
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            if let (Some(iy), Some(ix)) = (at(oy, ky, h), at(ox, kx, w)) {
+                                let v = x[iy * w + ix];
+                                nan |= v.is_nan();
+                                m = m.max(v);
+                            }
+                        }
+                    }
+                    let g = got[oy * ow + ox];
+                    if nan {
+                        assert!(g.is_nan(), "s{stride} p{pad} ({oy}, {ox}): {g}, want NaN");
+                    } else {
+                        assert_eq!(g, m, "s{stride} p{pad} ({oy}, {ox})");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn matches_candle_max_pool() {
         let dev = Device::Cpu;
