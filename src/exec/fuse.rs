@@ -16,8 +16,8 @@ use crate::kernels::bottleneck::{Bottleneck, DepthwiseStage, Pointwise};
 /// Whether inverted residual blocks run fused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BlockFusion {
-    /// Blocks whose expanded map is at least [`MIN_EXPANDED_BYTES`] and whose rows are at least
-    /// [`MIN_WIDTH`] wide.
+    /// Blocks whose expanded map is at least `MIN_EXPANDED_BYTES` (1 MB) and whose rows are at least
+    /// `MIN_WIDTH` (64) wide.
     Auto,
     /// Every block, whatever its size (for tests and comparisons).
     Always,

@@ -716,7 +716,8 @@ impl Executor {
         for (si, step) in self.steps.iter().enumerate() {
             let node = &self.graph.nodes[step.node];
             let started = profile.then(std::time::Instant::now);
-            let mut fused_kind = None;
+            // The fused block's length, for the profile.
+            let mut fused_len = None;
             let exec_err = |source| Error::Exec {
                 node: node.name.clone(),
                 op: node.op.name(),
@@ -745,7 +746,7 @@ impl Executor {
                     values[f.output] = None;
                     fused_until = si + f.len;
                     done = true;
-                    fused_kind = Some(format!("Bottleneck[{}] [fused]", f.len));
+                    fused_len = Some(f.len);
                 }
             }
             if let ([Ref::Slot(src)], [out]) = (step.inputs.as_slice(), step.outputs.as_slice()) {
@@ -855,10 +856,10 @@ impl Executor {
                 }
             }
             if let Some(t0) = started {
-                let kind = match (&self.prepared[si], done) {
-                    _ if fused_kind.is_some() => fused_kind.clone().unwrap_or_default(),
+                let kind = match (fused_len, &self.prepared[si], done) {
+                    (Some(len), ..) => format!("Bottleneck[{len}] [fused]"),
                     _ if si < fused_until => "(in a fused block)".to_string(),
-                    (Some(p), true) => format!("{} [{}]", node.op.name(), p.kernel_name()),
+                    (None, Some(p), true) => format!("{} [{}]", node.op.name(), p.kernel_name()),
                     _ => node.op.name(),
                 };
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
