@@ -7,7 +7,6 @@
 //! block step by step, and the plan gives those values their arena regions as usual.
 
 use std::collections::HashSet;
-use std::str::FromStr;
 
 use super::native::{ConvEngine, Prepared};
 use super::{Ref, Step};
@@ -16,8 +15,8 @@ use crate::kernels::bottleneck::{Bottleneck, DepthwiseStage, Pointwise};
 /// Whether inverted residual blocks run fused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BlockFusion {
-    /// Blocks whose expanded map is at least `MIN_EXPANDED_BYTES` (1 MB) and whose rows are at least
-    /// `MIN_WIDTH` (64) wide.
+    /// Blocks whose expanded map is at least `MIN_EXPANDED_BYTES` (1 MB) and whose rows are
+    /// at least `MIN_WIDTH` (64) wide.
     Auto,
     /// Every block, whatever its size (for tests and comparisons).
     Always,
@@ -28,29 +27,11 @@ pub enum BlockFusion {
     Never,
 }
 
-impl std::fmt::Display for BlockFusion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            BlockFusion::Auto => "auto",
-            BlockFusion::Always => "always",
-            BlockFusion::Never => "never",
-        })
-    }
-}
-
-impl FromStr for BlockFusion {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(BlockFusion::Auto),
-            "always" => Ok(BlockFusion::Always),
-            "never" => Ok(BlockFusion::Never),
-            other => Err(format!(
-                "unknown block fusion policy '{other}' (expected auto, always or never)"
-            )),
-        }
-    }
-}
+named_choices!(BlockFusion, "block fusion policy", "auto, always or never", {
+    Auto => "auto",
+    Always => "always",
+    Never => "never",
+});
 
 /// Smallest expanded map (bytes) fused under [`BlockFusion::Auto`]: below it the layer-by-layer
 /// path keeps the value in L2 anyway and the bands only add overhead.

@@ -7,6 +7,33 @@
 //! record) values are tensors dropped right after their last consumer, so peak memory follows
 //! the graph's liveness either way. Named values can be kept ("taps") for the explain layer.
 
+/// `Display` and `FromStr` for an option enum from its variants' command-line names; a wrong
+/// name is an error naming it and the accepted ones.
+macro_rules! named_choices {
+    ($ty:ident, $what:literal, $expected:literal, { $($v:ident => $name:literal),+ $(,)? }) => {
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self {
+                    $($ty::$v => $name,)+
+                })
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                match s {
+                    $($name => Ok($ty::$v),)+
+                    other => Err(format!(
+                        concat!("unknown ", $what, " '{}' (expected ", $expected, ")"),
+                        other
+                    )),
+                }
+            }
+        }
+    };
+}
+
 mod arena;
 mod fuse;
 pub mod native;

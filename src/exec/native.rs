@@ -2,8 +2,6 @@
 //! load (weights packed for the micro-kernel), with candle's op as the fallback for anything a
 //! kernel does not cover. Every kernel is tested against the candle path.
 
-use std::str::FromStr;
-
 use candle_core::{DType, Result, Tensor};
 
 use crate::graph::{Activation, BinaryKind, Op, PoolKind, ResizeMode, ValueInfo};
@@ -18,10 +16,10 @@ use crate::kernels::rowwise::{layer_norm_rows, softmax_rows};
 use crate::kernels::winograd::WinogradConv;
 use crate::model::DType as ModelDType;
 
-/// When 3 × 3 stride-1 convolutions use Winograd's F(2×2, 3×3).
+/// When 3 × 3 stride-1 convolutions use Winograd (F(2×2, 3×3) or F(4×4, 3×3)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Winograd {
-    /// Per layer, whichever measured faster at load (layers of ≥ 20 M multiply-adds).
+    /// Per layer, whichever measured faster at load (layers of ≥ 8 M multiply-adds).
     #[default]
     Auto,
     /// Every eligible layer, whatever its size (for tests and comparisons).
@@ -30,29 +28,11 @@ pub enum Winograd {
     Never,
 }
 
-impl std::fmt::Display for Winograd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Winograd::Auto => "auto",
-            Winograd::Always => "always",
-            Winograd::Never => "never",
-        })
-    }
-}
-
-impl FromStr for Winograd {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(Winograd::Auto),
-            "always" => Ok(Winograd::Always),
-            "never" => Ok(Winograd::Never),
-            other => Err(format!(
-                "unknown Winograd policy '{other}' (expected auto, always or never)"
-            )),
-        }
-    }
-}
+named_choices!(Winograd, "Winograd policy", "auto, always or never", {
+    Auto => "auto",
+    Always => "always",
+    Never => "never",
+});
 
 /// Which kernels run on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,27 +44,10 @@ pub enum Kernels {
     Candle,
 }
 
-impl FromStr for Kernels {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "native" => Ok(Kernels::Native),
-            "candle" => Ok(Kernels::Candle),
-            other => Err(format!(
-                "unknown kernels '{other}' (expected native or candle)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Kernels {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Kernels::Native => "native",
-            Kernels::Candle => "candle",
-        })
-    }
-}
+named_choices!(Kernels, "kernels", "native or candle", {
+    Native => "native",
+    Candle => "candle",
+});
 
 /// How a dense convolution runs.
 pub(crate) enum ConvEngine {

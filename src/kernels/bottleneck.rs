@@ -343,6 +343,21 @@ mod tests {
     use crate::kernels::conv::ConvPacking;
     use candle_core::{Device, Tensor};
 
+    /// A pointwise convolution `ci → co` with weights `wt` (`[co, ci]`).
+    fn pw(wt: &[f32], co: usize, ci: usize, b: Option<&[f32]>) -> PackedConv {
+        PackedConv::new(
+            wt,
+            &[co, ci, 1, 1],
+            b,
+            &[1, 1],
+            &[0, 0, 0, 0],
+            &[1, 1],
+            1,
+            ConvPacking::Direct,
+        )
+        .unwrap()
+    }
+
     struct Rng(u64);
     impl Rng {
         fn next(&mut self) -> f32 {
@@ -413,25 +428,12 @@ mod tests {
         }
         let want = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
 
-        let pw = |wt: &[f32], co: usize, ci: usize, b: &[f32]| {
-            PackedConv::new(
-                wt,
-                &[co, ci, 1, 1],
-                Some(b),
-                &[1, 1],
-                &[0, 0, 0, 0],
-                &[1, 1],
-                1,
-                ConvPacking::Direct,
-            )
-            .unwrap()
-        };
         let relu6 = Some(Activation::Clip {
             min: Some(0.0),
             max: Some(6.0),
         });
-        let ec = pw(&we, c, cin, &be);
-        let pc = pw(&wp, cout, c, &bp);
+        let ec = pw(&we, c, cin, Some(&be));
+        let pc = pw(&wp, cout, c, Some(&bp));
         let block = Bottleneck {
             expand: mid.map(|_| Pointwise {
                 conv: &ec,
@@ -489,28 +491,8 @@ mod tests {
     #[test]
     fn rejects_a_mismatched_input() {
         let w = vec![0.5f32; 8 * 4];
-        let e = PackedConv::new(
-            &w,
-            &[8, 4, 1, 1],
-            None,
-            &[1, 1],
-            &[0; 4],
-            &[1, 1],
-            1,
-            ConvPacking::Direct,
-        )
-        .unwrap();
-        let p = PackedConv::new(
-            &w,
-            &[4, 8, 1, 1],
-            None,
-            &[1, 1],
-            &[0; 4],
-            &[1, 1],
-            1,
-            ConvPacking::Direct,
-        )
-        .unwrap();
+        let e = pw(&w, 8, 4, None);
+        let p = pw(&w, 4, 8, None);
         let dw = vec![0.1f32; 8 * 9];
         let block = Bottleneck {
             expand: Some(Pointwise {
