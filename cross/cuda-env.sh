@@ -4,7 +4,8 @@
 #     source cross/cuda-env.sh
 #
 # Installs NVIDIA's CUDA 13.4 wheels from PyPI (nvcc, cudart, nvrtc, cuBLAS, cuRAND, CCCL) into a
-# venv at .venv-cuda/ in the repository root when they are missing or pinned differently, makes
+# venv at .venv-cuda/ in the repository root when they are missing or pinned differently
+# (EDGEINFER_CUDA_RELEASE=13.0: the CUDA 13.0 wheels, in .venv-cuda-13.0/, for R580 drivers), makes
 # the unversioned .so links the linker asks for and a link-time stub of the driver's libcuda.so
 # (the driver is not a wheel) in .venv-cuda/cuda-stubs/, and exports:
 #   CUDA_HOME         the wheels' nvidia/cu13 (candle's kernel build and cudarc read it)
@@ -20,24 +21,46 @@
 # made by nvcc 13.4). It does not run on JetPack 5/6 (CUDA 11.4/12.x): see cross/JETSON.md.
 
 _edgeinfer_cuda_env() {
-    local root venv stubs site lib f base pins stamp
+    local root venv stubs site lib f base pins stamp release
     root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd) || return 1
-    venv=${EDGEINFER_CUDA_VENV:-$root/.venv-cuda}
-    stubs=$venv/cuda-stubs
-    # One CUDA release: the components of the `cuda-toolkit==13.4.3` metapackage (CUDA 13.4
-    # Update 3). cudarc 0.19.10 (Cargo.lock) knows CUDA up to 13.4; 13.5 fails its build script.
-    pins="nvidia-cuda-nvcc==13.4.92
+    # One CUDA release: the components of its `cuda-toolkit` metapackage. The kernels ship as
+    # PTX that the driver JIT-compiles, and a driver refuses PTX newer than its own CUDA
+    # release: build for the oldest driver the binary must run on (R580 drivers are CUDA 13.0).
+    # cudarc 0.19.10 (Cargo.lock) knows CUDA up to 13.4; 13.5 fails its build script.
+    release=${EDGEINFER_CUDA_RELEASE:-13.4}
+    case $release in
+        13.4) # cuda-toolkit==13.4.3 (CUDA 13.4 Update 3)
+            pins="nvidia-cuda-nvcc==13.4.92
 nvidia-nvvm==13.4.92
 nvidia-cuda-crt==13.4.92
 nvidia-cuda-runtime==13.4.92
 nvidia-cuda-nvrtc==13.4.92
 nvidia-cuda-cccl==13.3.4.3.1
 nvidia-cublas==13.8.0.4
-nvidia-curand==10.4.4.72"
+nvidia-curand==10.4.4.72" ;;
+        13.0) # cuda-toolkit==13.0.2 (CUDA 13.0 Update 2; R580 drivers)
+            pins="nvidia-cuda-nvcc==13.0.88
+nvidia-nvvm==13.0.88
+nvidia-cuda-crt==13.0.88
+nvidia-cuda-runtime==13.0.96
+nvidia-cuda-nvrtc==13.0.88
+nvidia-cuda-cccl==13.0.85
+nvidia-cublas==13.1.0.3
+nvidia-curand==10.4.0.35" ;;
+        *)
+            echo "cuda-env: EDGEINFER_CUDA_RELEASE=$release: known releases are 13.4 and 13.0" >&2
+            return 1 ;;
+    esac
+    if [ "$release" = 13.4 ]; then
+        venv=${EDGEINFER_CUDA_VENV:-$root/.venv-cuda}
+    else
+        venv=${EDGEINFER_CUDA_VENV:-$root/.venv-cuda-$release}
+    fi
+    stubs=$venv/cuda-stubs
     stamp=$venv/.cuda-pins
 
     if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$pins" ]; then
-        echo "cuda-env: installing the CUDA 13.4 wheels into $venv (about 1.2 GB)" >&2
+        echo "cuda-env: installing the CUDA $release wheels into $venv (about 1.2 GB)" >&2
         if [ ! -x "$venv/bin/python" ]; then
             "${PYTHON:-python3}" -m venv "$venv" || return 1
         fi

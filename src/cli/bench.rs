@@ -335,6 +335,9 @@ fn sweep(
         None => image::load_from_memory(default_image)?,
     };
     let (name, t) = probe.image_tensor(&img)?;
+    // The children time on the device this process resolved (`auto` once, here), so every
+    // variant runs where the report says it ran.
+    let device = probe.device().name.clone();
     let input = a.report.join("input.safetensors");
     let mut w = ModelWriter::new();
     w.add_candle(name, &t.to_device(&candle_core::Device::Cpu)?)?;
@@ -452,7 +455,7 @@ fn sweep(
                 .arg(&input)
                 .arg("--runs")
                 .arg(per_round.to_string())
-                .args(["--device", "cpu"]);
+                .args(["--device", &device]);
             cmd.args(child_args);
             let out = cmd.output().context("running bench-variant")?;
             if !out.status.success() {
@@ -482,7 +485,7 @@ fn sweep(
         row.peak_rss_mb = rss[i];
     }
     bar.finish_and_clear();
-    let title = format!("{} on this machine", base.label());
+    let title = format!("{} on {device} of this machine", base.label());
     edgeinfer::bench::write_report(&a.report, &title, &rows, budget_ms)?;
     print!(
         "{}",

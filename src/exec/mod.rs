@@ -35,6 +35,8 @@ macro_rules! named_choices {
 }
 
 mod arena;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod fuse;
 pub mod native;
 pub mod ops;
