@@ -630,11 +630,16 @@ impl Executor {
             }
             let compute = self.options.compute.candle();
             let t = if t.dtype() == CDType::F32 && compute != CDType::F32 {
-                t.to_dtype(compute)?
+                // On a GPU, upload then cast: one launch there instead of candle's host loop.
+                if self.device.is_cpu() {
+                    t.to_dtype(compute)?.to_device(&self.device)?
+                } else {
+                    t.to_device(&self.device)?.to_dtype(compute)?
+                }
             } else {
-                t.clone()
+                t.to_device(&self.device)?
             };
-            values[*slot] = Some(t.to_device(&self.device)?);
+            values[*slot] = Some(t);
         }
         for (name, _) in feeds {
             if !self.inputs.iter().any(|(n, _)| n == name) {
