@@ -799,6 +799,36 @@ pub unsafe fn gemm_into(
                         }
                         return;
                     }
+                    #[cfg(target_arch = "x86_64")]
+                    if a.isa == Isa::Avx512 && layout.cs == 1 && fusable {
+                        let (i0, j0) = (p * mr, n0 + np * nr);
+                        // SAFETY: as for a whole tile; the kernel touches only the tile's
+                        // `rows × cols` part of C and of the residual and column bias.
+                        unsafe {
+                            let fused = final_block.then(|| Fused {
+                                bias: epi.bias.map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
+                                col_bias: epi
+                                    .col_bias
+                                    .map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
+                                residual: epi.residual.map_or(std::ptr::null(), |r| {
+                                    r[i0 * layout.rs + j0..].as_ptr()
+                                }),
+                                lo,
+                                hi,
+                            });
+                            x86::kernel_8x32_edge(
+                                kc,
+                                ap,
+                                (bp, ldb),
+                                cptr.get().add(i0 * layout.rs + j0),
+                                layout.rs,
+                                (rows, cols),
+                                !first,
+                                fused.as_ref(),
+                            );
+                        }
+                        return;
+                    }
                     let mut tile = [0f32; TILE_MAX];
                     // SAFETY: the tile buffer holds MR × NR values at row stride NR.
                     unsafe { micro(a.isa, kc, ap, (bp, ldb), tile.as_mut_ptr(), nr, false, None) };
@@ -1153,6 +1183,91 @@ mod x86 {
             }
             _mm512_storeu_ps(t, c0[r]);
             _mm512_storeu_ps(t.add(16), c1[r]);
+        }
+    }
+
+    /// [`kernel_8x32`] for a tile on C's edge: stores only the first `rows` rows and `cols`
+    /// columns (masked loads and stores, never past them), and computes only the left 16
+    /// columns when `cols` ≤ 16. A 14 × 14 map is 6 panels of 32 and 4 columns; a ViT's 197
+    /// tokens 6 and 5: the ragged panel costs half a tile instead of a whole one plus a scalar
+    /// store pass.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `a` holds `kc * 8` values and `b` `kc` rows of 32 at stride
+    /// `ldb`; `c` addresses `rows` rows of `cols` values at stride `ldc`; `fused`'s residual
+    /// and column bias cover the same rows and columns; `rows` ≤ 8 and 1 ≤ `cols` ≤ 32.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel_8x32_edge(
+        kc: usize,
+        a: &[f32],
+        (b, ldb): (&[f32], usize),
+        c: *mut f32,
+        ldc: usize,
+        (rows, cols): (usize, usize),
+        accumulate: bool,
+        fused: Option<&Fused>,
+    ) {
+        assert!(a.len() >= kc * 8 && (kc == 0 || b.len() >= (kc - 1) * ldb + 32));
+        assert!(rows <= 8 && (1..=32).contains(&cols));
+        let mask = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
+        let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
+        let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+        let mut c0 = [_mm512_setzero_ps(); 8];
+        let mut c1 = [_mm512_setzero_ps(); 8];
+        if cols <= 16 {
+            for _ in 0..kc {
+                let b0 = _mm512_loadu_ps(bp);
+                for r in 0..8 {
+                    c0[r] = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(r)), b0, c0[r]);
+                }
+                ap = ap.add(8);
+                bp = bp.add(ldb);
+            }
+        } else {
+            for _ in 0..kc {
+                let b0 = _mm512_loadu_ps(bp);
+                let b1 = _mm512_loadu_ps(bp.add(16));
+                for r in 0..8 {
+                    let av = _mm512_set1_ps(*ap.add(r));
+                    c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
+                    c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+                }
+                ap = ap.add(8);
+                bp = bp.add(ldb);
+            }
+        }
+        for r in 0..rows {
+            let t = c.add(r * ldc);
+            let (mut v0, mut v1) = (c0[r], c1[r]);
+            if accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, t));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, t.wrapping_add(16)));
+            }
+            if let Some(f) = fused {
+                if !f.bias.is_null() {
+                    let bb = _mm512_set1_ps(*f.bias.add(r));
+                    v0 = _mm512_add_ps(v0, bb);
+                    v1 = _mm512_add_ps(v1, bb);
+                }
+                if !f.col_bias.is_null() {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, f.col_bias));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, f.col_bias.wrapping_add(16)));
+                }
+                if !f.residual.is_null() {
+                    let rr = f.residual.add(r * ldc);
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, rr));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, rr.wrapping_add(16)));
+                }
+                // max(lo, x) and min(hi, x) return x when x is NaN.
+                let (lo, hi) = (_mm512_set1_ps(f.lo), _mm512_set1_ps(f.hi));
+                v0 = _mm512_min_ps(hi, _mm512_max_ps(lo, v0));
+                v1 = _mm512_min_ps(hi, _mm512_max_ps(lo, v1));
+            }
+            _mm512_mask_storeu_ps(t, m0, v0);
+            // The right half's pointer may lie past C's end when m1 is empty: wrapping, never
+            // dereferenced there (masked-off lanes are not accessed).
+            _mm512_mask_storeu_ps(t.wrapping_add(16), m1, v1);
         }
     }
 
