@@ -1218,8 +1218,8 @@ mod x86 {
         if cols <= 16 {
             for _ in 0..kc {
                 let b0 = _mm512_loadu_ps(bp);
-                for r in 0..8 {
-                    c0[r] = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(r)), b0, c0[r]);
+                for (r, acc) in c0.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(r)), b0, *acc);
                 }
                 ap = ap.add(8);
                 bp = bp.add(ldb);
