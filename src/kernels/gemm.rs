@@ -342,6 +342,24 @@ pub trait BSource: Sync {
     fn rows(&self, _k0: usize, _kc: usize, _n0: usize, _nc: usize) -> Option<(&[f32], usize)> {
         None
     }
+
+    /// The block's panels as rows found in place, each row anywhere: `Some(s)` with
+    /// `B[k0 + kk, n0 + p · nr + j] = s[bases[kk] + offs[p] + j]` for `j < nr` and every panel
+    /// `p` whose `offs[p]` is `Some` (a whole panel in one run of the source); the others are
+    /// packed as usual. Fills `bases` (`kc` values) and `offs` (one per panel).
+    #[allow(clippy::too_many_arguments)]
+    fn gathered(
+        &self,
+        _k0: usize,
+        _kc: usize,
+        _n0: usize,
+        _nc: usize,
+        _nr: usize,
+        _bases: &mut Vec<usize>,
+        _offs: &mut Vec<Option<usize>>,
+    ) -> Option<&[f32]> {
+        None
+    }
 }
 
 /// `y = act(x · B + col_bias + residual)` for one row `x` (`k` values) and a prepacked `B`:
@@ -571,6 +589,9 @@ pub struct Layout {
 
 thread_local! {
     static PACK_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// [`BSource::gathered`]'s row bases and panel offsets, grown once per thread.
+    static GATHER: RefCell<(Vec<usize>, Vec<Option<usize>>)> =
+        const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// `C = epilogue(A · B)` for `n` columns. `c` and `epi.residual` must hold every element the
@@ -719,153 +740,224 @@ pub unsafe fn gemm_into(
             return;
         }
         PACK_B.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            let need = KC * nc.div_ceil(nr) * nr;
-            if buf.len() < need {
-                buf.resize(need, 0.0);
-            }
-            for k0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - k0);
-                let len = kc * nc.div_ceil(nr) * nr;
-                // Prepacked operands are read where they lie, row-major ones in place (whole
-                // panels; a ragged last panel is packed), others are packed into `buf`.
-                let mut in_place = None;
-                let block: &[f32] = match b.packed(k0, kc, n0, nc, nr) {
-                    Some(panels) => panels,
-                    None => match b.rows(k0, kc, n0, nc).filter(|_| a.isa != Isa::Portable) {
-                        Some(rows) => {
-                            let full = nc / nr;
-                            if full * nr < nc {
-                                let at = full * kc * nr;
-                                b.pack(
-                                    k0,
+            GATHER.with(|plan| {
+                let mut buf = buf.borrow_mut();
+                let mut plan = plan.borrow_mut();
+                let plan = &mut *plan;
+                let need = KC * nc.div_ceil(nr) * nr;
+                if buf.len() < need {
+                    buf.resize(need, 0.0);
+                }
+                for k0 in (0..k).step_by(KC) {
+                    let kc = KC.min(k - k0);
+                    let len = kc * nc.div_ceil(nr) * nr;
+                    // Prepacked operands are read where they lie, row-major ones in place (whole
+                    // panels; a ragged last panel is packed), others are packed into `buf`.
+                    let mut in_place = None;
+                    // Read only by the AVX-512 tile path (x86-64).
+                    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_assignments))]
+                    let mut gathered: Option<&[f32]> = None;
+                    let block: &[f32] = match b.packed(k0, kc, n0, nc, nr) {
+                        Some(panels) => panels,
+                        None if a.isa == Isa::Avx512 && layout.cs == 1 && fusable && {
+                            gathered = b.gathered(k0, kc, n0, nc, nr, &mut plan.0, &mut plan.1);
+                            gathered.is_some()
+                        } =>
+                        {
+                            // Panels found whole in the source are read there; the rest packed.
+                            for (np, off) in plan.1.iter().enumerate() {
+                                if off.is_none() {
+                                    let c0 = np * nr;
+                                    let cols = nr.min(nc - c0);
+                                    b.pack(
+                                        k0,
+                                        kc,
+                                        n0 + c0,
+                                        cols,
+                                        nr,
+                                        &mut buf[np * kc * nr..(np + 1) * kc * nr],
+                                    );
+                                }
+                            }
+                            &buf[..len]
+                        }
+                        None => match b.rows(k0, kc, n0, nc).filter(|_| a.isa != Isa::Portable) {
+                            Some(rows) => {
+                                let full = nc / nr;
+                                if full * nr < nc {
+                                    let at = full * kc * nr;
+                                    b.pack(
+                                        k0,
+                                        kc,
+                                        n0 + full * nr,
+                                        nc - full * nr,
+                                        nr,
+                                        &mut buf[at..len],
+                                    );
+                                }
+                                in_place = Some(rows);
+                                &buf[..len]
+                            }
+                            None => {
+                                b.pack(k0, kc, n0, nc, nr, &mut buf[..len]);
+                                &buf[..len]
+                            }
+                        },
+                    };
+                    let first = k0 == 0;
+                    let final_block = k0 + kc == k;
+                    let tile = |p: usize, np: usize| {
+                        let ap = a.panel(k0, p);
+                        let rows = mr.min(m - p * mr);
+                        let cols = nr.min(nc - np * nr);
+                        let (bp, ldb) = match in_place {
+                            Some((rows, ld)) if cols == nr => (&rows[np * nr..], ld),
+                            _ => (&block[np * kc * nr..(np + 1) * kc * nr], nr),
+                        };
+                        #[cfg(target_arch = "x86_64")]
+                        if let (Some(src), Some(Some(off))) = (gathered, plan.1.get(np)) {
+                            // Every tile of a gathered panel comes here (whole columns, unit
+                            // stride and a fusable epilogue were required to gather at all).
+                            {
+                                let (i0, j0) = (p * mr, n0 + np * nr);
+                                // SAFETY: as for a whole tile below; `gathered` promised that
+                                // every row `src[bases[kk] + off..][..nr]` lies in `src` (checked
+                                // by the kernel).
+                                unsafe {
+                                    let fused = final_block.then(|| Fused {
+                                        bias: epi
+                                            .bias
+                                            .map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
+                                        col_bias: epi
+                                            .col_bias
+                                            .map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
+                                        residual: epi.residual.map_or(std::ptr::null(), |r| {
+                                            r[i0 * layout.rs + j0..].as_ptr()
+                                        }),
+                                        lo,
+                                        hi,
+                                    });
+                                    x86::kernel_8x32_gather(
+                                        kc,
+                                        ap,
+                                        (src, &plan.0[..kc], *off),
+                                        cptr.get().add(i0 * layout.rs + j0),
+                                        layout.rs,
+                                        rows,
+                                        !first,
+                                        fused.as_ref(),
+                                    );
+                                }
+                                return;
+                            }
+                        }
+                        if rows == mr && cols == nr && layout.cs == 1 {
+                            // Whole tile, unit column stride: the kernel adds into C itself.
+                            let (i0, j0) = (p * mr, n0 + np * nr);
+                            // SAFETY: the tile lies inside C (checked against `last` above) and
+                            // belongs to this work item only.
+                            unsafe {
+                                let cp = cptr.get().add(i0 * layout.rs + j0);
+                                let fused = (final_block && fusable).then(|| Fused {
+                                    bias: epi.bias.map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
+                                    col_bias: epi
+                                        .col_bias
+                                        .map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
+                                    residual: epi.residual.map_or(std::ptr::null(), |r| {
+                                        r[i0 * layout.rs + j0..].as_ptr()
+                                    }),
+                                    lo,
+                                    hi,
+                                });
+                                micro(
+                                    a.isa,
                                     kc,
-                                    n0 + full * nr,
-                                    nc - full * nr,
-                                    nr,
-                                    &mut buf[at..len],
+                                    ap,
+                                    (bp, ldb),
+                                    cp,
+                                    layout.rs,
+                                    !first,
+                                    fused.as_ref(),
+                                );
+                                if final_block && !fusable {
+                                    epilogue_in_place(cp, layout.rs, (i0, j0), (mr, nr), epi);
+                                }
+                            }
+                            return;
+                        }
+                        #[cfg(target_arch = "x86_64")]
+                        if a.isa == Isa::Avx512 && layout.cs == 1 && fusable {
+                            let (i0, j0) = (p * mr, n0 + np * nr);
+                            // SAFETY: as for a whole tile; the kernel touches only the tile's
+                            // `rows × cols` part of C and of the residual and column bias.
+                            unsafe {
+                                let fused = final_block.then(|| Fused {
+                                    bias: epi.bias.map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
+                                    col_bias: epi
+                                        .col_bias
+                                        .map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
+                                    residual: epi.residual.map_or(std::ptr::null(), |r| {
+                                        r[i0 * layout.rs + j0..].as_ptr()
+                                    }),
+                                    lo,
+                                    hi,
+                                });
+                                x86::kernel_8x32_edge(
+                                    kc,
+                                    ap,
+                                    (bp, ldb),
+                                    cptr.get().add(i0 * layout.rs + j0),
+                                    layout.rs,
+                                    (rows, cols),
+                                    !first,
+                                    fused.as_ref(),
                                 );
                             }
-                            in_place = Some(rows);
-                            &buf[..len]
+                            return;
                         }
-                        None => {
-                            b.pack(k0, kc, n0, nc, nr, &mut buf[..len]);
-                            &buf[..len]
-                        }
-                    },
-                };
-                let first = k0 == 0;
-                let final_block = k0 + kc == k;
-                let tile = |p: usize, np: usize| {
-                    let ap = a.panel(k0, p);
-                    let rows = mr.min(m - p * mr);
-                    let cols = nr.min(nc - np * nr);
-                    let (bp, ldb) = match in_place {
-                        Some((rows, ld)) if cols == nr => (&rows[np * nr..], ld),
-                        _ => (&block[np * kc * nr..(np + 1) * kc * nr], nr),
-                    };
-                    if rows == mr && cols == nr && layout.cs == 1 {
-                        // Whole tile, unit column stride: the kernel adds into C itself.
-                        let (i0, j0) = (p * mr, n0 + np * nr);
-                        // SAFETY: the tile lies inside C (checked against `last` above) and
-                        // belongs to this work item only.
+                        let mut tile = [0f32; TILE_MAX];
+                        // SAFETY: the tile buffer holds MR × NR values at row stride NR.
                         unsafe {
-                            let cp = cptr.get().add(i0 * layout.rs + j0);
-                            let fused = (final_block && fusable).then(|| Fused {
-                                bias: epi.bias.map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
-                                col_bias: epi
-                                    .col_bias
-                                    .map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
-                                residual: epi.residual.map_or(std::ptr::null(), |r| {
-                                    r[i0 * layout.rs + j0..].as_ptr()
-                                }),
-                                lo,
-                                hi,
-                            });
-                            micro(
-                                a.isa,
-                                kc,
-                                ap,
-                                (bp, ldb),
-                                cp,
-                                layout.rs,
-                                !first,
-                                fused.as_ref(),
-                            );
-                            if final_block && !fusable {
-                                epilogue_in_place(cp, layout.rs, (i0, j0), (mr, nr), epi);
-                            }
-                        }
-                        return;
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    if a.isa == Isa::Avx512 && layout.cs == 1 && fusable {
-                        let (i0, j0) = (p * mr, n0 + np * nr);
-                        // SAFETY: as for a whole tile; the kernel touches only the tile's
-                        // `rows × cols` part of C and of the residual and column bias.
-                        unsafe {
-                            let fused = final_block.then(|| Fused {
-                                bias: epi.bias.map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
-                                col_bias: epi
-                                    .col_bias
-                                    .map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
-                                residual: epi.residual.map_or(std::ptr::null(), |r| {
-                                    r[i0 * layout.rs + j0..].as_ptr()
-                                }),
-                                lo,
-                                hi,
-                            });
-                            x86::kernel_8x32_edge(
-                                kc,
-                                ap,
-                                (bp, ldb),
-                                cptr.get().add(i0 * layout.rs + j0),
-                                layout.rs,
-                                (rows, cols),
-                                !first,
-                                fused.as_ref(),
-                            );
-                        }
-                        return;
-                    }
-                    let mut tile = [0f32; TILE_MAX];
-                    // SAFETY: the tile buffer holds MR × NR values at row stride NR.
-                    unsafe { micro(a.isa, kc, ap, (bp, ldb), tile.as_mut_ptr(), nr, false, None) };
-                    // SAFETY: rows p*mr.. and columns n0+np*nr.. belong to this item only.
-                    unsafe {
-                        store(
-                            &tile[..mr * nr],
-                            nr,
-                            cptr.get(),
-                            layout,
-                            (p * mr, n0 + np * nr),
-                            (rows, cols),
-                            first,
-                            final_block,
-                            epi,
-                        );
-                    }
-                };
-                // Row panels outside, column panels inside: the tile walks along MR rows of C
-                // (few pages) while the packed B block stays in cache. (Column panels outside
-                // measured the same on ResNet-50, ViT-Tiny and MobileNetV2.)
-                for p in p0..p1 {
-                    for np in 0..nc.div_ceil(nr) {
-                        tile(p, np);
-                    }
-                }
-                if final_block && defer {
-                    for i in p0 * mr..(p1 * mr).min(m) {
-                        // SAFETY: row i, columns n0 .. n0 + nc (unit stride) lie in C and
-                        // belong to this item only.
-                        let row = unsafe {
-                            std::slice::from_raw_parts_mut(cptr.get().add(i * layout.rs + n0), nc)
+                            micro(a.isa, kc, ap, (bp, ldb), tile.as_mut_ptr(), nr, false, None)
                         };
-                        apply_activation(activation, row);
+                        // SAFETY: rows p*mr.. and columns n0+np*nr.. belong to this item only.
+                        unsafe {
+                            store(
+                                &tile[..mr * nr],
+                                nr,
+                                cptr.get(),
+                                layout,
+                                (p * mr, n0 + np * nr),
+                                (rows, cols),
+                                first,
+                                final_block,
+                                epi,
+                            );
+                        }
+                    };
+                    // Row panels outside, column panels inside: the tile walks along MR rows of C
+                    // (few pages) while the packed B block stays in cache. (Column panels outside
+                    // measured the same on ResNet-50, ViT-Tiny and MobileNetV2.)
+                    for p in p0..p1 {
+                        for np in 0..nc.div_ceil(nr) {
+                            tile(p, np);
+                        }
+                    }
+                    if final_block && defer {
+                        for i in p0 * mr..(p1 * mr).min(m) {
+                            // SAFETY: row i, columns n0 .. n0 + nc (unit stride) lie in C and
+                            // belong to this item only.
+                            let row = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    cptr.get().add(i * layout.rs + n0),
+                                    nc,
+                                )
+                            };
+                            apply_activation(activation, row);
+                        }
                     }
                 }
-            }
+            })
         });
     };
     if items == 1 || threads == 1 {
@@ -1177,6 +1269,71 @@ mod x86 {
                     c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(rr.add(16)));
                 }
                 // max(lo, x) and min(hi, x) return x when x is NaN.
+                let (lo, hi) = (_mm512_set1_ps(f.lo), _mm512_set1_ps(f.hi));
+                c0[r] = _mm512_min_ps(hi, _mm512_max_ps(lo, c0[r]));
+                c1[r] = _mm512_min_ps(hi, _mm512_max_ps(lo, c1[r]));
+            }
+            _mm512_storeu_ps(t, c0[r]);
+            _mm512_storeu_ps(t.add(16), c1[r]);
+        }
+    }
+
+    /// [`kernel_8x32`] with B's rows read where they lie: row `kk` of the panel is
+    /// `src[bases[kk] + off..][..32]` (an im2col row straight from the phase-split input,
+    /// instead of a copy into a packed panel). Stores the first `rows` rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `a` holds `kc * 8` values, `bases` `kc`; `c` addresses
+    /// `rows` (≤ 8) rows of 32 values at stride `ldc`; `fused` as for [`kernel_8x32`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel_8x32_gather(
+        kc: usize,
+        a: &[f32],
+        (src, bases, off): (&[f32], &[usize], usize),
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        accumulate: bool,
+        fused: Option<&Fused>,
+    ) {
+        assert!(a.len() >= kc * 8 && bases.len() >= kc && rows <= 8);
+        assert!(bases[..kc].iter().all(|&b| b + off + 32 <= src.len()));
+        let (mut ap, sp) = (a.as_ptr(), src.as_ptr().add(off));
+        let mut c0 = [_mm512_setzero_ps(); 8];
+        let mut c1 = [_mm512_setzero_ps(); 8];
+        for &base in &bases[..kc] {
+            let bp = sp.add(base);
+            let b0 = _mm512_loadu_ps(bp);
+            let b1 = _mm512_loadu_ps(bp.add(16));
+            for r in 0..8 {
+                let av = _mm512_set1_ps(*ap.add(r));
+                c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
+                c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+            }
+            ap = ap.add(8);
+        }
+        for r in 0..rows {
+            let t = c.add(r * ldc);
+            if accumulate {
+                c0[r] = _mm512_add_ps(c0[r], _mm512_loadu_ps(t));
+                c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(t.add(16)));
+            }
+            if let Some(f) = fused {
+                if !f.bias.is_null() {
+                    let bb = _mm512_set1_ps(*f.bias.add(r));
+                    c0[r] = _mm512_add_ps(c0[r], bb);
+                    c1[r] = _mm512_add_ps(c1[r], bb);
+                }
+                if !f.col_bias.is_null() {
+                    c0[r] = _mm512_add_ps(c0[r], _mm512_loadu_ps(f.col_bias));
+                    c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(f.col_bias.add(16)));
+                }
+                if !f.residual.is_null() {
+                    let rr = f.residual.add(r * ldc);
+                    c0[r] = _mm512_add_ps(c0[r], _mm512_loadu_ps(rr));
+                    c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(rr.add(16)));
+                }
                 let (lo, hi) = (_mm512_set1_ps(f.lo), _mm512_set1_ps(f.hi));
                 c0[r] = _mm512_min_ps(hi, _mm512_max_ps(lo, c0[r]));
                 c1[r] = _mm512_min_ps(hi, _mm512_max_ps(lo, c1[r]));
