@@ -512,14 +512,7 @@ fn conv_cuda(
             None => conv(x, w, None, strides, pads, dilations, group)?,
         },
     };
-    let (inf, ninf) = (f32::INFINITY, f32::NEG_INFINITY);
-    let bounds = match act {
-        None => Some((ninf, inf)),
-        Some(Activation::Relu) => Some((0.0, inf)),
-        Some(Activation::Clip { min, max }) => Some((min.unwrap_or(ninf), max.unwrap_or(inf))),
-        Some(_) => None,
-    };
-    if let (Some(b), Some((lo, hi))) = (bias, bounds) {
+    if let (Some(b), Some((lo, hi))) = (bias, crate::graph::clamp_bounds(act)) {
         if res.is_none_or(|r| r.dims() == raw.dims()) {
             if let Some(y) = cuda::bias_act(&raw, b, res, lo, hi)? {
                 return Ok(Some(y));

@@ -670,6 +670,18 @@ impl Op {
     }
 }
 
+/// `[lo, hi]` of an activation that is a clamp (`None`: the identity, unbounded; ReLU: `[0, ∞)`;
+/// Clip), `None` for any other: what fused epilogues apply with a min and a max.
+pub fn clamp_bounds(act: Option<&Activation>) -> Option<(f32, f32)> {
+    let (ninf, inf) = (f32::NEG_INFINITY, f32::INFINITY);
+    match act {
+        None => Some((ninf, inf)),
+        Some(Activation::Relu) => Some((0.0, inf)),
+        Some(Activation::Clip { min, max }) => Some((min.unwrap_or(ninf), max.unwrap_or(inf))),
+        Some(_) => None,
+    }
+}
+
 impl Activation {
     /// The ONNX name of the activation.
     pub fn name(&self) -> &'static str {

@@ -712,23 +712,27 @@ pub unsafe fn gemm_into(
     );
     let defer = !clamp_like && layout.cs == 1;
     let activation = epi.activation;
-    let (fusable, lo, hi) = match epi.activation {
+    let (fusable, lo, hi) = match crate::graph::clamp_bounds(epi.activation.as_ref()) {
         _ if a.isa == Isa::Portable => (false, 0.0, 0.0),
-        None => (true, f32::NEG_INFINITY, f32::INFINITY),
-        Some(Activation::Relu) => (true, 0.0, f32::INFINITY),
-        Some(Activation::Clip { min, max }) => (
-            true,
-            min.unwrap_or(f32::NEG_INFINITY),
-            max.unwrap_or(f32::INFINITY),
-        ),
-        Some(_) if defer => (true, f32::NEG_INFINITY, f32::INFINITY),
-        Some(_) => (false, 0.0, 0.0),
+        Some((lo, hi)) => (true, lo, hi),
+        None if defer => (true, f32::NEG_INFINITY, f32::INFINITY),
+        None => (false, 0.0, 0.0),
     };
     let tile_epi = Epilogue {
         activation: if defer { None } else { epi.activation },
         ..*epi
     };
     let epi = &tile_epi;
+    // The fused epilogue's operands for the tile at (i0, j0), as the micro-kernels take them.
+    let fused_at = |i0: usize, j0: usize| Fused {
+        bias: epi.bias.map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
+        col_bias: epi.col_bias.map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
+        residual: epi
+            .residual
+            .map_or(std::ptr::null(), |r| r[i0 * layout.rs + j0..].as_ptr()),
+        lo,
+        hi,
+    };
     let cptr = SendPtr(c);
     let run = |i: usize| {
         let (mi, nj) = (i % m_parts, i / m_parts);
@@ -764,9 +768,23 @@ pub unsafe fn gemm_into(
                             gathered.is_some()
                         } =>
                         {
+                            // Checked here once per block, so the kernel need not: a panel is read
+                            // in place only if it is whole and its every row lies in the source.
+                            let src_len = gathered.map_or(0, <[f32]>::len);
+                            let top = plan.0.iter().copied().max().unwrap_or(0);
+                            if plan.0.len() != kc {
+                                plan.1.clear();
+                            }
+                            for (np, off) in plan.1.iter_mut().enumerate() {
+                                // Whole panels only: an edge panel is packed.
+                                if (np + 1) * nr > nc || off.is_some_and(|o| top + o + nr > src_len)
+                                {
+                                    *off = None;
+                                }
+                            }
                             // Panels found whole in the source are read there; the rest packed.
-                            for (np, off) in plan.1.iter().enumerate() {
-                                if off.is_none() {
+                            for np in 0..nc.div_ceil(nr) {
+                                if !matches!(plan.1.get(np), Some(Some(_))) {
                                     let c0 = np * nr;
                                     let cols = nr.min(nc - c0);
                                     b.pack(
@@ -824,19 +842,7 @@ pub unsafe fn gemm_into(
                                 // every row `src[bases[kk] + off..][..nr]` lies in `src` (checked
                                 // by the kernel).
                                 unsafe {
-                                    let fused = final_block.then(|| Fused {
-                                        bias: epi
-                                            .bias
-                                            .map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
-                                        col_bias: epi
-                                            .col_bias
-                                            .map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
-                                        residual: epi.residual.map_or(std::ptr::null(), |r| {
-                                            r[i0 * layout.rs + j0..].as_ptr()
-                                        }),
-                                        lo,
-                                        hi,
-                                    });
+                                    let fused = final_block.then(|| fused_at(i0, j0));
                                     x86::kernel_8x32_gather(
                                         kc,
                                         ap,
@@ -858,17 +864,7 @@ pub unsafe fn gemm_into(
                             // belongs to this work item only.
                             unsafe {
                                 let cp = cptr.get().add(i0 * layout.rs + j0);
-                                let fused = (final_block && fusable).then(|| Fused {
-                                    bias: epi.bias.map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
-                                    col_bias: epi
-                                        .col_bias
-                                        .map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
-                                    residual: epi.residual.map_or(std::ptr::null(), |r| {
-                                        r[i0 * layout.rs + j0..].as_ptr()
-                                    }),
-                                    lo,
-                                    hi,
-                                });
+                                let fused = (final_block && fusable).then(|| fused_at(i0, j0));
                                 micro(
                                     a.isa,
                                     kc,
@@ -891,17 +887,7 @@ pub unsafe fn gemm_into(
                             // SAFETY: as for a whole tile; the kernel touches only the tile's
                             // `rows × cols` part of C and of the residual and column bias.
                             unsafe {
-                                let fused = final_block.then(|| Fused {
-                                    bias: epi.bias.map_or(std::ptr::null(), |b| b[i0..].as_ptr()),
-                                    col_bias: epi
-                                        .col_bias
-                                        .map_or(std::ptr::null(), |b| b[j0..].as_ptr()),
-                                    residual: epi.residual.map_or(std::ptr::null(), |r| {
-                                        r[i0 * layout.rs + j0..].as_ptr()
-                                    }),
-                                    lo,
-                                    hi,
-                                });
+                                let fused = final_block.then(|| fused_at(i0, j0));
                                 x86::kernel_8x32_edge(
                                     kc,
                                     ap,
@@ -1283,8 +1269,9 @@ mod x86 {
     /// instead of a copy into a packed panel). Stores the first `rows` rows.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F; `a` holds `kc * 8` values, `bases` `kc`; `c` addresses
-    /// `rows` (≤ 8) rows of 32 values at stride `ldc`; `fused` as for [`kernel_8x32`].
+    /// The CPU must have AVX-512F; `a` holds `kc * 8` values, `bases` `kc`, and every row
+    /// `src[bases[kk] + off..][..32]` lies inside `src`; `c` addresses `rows` (≤ 8) rows of
+    /// 32 values at stride `ldc`; `fused` as for [`kernel_8x32`].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel_8x32_gather(
@@ -1298,7 +1285,8 @@ mod x86 {
         fused: Option<&Fused>,
     ) {
         assert!(a.len() >= kc * 8 && bases.len() >= kc && rows <= 8);
-        assert!(bases[..kc].iter().all(|&b| b + off + 32 <= src.len()));
+        // The caller checked every row once per block (`gemm_into`).
+        debug_assert!(bases[..kc].iter().all(|&b| b + off + 32 <= src.len()));
         let (mut ap, sp) = (a.as_ptr(), src.as_ptr().add(off));
         let mut c0 = [_mm512_setzero_ps(); 8];
         let mut c1 = [_mm512_setzero_ps(); 8];
@@ -1313,6 +1301,7 @@ mod x86 {
             }
             ap = ap.add(8);
         }
+        // The same epilogue as kernel_8x32, for the first `rows` rows.
         for r in 0..rows {
             let t = c.add(r * ldc);
             if accumulate {
@@ -1334,6 +1323,7 @@ mod x86 {
                     c0[r] = _mm512_add_ps(c0[r], _mm512_loadu_ps(rr));
                     c1[r] = _mm512_add_ps(c1[r], _mm512_loadu_ps(rr.add(16)));
                 }
+                // max(lo, x) and min(hi, x) return x when x is NaN.
                 let (lo, hi) = (_mm512_set1_ps(f.lo), _mm512_set1_ps(f.hi));
                 c0[r] = _mm512_min_ps(hi, _mm512_max_ps(lo, c0[r]));
                 c1[r] = _mm512_min_ps(hi, _mm512_max_ps(lo, c1[r]));
