@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use candle_core::Tensor;
+use common::pearson;
 use edgeinfer::explain::methods::{rollout, HeadFusion};
 use edgeinfer::explain::{Choice, ExplainOptions, HeatMap, Method};
 use edgeinfer::model::DType;
@@ -35,21 +36,6 @@ fn tensors(rel: &str) -> HashMap<String, Tensor> {
 
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-fn pearson(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let n = a.len() as f64;
-    let ma = a.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let mb = b.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (x as f64 - ma, y as f64 - mb);
-        sab += x * y;
-        saa += x * x;
-        sbb += y * y;
-    }
-    sab / (saa * sbb).sqrt()
 }
 
 fn runtime(model: &std::path::Path, options: ExplainOptions) -> Runtime {

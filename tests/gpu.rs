@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::Tensor;
-use common::{argmax, fixture, import_to, max_abs, max_abs_diff, read_tensors, root};
+use common::{argmax, fixture, import_to, max_abs, max_abs_diff, pearson, read_tensors, root};
 use edgeinfer::board::ComputeDtype;
 use edgeinfer::device::DeviceRequest;
 use edgeinfer::exec::ops;
@@ -125,21 +125,6 @@ fn cuda_f32_matches_onnxruntime_on_every_reference_model() {
             assert_eq!(argmax(&got), argmax(&want), "{what}: top-1");
         }
     }
-}
-
-fn pearson(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let n = a.len() as f64;
-    let ma = a.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let mb = b.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (x as f64 - ma, y as f64 - mb);
-        sab += x * y;
-        saa += x * x;
-        sbb += y * y;
-    }
-    sab / (saa * sbb).sqrt()
 }
 
 /// CAM, Grad-CAM (autograd on the GPU) and Eigen-CAM on CUDA against pytorch-grad-cam's maps
