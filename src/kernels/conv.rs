@@ -543,11 +543,9 @@ impl BSource for Im2col<'_> {
             let q = n0 + p * nr;
             let (oy, ox) = (q / ow, q % ow);
             let base = oy * self.wq + ox;
-            // Whole panel, inside one output row, and every row's run inside the input.
-            (p * nr + nr <= nc
-                && ox + nr <= ow
-                && bases.iter().all(|&b| b + base + nr <= self.xp.len()))
-            .then_some(base)
+            // Whole panel inside one output row (gemm_into checks every row's bounds, once
+            // per block).
+            (p * nr + nr <= nc && ox + nr <= ow).then_some(base)
         }));
         offs.iter().any(Option::is_some).then_some(&self.xp[..])
     }
