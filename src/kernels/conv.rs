@@ -303,16 +303,7 @@ impl PackedConv {
                         let k = self.cin_g * self.kernel.0 * self.kernel.1;
                         // colsᵀ as the left operand: position p's row is column p of cols.
                         let a = if let Some(cols) = &cols {
-                            // The whole column matrix (small maps only), rows in parallel.
-                            let mut full = scratch::take(k * plane);
-                            let rows_per = k.div_ceil(2 * par::current_threads()).max(1);
-                            par::par_chunks_mut(&mut full, rows_per * plane, |i, dst| {
-                                let k0 = i * rows_per;
-                                cols.pack(k0, dst.len() / plane, 0, plane, plane, dst);
-                            });
-                            let a = PackedA::pack_scratch(&full, plane, k, 1, plane);
-                            scratch::give(full);
-                            a
+                            cols.pack_transposed(plane, k)
                         } else {
                             PackedA::pack_scratch(xg, plane, k, 1, plane)
                         };
@@ -499,6 +490,38 @@ unsafe fn take_even_avx512(src: &[f32], dst: &mut [f32]) {
     }
 }
 
+/// Row `kk` of `dst` (`mr` values) is the runs `segs` (offset, length, lane) of `xp` from
+/// `bases[kk]`, zeros in lanes no run covers: one masked load per run.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `mr ≤ 16`; every `bases[kk] + off .. + len` lies inside `xp`
+/// and `dst` holds `bases.len() · mr` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transposed_rows_avx512(
+    xp: &[f32],
+    bases: &[usize],
+    segs: &[Run],
+    mr: usize,
+    dst: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(dst.len() >= bases.len() * mr && mr <= 16);
+    let src = xp.as_ptr();
+    let out = dst.as_mut_ptr();
+    let keep = ((1u32 << mr) - 1) as __mmask16;
+    for (kk, &base) in bases.iter().enumerate() {
+        let mut v = _mm512_setzero_ps();
+        for &(off, len, at) in segs {
+            // Lane at + j reads xp[base + off + j]: the load starts `at` values early, and the
+            // lanes outside [at, at + len) are masked off (not read).
+            let m = (((1u32 << len) - 1) << at) as __mmask16;
+            v = _mm512_mask_loadu_ps(v, m, src.wrapping_add(base + off).wrapping_sub(at));
+        }
+        _mm512_mask_storeu_ps(out.add(kk * mr), keep, v);
+    }
+}
+
 impl Drop for Im2col<'_> {
     fn drop(&mut self) {
         scratch::give(std::mem::take(&mut self.xp));
@@ -563,6 +586,55 @@ impl BSource for Im2col<'_> {
 }
 
 impl Im2col<'_> {
+    /// `colsᵀ` (output positions as rows, `m` of them, by `k`) packed straight into the GEMM's
+    /// left operand: each piece's row of `MR` positions is, per k, at most a few runs of `xp`
+    /// (one per output row it crosses), read with masked loads on AVX-512. Building the
+    /// whole column matrix and repacking it cost as much as the product on a pruned
+    /// ResNet-18's 7 × 7 layers (a memcpy call per 7-value run, then one per 8 values).
+    fn pack_transposed(&self, m: usize, k: usize) -> PackedA {
+        let pack = |bases: &mut Vec<usize>| {
+            // Every k's base once, shared by the pieces (per piece it cost a third of the
+            // packing).
+            self.row_bases(0, k, bases);
+            let bases = &bases[..];
+            let (ow, wq, xp) = (self.ow, self.wq, &self.xp[..]);
+            PackedA::pack_scratch_by(m, k, |k0, row0, dst| {
+                let mr = Isa::detect().mr();
+                let kc = dst.len() / mr;
+                let bases = &bases[k0..k0 + kc];
+                // The piece's positions as runs within output rows: (offset, length, lane).
+                let mut segs = [(0usize, 0usize, 0usize); 16];
+                let mut n = 0;
+                let (mut q, end) = (row0, (row0 + mr).min(m));
+                while q < end && n < segs.len() {
+                    let (oy, ox) = (q / ow, q % ow);
+                    let len = (ow - ox).min(end - q);
+                    segs[n] = (oy * wq + ox, len, q - row0);
+                    n += 1;
+                    q += len;
+                }
+                let segs = &segs[..n];
+                #[cfg(target_arch = "x86_64")]
+                if Isa::detect() == Isa::Avx512 && mr <= 16 {
+                    // SAFETY: AVX-512F is present; every run lies inside xp (it is part of
+                    // the column matrix) and dst holds kc rows of mr values.
+                    unsafe { transposed_rows_avx512(xp, bases, segs, mr, dst) };
+                    return;
+                }
+                for (row, &base) in dst.chunks_exact_mut(mr).zip(bases) {
+                    row.fill(0.0);
+                    for &(off, len, at) in segs {
+                        row[at..at + len].copy_from_slice(&xp[base + off..base + off + len]);
+                    }
+                }
+            })
+        };
+        PACK_PLAN.with(|plan| match plan.try_borrow_mut() {
+            Ok(mut plan) => pack(&mut plan.0),
+            Err(_) => pack(&mut Vec::new()),
+        })
+    }
+
     /// Where row k of the block starts in xp, for output (0, 0): `bases[k - k0]`.
     fn row_bases(&self, k0: usize, kc: usize, bases: &mut Vec<usize>) {
         let c = self.conv;
@@ -571,11 +643,23 @@ impl Im2col<'_> {
         let (dy, dx) = c.dilation;
         let (hq, wq) = (self.hq, self.wq);
         bases.clear();
-        bases.extend((k0..k0 + kc).map(|k| {
-            let (ci, r) = (k / (kh * kw), k % (kh * kw));
-            let (ky, kx) = ((r / kw) * dy, (r % kw) * dx);
+        // Kernel tap (ci, ty, tx) of k stepped along rather than divided out per k (two
+        // divisions per k were a third of packing a 7 × 7 layer's operand).
+        let (mut ci, mut ty, mut tx) = (k0 / (kh * kw), (k0 % (kh * kw)) / kw, k0 % kw);
+        bases.extend((0..kc).map(|_| {
+            let (ky, kx) = (ty * dy, tx * dx);
             let phase = (ky % sy) * sx + kx % sx;
-            ((ci * sy * sx + phase) * hq + ky / sy) * wq + kx / sx
+            let base = ((ci * sy * sx + phase) * hq + ky / sy) * wq + kx / sx;
+            tx += 1;
+            if tx == kw {
+                tx = 0;
+                ty += 1;
+                if ty == kh {
+                    ty = 0;
+                    ci += 1;
+                }
+            }
+            base
         }));
     }
 

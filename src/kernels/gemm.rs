@@ -126,13 +126,28 @@ impl PackedA {
         Self::pack_into(super::scratch::take(len), isa, a, m, k, rs, cs)
     }
 
+    /// An `m × k` left operand in a scratch buffer (hand it back with [`PackedA::recycle`])
+    /// whose pieces the caller writes: `fill(k0, row0, dst)` writes rows `row0 .. row0 + MR`
+    /// (zeros past `m`) of columns `k0 .. k0 + kc` as `kc × MR` values, k-major, where
+    /// `kc = dst.len() / MR`. Pieces run in parallel when there is enough to share.
+    pub fn pack_scratch_by(
+        m: usize,
+        k: usize,
+        fill: impl Fn(usize, usize, &mut [f32]) + Sync,
+    ) -> PackedA {
+        let isa = Isa::detect();
+        let mr = isa.mr();
+        let data = super::scratch::take(m.div_ceil(mr) * mr * k);
+        Self::pack_pieces(data, isa, m, k, |(k0, p, _), dst| fill(k0, p * mr, dst))
+    }
+
     /// Returns a [`PackedA::pack_scratch`] buffer to the scratch pool.
     pub fn recycle(self) {
         super::scratch::give(self.data);
     }
 
     fn pack_into(
-        mut data: Vec<f32>,
+        data: Vec<f32>,
         isa: Isa,
         a: &[f32],
         m: usize,
@@ -141,19 +156,6 @@ impl PackedA {
         cs: usize,
     ) -> PackedA {
         let mr = isa.mr();
-        let panels = m.div_ceil(mr);
-        // Every element is written below (rows past m as zeros): no fill first.
-        data.truncate(panels * mr * k);
-        data.resize(panels * mr * k, 0.0);
-        // Layout: for each KC block (all panels of it together), for each panel, kc × MR.
-        // Packed per (block, panel) piece, in parallel when there is enough to share. Piece i
-        // is block i / panels, panel i % panels; every block but the last is KC deep, so
-        // piece i starts at k0 · panels · MR + p · kc · MR.
-        let piece = |i: usize| {
-            let (k0, p) = ((i / panels) * KC, i % panels);
-            let kc = KC.min(k - k0);
-            (k0, p, kc, k0 * panels * mr + p * kc * mr)
-        };
         let fill = |(k0, p, kc): (usize, usize, usize), dst: &mut [f32]| {
             let rows = mr.min(m - p * mr);
             let first = p * mr * rs + k0 * cs;
@@ -193,6 +195,32 @@ impl PackedA {
                     }
                 }
             }
+        };
+        Self::pack_pieces(data, isa, m, k, fill)
+    }
+
+    /// Sizes `data` for `m × k` and has `fill((k0, panel, kc), dst)` write every
+    /// (KC block, panel) piece.
+    fn pack_pieces(
+        mut data: Vec<f32>,
+        isa: Isa,
+        m: usize,
+        k: usize,
+        fill: impl Fn((usize, usize, usize), &mut [f32]) + Sync,
+    ) -> PackedA {
+        let mr = isa.mr();
+        let panels = m.div_ceil(mr);
+        // Every element is written by `fill` (rows past m as zeros): no fill first.
+        data.truncate(panels * mr * k);
+        data.resize(panels * mr * k, 0.0);
+        // Layout: for each KC block (all panels of it together), for each panel, kc × MR.
+        // Packed per (block, panel) piece, in parallel when there is enough to share. Piece i
+        // is block i / panels, panel i % panels; every block but the last is KC deep, so
+        // piece i starts at k0 · panels · MR + p · kc · MR.
+        let piece = |i: usize| {
+            let (k0, p) = ((i / panels) * KC, i % panels);
+            let kc = KC.min(k - k0);
+            (k0, p, kc, k0 * panels * mr + p * kc * mr)
         };
         let pieces = k.div_ceil(KC) * panels;
         if m * k < 1 << 16 {

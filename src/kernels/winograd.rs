@@ -253,6 +253,18 @@ impl WinogradConv {
         let plane = g.oh * g.ow;
         let cout = self.cout;
         let one = |(co, o): (usize, &mut [f32])| {
+            let epi = RowEpilogue {
+                bias: self.bias.as_ref().map_or(0.0, |b| b[co]),
+                residual: residual.map(|r| &r[co * plane..(co + 1) * plane]),
+                activation,
+            };
+            // SAFETY: detect() saw AVX-512F.
+            #[cfg(target_arch = "x86_64")]
+            if Isa::detect() == Isa::Avx512
+                && unsafe { output_fused_avx512(m, g, cout, co, &epi, o) }
+            {
+                return;
+            }
             output_channel(m, g, cout, co, o);
             if let Some(b) = &self.bias {
                 let bc = b[co];
@@ -501,8 +513,24 @@ unsafe fn input_channel(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *
     // Every part is written before it is read (the slack is zeroed below).
     let mut buf = scratch::take(8 * len + width);
     let (eo, row) = buf.split_at_mut(8 * len);
+    #[cfg(target_arch = "x86_64")]
+    let split = Isa::detect() == Isa::Avx512;
+    #[cfg(not(target_arch = "x86_64"))]
+    let split = false;
     for ty in 0..g.th {
         for r in 0..4 {
+            if split {
+                #[cfg(target_arch = "x86_64")]
+                phases_avx512::<2>(
+                    plane,
+                    g,
+                    (2 * ty + r) as isize,
+                    &mut eo[2 * r * len..(2 * r + 2) * len],
+                    len,
+                    ty * g.gw,
+                );
+                continue;
+            }
             padded_row(plane, g, (2 * ty + r) as isize, row);
             let (e, o) = eo[2 * r * len..(2 * r + 2) * len].split_at_mut(len);
             let at = ty * g.gw;
@@ -516,17 +544,23 @@ unsafe fn input_channel(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *
             }
         }
     }
-    for r in 0..8 {
-        eo[r * len + g.g..(r + 1) * len].fill(0.0);
+    if split {
+        #[cfg(target_arch = "x86_64")]
+        zero_slack_avx512(eo, 8, len, g.g);
+    } else {
+        for r in 0..8 {
+            eo[r * len + g.g..(r + 1) * len].fill(0.0);
+        }
     }
     let arr = |i: usize| &eo[i * len..(i + 1) * len];
     let (e, o) = (
         [arr(0), arr(2), arr(4), arr(6)],
         [arr(1), arr(3), arr(5), arr(7)],
     );
+    // Out of the loop: a fresh zeroed array per chunk was a memset call per chunk.
+    let mut h = [[[0f32; 16]; 4]; 4];
     for c in (0..g.g).step_by(16) {
         // Row transform of input row r of the 16 tiles: h[r][col].
-        let mut h = [[[0f32; 16]; 4]; 4];
         for (hr, (er, or)) in h.iter_mut().zip(e.iter().zip(&o)) {
             let (e0, e1) = (ld16(er, c), ld16(er, c + 1));
             let (o0, o1) = (ld16(or, c), ld16(or, c + 1));
@@ -554,6 +588,151 @@ unsafe fn input_channel(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *
         }
     }
     scratch::give(buf);
+}
+
+/// What the output transform adds to one output channel as it writes its rows.
+struct RowEpilogue<'a> {
+    bias: f32,
+    /// The channel's plane of the residual.
+    residual: Option<&'a [f32]>,
+    activation: Option<Activation>,
+}
+
+/// [`output_channel`] followed by the channel's bias, residual and activation, with the rows
+/// written by AVX-512 permutes (the phase interleave was a scalar store per output) and the
+/// epilogue applied in registers on the way (three more passes over the plane before).
+/// Activations other than ReLU and Clip run over each finished row. False (nothing written)
+/// for tile sizes it does not handle.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn output_fused_avx512(
+    m: &[f32],
+    g: &Geometry,
+    cout: usize,
+    co: usize,
+    epi: &RowEpilogue,
+    o: &mut [f32],
+) -> bool {
+    let p = g.m;
+    let gp = g.gp;
+    let mut buf = scratch::take(p * p * gp);
+    if p == 4 {
+        transform4(m, g, cout, co, &mut buf);
+    } else if p == 2 {
+        transform2(m, g, cout, co, &mut buf);
+    } else {
+        scratch::give(buf);
+        return false;
+    }
+    for ty in 0..g.th {
+        for i in 0..p {
+            let yr = p * ty + i;
+            if yr >= g.oh {
+                continue;
+            }
+            let at = ty * g.gw;
+            let row = &mut o[yr * g.ow..(yr + 1) * g.ow];
+            let res = epi.residual.map(|r| &r[yr * g.ow..(yr + 1) * g.ow]);
+            let phases = &buf[i * p * gp + at..];
+            if p == 4 {
+                interleave_row_avx512::<4>(phases, gp, g.tw, epi, res, row);
+            } else {
+                interleave_row_avx512::<2>(phases, gp, g.tw, epi, res, row);
+            }
+        }
+    }
+    scratch::give(buf);
+    true
+}
+
+/// Output row `row[P·t + k] = phases[k · gp + t]` (t < tiles) with the epilogue applied.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `phases` holds `(P − 1) · gp + tiles` values and
+/// `row.len() ≤ P · tiles`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn interleave_row_avx512<const P: usize>(
+    phases: &[f32],
+    gp: usize,
+    tiles: usize,
+    epi: &RowEpilogue,
+    res: Option<&[f32]>,
+    row: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(phases.len() >= (P - 1) * gp + tiles && row.len() <= P * tiles);
+    let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let mask = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
+    let (fused_relu, clip) = match epi.activation {
+        Some(Activation::Relu) => (true, None),
+        Some(Activation::Clip { min, max }) => (
+            false,
+            Some((
+                _mm512_set1_ps(min.unwrap_or(f32::NEG_INFINITY)),
+                _mm512_set1_ps(max.unwrap_or(f32::INFINITY)),
+            )),
+        ),
+        _ => (false, None),
+    };
+    let bias = _mm512_set1_ps(epi.bias);
+    let zero = _mm512_setzero_ps();
+    let (src, dst, n) = (phases.as_ptr(), row.as_mut_ptr(), row.len());
+    let mut t = 0;
+    while t < tiles {
+        let lm = mask(tiles - t);
+        let ld = |k: usize| _mm512_maskz_loadu_ps(lm, src.add(k * gp + t));
+        let out = if P == 4 {
+            let (q0, q1, q2, q3) = (ld(0), ld(1), ld(2), ld(3));
+            let (el, eh) = (
+                _mm512_permutex2var_ps(q0, lo, q2),
+                _mm512_permutex2var_ps(q0, hi, q2),
+            );
+            let (ol, oh) = (
+                _mm512_permutex2var_ps(q1, lo, q3),
+                _mm512_permutex2var_ps(q1, hi, q3),
+            );
+            [
+                _mm512_permutex2var_ps(el, lo, ol),
+                _mm512_permutex2var_ps(el, hi, ol),
+                _mm512_permutex2var_ps(eh, lo, oh),
+                _mm512_permutex2var_ps(eh, hi, oh),
+            ]
+        } else {
+            let (q0, q1) = (ld(0), ld(1));
+            let v = [
+                _mm512_permutex2var_ps(q0, lo, q1),
+                _mm512_permutex2var_ps(q0, hi, q1),
+            ];
+            [v[0], v[1], v[0], v[1]]
+        };
+        for (j, mut v) in out.into_iter().take(P).enumerate() {
+            let col = P * t + 16 * j;
+            if col >= n {
+                break;
+            }
+            let sm = mask(n - col);
+            v = _mm512_add_ps(v, bias);
+            if let Some(r) = res {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(sm, r.as_ptr().add(col)));
+            }
+            // The value as the second operand: a NaN passes through, as in `apply_activation`.
+            if fused_relu {
+                v = _mm512_max_ps(zero, v);
+            } else if let Some((lo_v, hi_v)) = clip {
+                v = _mm512_min_ps(hi_v, _mm512_max_ps(lo_v, v));
+            }
+            _mm512_mask_storeu_ps(dst.add(col), sm, v);
+        }
+        t += 16;
+    }
+    if !fused_relu && clip.is_none() {
+        apply_activation(epi.activation, row);
+    }
 }
 
 /// One output channel's transform `Aᵀ m A` over all tiles, into the channel's plane.
@@ -589,15 +768,11 @@ unsafe fn output_avx2(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [
     output_any(m, g, cout, co, o)
 }
 
-/// Chunks of 16 tiles along the grid like the input transform: the column transform
-/// (m₀ + m₁ + m₂, m₁ − m₂ − m₃), then the row transform, into four grid-shaped arrays
-/// `Y[i][j][g]` (output row 2ty + i, column 2tx + j); then each output row interleaves its
-/// even and odd columns from them, dropping the extra tile of the row.
+/// The transform half of [`output_body`]: `Aᵀ m A` of channel `co` into the four
+/// grid-shaped arrays of `buf` (`Y[2i + j]`, `gp` values each).
 #[inline(always)]
-fn output_body(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
+fn transform2(m: &[f32], g: &Geometry, cout: usize, co: usize, buf: &mut [f32]) {
     let gp = g.gp;
-    // Every part is written before it is read.
-    let mut buf = scratch::take(4 * gp);
     let mut mx: [&[f32]; 16] = [&[]; 16];
     for (xi, r) in mx.iter_mut().enumerate() {
         *r = &m[(xi * cout + co) * gp..(xi * cout + co + 1) * gp];
@@ -622,6 +797,18 @@ fn output_body(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
             buf[k * gp + c..k * gp + c + 16].copy_from_slice(yk);
         }
     }
+}
+
+/// Chunks of 16 tiles along the grid like the input transform: the column transform
+/// (m₀ + m₁ + m₂, m₁ − m₂ − m₃), then the row transform, into four grid-shaped arrays
+/// `Y[i][j][g]` (output row 2ty + i, column 2tx + j); then each output row interleaves its
+/// even and odd columns from them, dropping the extra tile of the row.
+#[inline(always)]
+fn output_body(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
+    let gp = g.gp;
+    // Every part is written before it is read.
+    let mut buf = scratch::take(4 * gp);
+    transform2(m, g, cout, co, &mut buf);
     for ty in 0..g.th {
         for i in 0..2 {
             let yr = 2 * ty + i;
@@ -688,8 +875,24 @@ unsafe fn input_channel4(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: 
     let width = 4 * g.gw;
     let mut buf = scratch::take(24 * len + width);
     let (ts, row) = buf.split_at_mut(24 * len);
+    #[cfg(target_arch = "x86_64")]
+    let split = Isa::detect() == Isa::Avx512;
+    #[cfg(not(target_arch = "x86_64"))]
+    let split = false;
     for ty in 0..g.th {
         for r in 0..6 {
+            if split {
+                #[cfg(target_arch = "x86_64")]
+                phases_avx512::<4>(
+                    plane,
+                    g,
+                    (4 * ty + r) as isize,
+                    &mut ts[4 * r * len..4 * (r + 1) * len],
+                    len,
+                    ty * g.gw,
+                );
+                continue;
+            }
             padded_row(plane, g, (4 * ty + r) as isize, row);
             let at = ty * g.gw;
             let rs = &mut ts[4 * r * len..4 * (r + 1) * len];
@@ -704,13 +907,19 @@ unsafe fn input_channel4(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: 
             }
         }
     }
-    for a in 0..24 {
-        ts[a * len + g.g..(a + 1) * len].fill(0.0);
+    if split {
+        #[cfg(target_arch = "x86_64")]
+        zero_slack_avx512(ts, 24, len, g.g);
+    } else {
+        for a in 0..24 {
+            ts[a * len + g.g..(a + 1) * len].fill(0.0);
+        }
     }
     let arr = |r: usize, k: usize| &ts[(4 * r + k) * len..(4 * r + k + 1) * len];
+    // Out of the loop: a fresh zeroed array per chunk was a memset call per chunk.
+    let mut t = [[[0f32; 16]; 6]; 6];
     for c in (0..g.g).step_by(16) {
         // Row transform of input row r of the 16 tiles: t[r][col].
-        let mut t = [[[0f32; 16]; 6]; 6];
         for (r, tr) in t.iter_mut().enumerate() {
             let d = [
                 ld16(arr(r, 0), c),
@@ -737,19 +946,113 @@ unsafe fn input_channel4(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: 
     scratch::give(buf);
 }
 
-/// [`output_body`] for F(4×4, 3×3): per chunk of 16 tiles `Aᵀ m A` into sixteen grid-shaped
-/// arrays `Y[i][j][g]` (output row 4ty + i, column 4tx + j), then each output row gathers
-/// its four column phases.
+/// Padded row `y` of the plane split into its `P` (2 or 4) column phases at `at` of `rs`'s
+/// `P` arrays of `len` values (`rs[k · len + at + j] = padded[y][P·j + k]`, j < gw), read
+/// straight from the plane: masked loads stand in for the padding (the zero-filled row
+/// copy's memset and memcpy per row took a fifth of a pruned ResNet-18's frame), and rounds
+/// of two-register permutes deinterleave 16·P columns into 16 per phase.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `rs` holds `P` arrays of `len ≥ at + gw` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn phases_avx512<const P: usize>(
+    plane: &[f32],
+    g: &Geometry,
+    y: isize,
+    rs: &mut [f32],
+    len: usize,
+    at: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!((P == 2 || P == 4) && rs.len() >= P * len && at + g.gw <= len);
+    let dst = rs.as_mut_ptr();
+    let iy = y - g.pad.0;
+    let chunks = g.gw.div_ceil(16);
+    let keep = |q: usize| -> __mmask16 { ((1u32 << (g.gw - 16 * q).min(16)) - 1) as __mmask16 };
+    if iy < 0 || iy as usize >= g.h {
+        for q in 0..chunks {
+            for k in 0..P {
+                _mm512_mask_storeu_ps(dst.add(k * len + at + 16 * q), keep(q), _mm512_setzero_ps());
+            }
+        }
+        return;
+    }
+    let src = plane.as_ptr().add(iy as usize * g.w);
+    let w = g.w as isize;
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    // Sixteen padded columns from `c`: plane columns c − pad where they exist, zero elsewhere.
+    // Lanes outside the row are masked off, so their (out of bounds) addresses are not read.
+    let load = |c: isize| {
+        let s = c - g.pad.1;
+        let lo = (-s).clamp(0, 16) as u32;
+        let hi = (w - s).clamp(0, 16) as u32;
+        let m = if hi > lo {
+            ((1u32 << hi) - 1) & !((1u32 << lo) - 1)
+        } else {
+            0
+        };
+        _mm512_maskz_loadu_ps(m as __mmask16, src.wrapping_offset(s))
+    };
+    for q in 0..chunks {
+        let c = (16 * P * q) as isize;
+        let (x0, x1) = (load(c), load(c + 16));
+        let (a, b) = (
+            _mm512_permutex2var_ps(x0, even, x1),
+            _mm512_permutex2var_ps(x0, odd, x1),
+        );
+        let mut ph = [a, b, a, b];
+        if P == 4 {
+            let (x2, x3) = (load(c + 32), load(c + 48));
+            let (cc, d) = (
+                _mm512_permutex2var_ps(x2, even, x3),
+                _mm512_permutex2var_ps(x2, odd, x3),
+            );
+            ph = [
+                _mm512_permutex2var_ps(a, even, cc),
+                _mm512_permutex2var_ps(b, even, d),
+                _mm512_permutex2var_ps(a, odd, cc),
+                _mm512_permutex2var_ps(b, odd, d),
+            ];
+        }
+        for (k, v) in ph.into_iter().take(P).enumerate() {
+            _mm512_mask_storeu_ps(dst.add(k * len + at + 16 * q), keep(q), v);
+        }
+    }
+}
+
+/// Zeroes `[from, len)` of each of the `arrays` arrays of `len` values in `buf` (the transforms'
+/// read slack) with vector stores: a memset call per array cost more than the stores.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn zero_slack_avx512(buf: &mut [f32], arrays: usize, len: usize, from: usize) {
+    use std::arch::x86_64::*;
+    for a in buf.chunks_exact_mut(len).take(arrays) {
+        let tail = &mut a[from..];
+        let p = tail.as_mut_ptr();
+        for i in (0..tail.len()).step_by(16) {
+            let m = ((1u32 << (tail.len() - i).min(16)) - 1) as __mmask16;
+            _mm512_mask_storeu_ps(p.add(i), m, _mm512_setzero_ps());
+        }
+    }
+}
+
+/// The transform half of [`output_body4`]: `Aᵀ m A` of channel `co` into the sixteen
+/// grid-shaped arrays of `buf` (`Y[4i + j]`, `gp` values each).
 #[inline(always)]
-fn output_body4(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
+fn transform4(m: &[f32], g: &Geometry, cout: usize, co: usize, buf: &mut [f32]) {
     let gp = g.gp;
-    let mut buf = scratch::take(16 * gp);
     let mut mx: [&[f32]; 36] = [&[]; 36];
     for (xi, r) in mx.iter_mut().enumerate() {
         *r = &m[(xi * cout + co) * gp..(xi * cout + co + 1) * gp];
     }
+    // Out of the loop: a fresh zeroed array per chunk was a memset call per chunk.
+    let mut s = [[[0f32; 16]; 4]; 6];
     for c in (0..g.g).step_by(16) {
-        let mut s = [[[0f32; 16]; 4]; 6];
         for (col, sc) in s.iter_mut().enumerate() {
             let v: [V16; 6] = [
                 ld16(mx[col], c),
@@ -770,6 +1073,16 @@ fn output_body4(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) 
             }
         }
     }
+}
+
+/// [`output_body`] for F(4×4, 3×3): per chunk of 16 tiles `Aᵀ m A` into sixteen grid-shaped
+/// arrays `Y[i][j][g]` (output row 4ty + i, column 4tx + j), then each output row gathers
+/// its four column phases.
+#[inline(always)]
+fn output_body4(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
+    let gp = g.gp;
+    let mut buf = scratch::take(16 * gp);
+    transform4(m, g, cout, co, &mut buf);
     for ty in 0..g.th {
         for i in 0..4 {
             let yr = 4 * ty + i;
@@ -806,7 +1119,7 @@ mod tests {
     /// Against the direct (im2col GEMM) convolution, itself tested against candle.
     #[test]
     fn matches_direct_convolution_within_1e4_relative() {
-        for &(n, cin, cout, h, w, pads) in &[
+        for (case, &(n, cin, cout, h, w, pads)) in [
             (1usize, 3usize, 5usize, 6usize, 6usize, [1usize, 1, 1, 1]),
             (1, 16, 24, 7, 7, [1, 1, 1, 1]),
             (2, 8, 8, 9, 5, [0, 0, 0, 0]),
@@ -818,7 +1131,25 @@ mod tests {
             // More input channels than one KC block of the GEMM (two blocks of V's panels).
             (1, 300, 20, 9, 11, [1, 1, 1, 1]),
             (1, 520, 8, 5, 5, [1, 1, 1, 1]),
-        ] {
+            // Rows wider than one 16-tile chunk of the AVX-512 phase split and interleave.
+            (1, 6, 7, 9, 75, [1, 1, 1, 1]),
+            (1, 4, 5, 7, 131, [0, 1, 1, 0]),
+        ]
+        .iter()
+        .enumerate()
+        {
+            // Each case with another epilogue: the AVX-512 output path fuses ReLU and Clip
+            // and runs the others over its rows.
+            let act = [
+                Some(Activation::Relu),
+                Some(Activation::Clip {
+                    min: Some(0.0),
+                    max: Some(6.0),
+                }),
+                None,
+                Some(Activation::Sigmoid),
+            ][case % 4];
+            let with_res = case % 3 != 1;
             let wt = rand(cout * cin * 9, 1);
             let b = rand(cout, 2);
             let x = rand(n * cin * h * w, 3);
@@ -840,16 +1171,9 @@ mod tests {
                 let res = rand(n * cout * oh * ow, 4);
                 let mut want = vec![0f32; res.len()];
                 let mut got = vec![f32::NAN; res.len()];
-                direct
-                    .run(
-                        &x,
-                        (n, cin, h, w),
-                        Some(&res),
-                        Some(Activation::Relu),
-                        &mut want,
-                    )
-                    .unwrap();
-                assert!(wino.run(&x, (n, h, w), Some(&res), Some(Activation::Relu), &mut got));
+                let r = with_res.then_some(res.as_slice());
+                direct.run(&x, (n, cin, h, w), r, act, &mut want).unwrap();
+                assert!(wino.run(&x, (n, h, w), r, act, &mut got));
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-6);
                 let err = got
                     .iter()
@@ -858,7 +1182,7 @@ mod tests {
                     .fold(0f32, f32::max);
                 assert!(
                     err / scale <= 1e-4,
-                    "F({tile}) {cin}->{cout} {h}x{w} {pads:?}: rel err {}",
+                    "F({tile}) {cin}->{cout} {h}x{w} {pads:?} {act:?}: rel err {}",
                     err / scale
                 );
             }
