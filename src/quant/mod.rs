@@ -17,8 +17,8 @@ pub enum Target {
     F16,
     /// bfloat16 storage.
     BF16,
-    /// int8 weights of convolutions and linear layers, per-output-channel f32 scales; other
-    /// float tensors (biases, norms) keep their dtype.
+    /// int8 weights of convolutions and linear layers, per-output-channel scales (f16 when
+    /// they all fit it, else f32); other float tensors (biases, norms) keep their dtype.
     Int8,
 }
 
@@ -181,7 +181,7 @@ fn add_int8(w: &mut ModelWriter, view: &TensorView<'_>, axis: usize) -> Result<(
         max[c] = max[c].max(x.abs());
     }
     // An all-zero channel (pruned) keeps scale 1 so dequantising never divides by zero.
-    let scale: Vec<f32> = max
+    let mut scale: Vec<f32> = max
         .iter()
         .map(|&m| {
             if m > 0.0 && m.is_finite() {
@@ -191,6 +191,19 @@ fn add_int8(w: &mut ModelWriter, view: &TensorView<'_>, axis: usize) -> Result<(
             }
         })
         .collect();
+    // Scales are stored as f16 when every one is a normal f16: its rounding (≤ 2⁻¹¹ relative)
+    // is far below int8's step (up to 1/254 of the channel's largest weight), and the values
+    // are quantized against the rounded scale, so the file dequantizes to exactly what was
+    // measured. It halves the scales' share, which on a small pruned model (MobileNetV2 at
+    // 63 %: 30 KB of 616 KB) is what keeps int8 near a quarter of f32.
+    let f16_ok = scale
+        .iter()
+        .all(|&s| (f32::from(half::f16::MIN_POSITIVE)..=f32::from(half::f16::MAX)).contains(&s));
+    if f16_ok {
+        scale
+            .iter_mut()
+            .for_each(|s| *s = half::f16::from_f32(*s).to_f32());
+    }
     let q: Vec<u8> = vals
         .iter()
         .enumerate()
@@ -202,11 +215,23 @@ fn add_int8(w: &mut ModelWriter, view: &TensorView<'_>, axis: usize) -> Result<(
     w.add_tensor(view.info.name.clone(), DType::I8, shape.clone(), q)?;
     let mut scale_shape = vec![1; shape.len()];
     scale_shape[axis] = channels;
+    let (dtype, bytes) = if f16_ok {
+        let b = scale
+            .iter()
+            .flat_map(|&s| half::f16::from_f32(s).to_le_bytes())
+            .collect();
+        (DType::F16, b)
+    } else {
+        (
+            DType::F32,
+            scale.iter().flat_map(|s| s.to_le_bytes()).collect(),
+        )
+    };
     w.add_tensor(
         format!("{}.scale", view.info.name),
-        DType::F32,
+        dtype,
         scale_shape,
-        scale.iter().flat_map(|s| s.to_le_bytes()).collect(),
+        bytes,
     )?;
     Ok(())
 }
