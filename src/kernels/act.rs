@@ -75,11 +75,14 @@ fn apply_body(act: Activation, v: &mut [f32]) {
 #[inline(always)]
 pub fn erf_fast(x: f32) -> f32 {
     let z = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * z);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_7 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
-    let y = 1.0 - poly * super::rowwise::exp_nonpositive(-z * z);
+    let t = 1.0 / 0.327_591_1f32.mul_add(z, 1.0);
+    let mut poly = 1.061_405_4f32;
+    poly = poly.mul_add(t, -1.453_152);
+    poly = poly.mul_add(t, 1.421_413_7);
+    poly = poly.mul_add(t, -0.284_496_7);
+    poly = poly.mul_add(t, 0.254_829_6);
+    poly *= t;
+    let y = (-poly).mul_add(super::rowwise::exp_nonpositive(-z * z), 1.0);
     if x < 0.0 {
         -y
     } else {

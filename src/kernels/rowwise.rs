@@ -246,16 +246,18 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     // Adding 1.5·2^23 rounds to an integer, which then sits in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     const LOW: f32 = -87.0;
-    let t = x * LOG2E + ROUND;
+    // mul_add: one FMA per step where the caller is compiled with FMA (the AVX-512 and
+    // AVX2 paths, aarch64); Rust does not contract a·b + c by itself.
+    let t = x.mul_add(LOG2E, ROUND);
     let n = t - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
     let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let er = p * r * r + r + 1.0;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 0.5);
+    let er = (p * r).mul_add(r, r + 1.0);
     // n = low bits of t's mantissa minus the 0x400000 that 1.5·2^23 put there.
     let pow2n = f32::from_bits(
         (t.to_bits().wrapping_sub(0x4B40_0000) as i32)
