@@ -253,17 +253,17 @@ impl WinogradConv {
         let plane = g.oh * g.ow;
         let cout = self.cout;
         let one = |(co, o): (usize, &mut [f32])| {
-            let epi = RowEpilogue {
-                bias: self.bias.as_ref().map_or(0.0, |b| b[co]),
-                residual: residual.map(|r| &r[co * plane..(co + 1) * plane]),
-                activation,
-            };
-            // SAFETY: detect() saw AVX-512F.
             #[cfg(target_arch = "x86_64")]
-            if Isa::detect() == Isa::Avx512
-                && unsafe { output_fused_avx512(m, g, cout, co, &epi, o) }
-            {
-                return;
+            if Isa::detect() == Isa::Avx512 {
+                let epi = RowEpilogue {
+                    bias: self.bias.as_ref().map_or(0.0, |b| b[co]),
+                    residual: residual.map(|r| &r[co * plane..(co + 1) * plane]),
+                    activation,
+                };
+                // SAFETY: detect() saw AVX-512F.
+                if unsafe { output_fused_avx512(m, g, cout, co, &epi, o) } {
+                    return;
+                }
             }
             output_channel(m, g, cout, co, o);
             if let Some(b) = &self.bias {
@@ -591,6 +591,7 @@ unsafe fn input_channel(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *
 }
 
 /// What the output transform adds to one output channel as it writes its rows.
+#[cfg(target_arch = "x86_64")]
 struct RowEpilogue<'a> {
     bias: f32,
     /// The channel's plane of the residual.
