@@ -658,6 +658,36 @@ pub(super) fn phase_layout(s: &DepthwiseShape) -> (usize, usize) {
     (ws, hs * ws)
 }
 
+/// Everything that decides which cells of a phase-split scratch [`split_phases`] writes (and
+/// where what follows the `p_len` phase cells starts).
+pub(super) fn phase_key(
+    s: &DepthwiseShape,
+    ws: usize,
+    plane_len: usize,
+    p_len: usize,
+) -> [usize; 9] {
+    let (sy, sx) = s.stride;
+    let (pt, pl) = s.pad_begin;
+    [s.h, s.w, sy, sx, pt, pl, ws, plane_len, p_len]
+}
+
+/// Makes `buf` `len` long and filled with `fill`, unless it already holds the layout `key`
+/// (`held`): split_phases writes the same cells for every plane of one layout, so the padding
+/// cells keep their fill across planes, layers of the same geometry and frames.
+pub(super) fn reuse_phase_scratch(
+    buf: &mut Vec<f32>,
+    held: &mut Option<[usize; 9]>,
+    key: [usize; 9],
+    len: usize,
+    fill: f32,
+) {
+    if *held != Some(key) || buf.len() < len {
+        buf.clear();
+        buf.resize(len, fill);
+        *held = Some(key);
+    }
+}
+
 /// Scatters the plane `x` into its stride phases in `p` (`P[a][b][i][j] =
 /// x_pad[i·sy + a][j·sx + b]`, each phase `plane_len` long, rows `ws` wide); the padding
 /// cells keep whatever `p` was filled with (0 for convolution, -∞ for max pooling).
@@ -751,23 +781,13 @@ fn plane_flat(
     let phases = sy * sx;
     let ylen = (oh * ws).div_ceil(BLOCK) * BLOCK;
     let p_len = phases * plane_len + ylen + BLOCK;
-    // Everything that decides which cells of `p` split_phases writes (and where y starts).
-    let geometry = [
-        s.h,
-        s.w,
-        sy,
-        sx,
-        s.pad_begin.0,
-        s.pad_begin.1,
-        ws,
-        plane_len,
-        p_len,
-    ];
-    if scratch.zeroed_for != Some(geometry) || scratch.buf.len() < p_len + ylen {
-        scratch.buf.clear();
-        scratch.buf.resize(p_len + ylen, 0.0);
-        scratch.zeroed_for = Some(geometry);
-    }
+    reuse_phase_scratch(
+        &mut scratch.buf,
+        &mut scratch.zeroed_for,
+        phase_key(s, ws, plane_len, p_len),
+        p_len + ylen,
+        0.0,
+    );
     // y is written whole by the sums below: it needs no zeroing.
     let (p, y) = scratch.buf[..p_len + ylen].split_at_mut(p_len);
     split_phases(s, x, p, ws, plane_len);

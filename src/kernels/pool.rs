@@ -6,7 +6,9 @@ use std::cell::RefCell;
 
 use super::par::par_chunks_mut;
 
-use super::depthwise::{phase_layout, split_phases, DepthwiseShape};
+use super::depthwise::{
+    phase_key, phase_layout, reuse_phase_scratch, split_phases, DepthwiseShape,
+};
 
 /// A thread's phase planes, and the geometry whose padding cells they hold at -∞:
 /// [`super::depthwise::split_phases`] writes the same cells for every plane of one geometry,
@@ -216,22 +218,13 @@ fn plane_body(
     let (ws, plane_len) = phase_layout(s);
     let ylen = oh * ws;
     let p_len = sy * sx * plane_len;
-    let geometry = [
-        s.h,
-        s.w,
-        sy,
-        sx,
-        s.pad_begin.0,
-        s.pad_begin.1,
-        ws,
-        plane_len,
-        p_len,
-    ];
-    if scratch.filled_for != Some(geometry) || scratch.buf.len() < p_len + ylen {
-        scratch.buf.clear();
-        scratch.buf.resize(p_len + ylen, f32::NEG_INFINITY);
-        scratch.filled_for = Some(geometry);
-    }
+    reuse_phase_scratch(
+        &mut scratch.buf,
+        &mut scratch.filled_for,
+        phase_key(s, ws, plane_len, p_len),
+        p_len + ylen,
+        f32::NEG_INFINITY,
+    );
     let (p, y) = scratch.buf[..p_len + ylen].split_at_mut(p_len);
     split_phases(s, x, p, ws, plane_len);
     // Tap 0 is copied, the others folded in: y needs no -∞ fill either.
