@@ -422,24 +422,7 @@ pub fn finetune(
         match vars.get(&info.name) {
             Some(v) => {
                 let vals = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                let (dtype, bytes): (DType, Vec<u8>) = match info.dtype {
-                    DType::F16 => (
-                        DType::F16,
-                        vals.iter()
-                            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-                            .collect(),
-                    ),
-                    DType::BF16 => (
-                        DType::BF16,
-                        vals.iter()
-                            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                            .collect(),
-                    ),
-                    _ => (
-                        DType::F32,
-                        vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                    ),
-                };
+                let (dtype, bytes) = info.dtype.encode_floats(&vals);
                 w.add_tensor(info.name.clone(), dtype, info.shape.clone(), bytes)?;
             }
             None => {

@@ -55,6 +55,29 @@ pub enum DType {
 }
 
 impl DType {
+    /// `vals` stored as little-endian f16 or bf16 when `self` is one of them, else as f32;
+    /// returns the dtype written with the bytes.
+    pub fn encode_floats(self, vals: &[f32]) -> (DType, Vec<u8>) {
+        match self {
+            DType::F16 => (
+                DType::F16,
+                vals.iter()
+                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                    .collect(),
+            ),
+            DType::BF16 => (
+                DType::BF16,
+                vals.iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect(),
+            ),
+            _ => (
+                DType::F32,
+                vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+        }
+    }
+
     /// Every dtype, so callers can enumerate them (tests, CLI help).
     pub const ALL: [DType; 10] = [
         DType::Bool,

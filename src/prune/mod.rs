@@ -892,17 +892,7 @@ pub fn apply(
                 slice_axis(&vals, &shape, *axis, k)
             };
         }
-        let bytes: Vec<u8> = match info.dtype {
-            DType::F16 => vals
-                .iter()
-                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-                .collect(),
-            DType::BF16 => vals
-                .iter()
-                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                .collect(),
-            _ => vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        };
+        let (_, bytes) = info.dtype.encode_floats(&vals);
         w.add_tensor(info.name.clone(), info.dtype, shape, bytes)?;
     }
     Ok(w)

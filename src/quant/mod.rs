@@ -106,24 +106,12 @@ pub fn quantize(file: &ModelFile, to: Target) -> Result<(ModelWriter, Report)> {
         let added = match to {
             Target::F32 | Target::F16 | Target::BF16 if float => {
                 let vals = view.to_f32_vec()?;
-                let (dtype, bytes): (DType, Vec<u8>) = if to == Target::F32 {
-                    (
-                        DType::F32,
-                        vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                    )
-                } else if to == Target::F16 {
-                    let b = vals
-                        .iter()
-                        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-                        .collect();
-                    (DType::F16, b)
-                } else {
-                    let b = vals
-                        .iter()
-                        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                        .collect();
-                    (DType::BF16, b)
-                };
+                let (dtype, bytes) = match to {
+                    Target::F16 => DType::F16,
+                    Target::BF16 => DType::BF16,
+                    _ => DType::F32,
+                }
+                .encode_floats(&vals);
                 w.add_tensor(info.name.clone(), dtype, info.shape.clone(), bytes)?;
                 true
             }
@@ -215,18 +203,7 @@ fn add_int8(w: &mut ModelWriter, view: &TensorView<'_>, axis: usize) -> Result<(
     w.add_tensor(view.info.name.clone(), DType::I8, shape.clone(), q)?;
     let mut scale_shape = vec![1; shape.len()];
     scale_shape[axis] = channels;
-    let (dtype, bytes) = if f16_ok {
-        let b = scale
-            .iter()
-            .flat_map(|&s| half::f16::from_f32(s).to_le_bytes())
-            .collect();
-        (DType::F16, b)
-    } else {
-        (
-            DType::F32,
-            scale.iter().flat_map(|s| s.to_le_bytes()).collect(),
-        )
-    };
+    let (dtype, bytes) = if f16_ok { DType::F16 } else { DType::F32 }.encode_floats(&scale);
     w.add_tensor(
         format!("{}.scale", view.info.name),
         dtype,
