@@ -554,9 +554,13 @@ impl BSource for Im2col<'_> {
         offs: &mut Vec<Option<usize>>,
     ) -> Option<&[f32]> {
         // Measured per node (pruned ResNet-18, 1 thread): a 3 × 3 stride-1 layer at 56 × 56
-        // 0.36 → 0.33 ms, but the stride-2 ones slower (the stem 0.78 → 0.81 ms, a 3 × 3
-        // 0.19 → 0.20): their rows come from four phase planes, the packed copy stays faster.
-        if self.conv.stride != (1, 1) {
+        // 0.36 → 0.33 ms. Strided layers read rows of their phase planes; a 7 × 7 stem reads
+        // each phase row for several taps, and in place it is faster when few output channels
+        // share the packed copy (ResNet-18's stem pruned to 32 channels 0.84 → 0.75 ms; at 64,
+        // 1.39–1.42 ms either way), while the 3 × 3 stride-2 layers and MobileNetV2's 3 × 3
+        // stem measure the same either way: they keep the packed copy.
+        let (kh, kw) = self.conv.kernel;
+        if self.conv.stride != (1, 1) && kh * kw < 25 {
             return None;
         }
         self.row_bases(k0, kc, bases);
