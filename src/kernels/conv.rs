@@ -923,6 +923,9 @@ mod tests {
             (3, 2, 1, 1, (9, 81)),
             (5, 1, 2, 2, (4, 40)),
             (7, 2, 3, 1, (8, 100)),
+            // Strided kernels of 25 taps or more read their panels in place too.
+            (5, 2, 2, 1, (6, 80)),
+            (5, 3, 2, 2, (7, 110)),
         ] {
             cases.push(Case {
                 n: 1,
