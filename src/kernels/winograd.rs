@@ -949,9 +949,10 @@ unsafe fn input_channel4(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: 
 
 /// Padded row `y` of the plane split into its `P` (2 or 4) column phases at `at` of `rs`'s
 /// `P` arrays of `len` values (`rs[k · len + at + j] = padded[y][P·j + k]`, j < gw), read
-/// straight from the plane: masked loads stand in for the padding (the zero-filled row
-/// copy's memset and memcpy per row took a fifth of a pruned ResNet-18's frame), and rounds
-/// of two-register permutes deinterleave 16·P columns into 16 per phase.
+/// straight from the plane: masked loads stand in for the padding (a zero-filled row copy,
+/// a memset and a memcpy call per row, then a scalar deinterleave: with the transform itself
+/// a fifth of a pruned ResNet-18's frame under perf), and rounds of two-register permutes
+/// deinterleave 16·P columns into 16 per phase.
 ///
 /// # Safety
 /// The CPU must have AVX-512F; `rs` holds `P` arrays of `len ≥ at + gw` values.
