@@ -541,7 +541,7 @@ type Run = (usize, usize, usize);
 impl BSource for Im2col<'_> {
     /// Row `k` of the column matrix, for the positions of one output row, is a run of the
     /// padded input: a panel that lies in one output row is read there instead of copied
-    /// into a packed panel (stride 1 only).
+    /// into a packed panel (stride 1, and strided kernels of 25 taps or more).
     #[allow(clippy::too_many_arguments)]
     fn gathered(
         &self,
@@ -601,21 +601,18 @@ impl Im2col<'_> {
             // packing).
             self.row_bases(0, k, bases);
             let bases = &bases[..];
-            let (ow, wq, xp) = (self.ow, self.wq, &self.xp[..]);
+            let xp = &self.xp[..];
             PackedA::pack_scratch_by(m, k, |k0, row0, dst| {
                 let mr = Isa::detect().mr();
                 let kc = dst.len() / mr;
                 let bases = &bases[k0..k0 + kc];
-                // The piece's positions as runs within output rows: (offset, length, lane).
+                // The piece's positions as runs within output rows (at most one per position,
+                // and MR ≤ 16).
                 let mut segs = [(0usize, 0usize, 0usize); 16];
                 let mut n = 0;
-                let (mut q, end) = (row0, (row0 + mr).min(m));
-                while q < end && n < segs.len() {
-                    let (oy, ox) = (q / ow, q % ow);
-                    let len = (ow - ox).min(end - q);
-                    segs[n] = (oy * wq + ox, len, q - row0);
+                for (seg, run) in segs.iter_mut().zip(self.row_runs(row0, (row0 + mr).min(m))) {
+                    *seg = run;
                     n += 1;
-                    q += len;
                 }
                 let segs = &segs[..n];
                 #[cfg(target_arch = "x86_64")]
@@ -636,6 +633,21 @@ impl Im2col<'_> {
         PACK_PLAN.with(|plan| match plan.try_borrow_mut() {
             Ok(mut plan) => pack(&mut plan.0),
             Err(_) => pack(&mut Vec::new()),
+        })
+    }
+
+    /// Output positions `start .. end` as runs that stay within one output row: (offset in a
+    /// phase plane of `xp`, length, position of the run's first value from `start`).
+    fn row_runs(&self, start: usize, end: usize) -> impl Iterator<Item = Run> + '_ {
+        let mut q = start;
+        std::iter::from_fn(move || {
+            (q < end).then(|| {
+                let (oy, ox) = (q / self.ow, q % self.ow);
+                let len = (self.ow - ox).min(end - q);
+                let run = (oy * self.wq + ox, len, q - start);
+                q += len;
+                run
+            })
         })
     }
 
@@ -679,19 +691,12 @@ impl Im2col<'_> {
         bases: &mut Vec<usize>,
         segs: &mut Vec<Run>,
     ) {
-        let (wq, ow) = (self.wq, self.ow);
         self.row_bases(k0, kc, bases);
         let xp = &self.xp[..];
         for p in 0..nc.div_ceil(nr) {
             segs.clear();
-            let (mut col, end) = (p * nr, (p * nr + nr).min(nc));
-            while col < end {
-                let q = n0 + col;
-                let (oy, ox) = (q / ow, q % ow);
-                let len = (ow - ox).min(end - col);
-                segs.push((oy * wq + ox, len, col - p * nr));
-                col += len;
-            }
+            let end = (p * nr + nr).min(nc);
+            segs.extend(self.row_runs(n0 + p * nr, n0 + end));
             let panel = &mut dst[p * kc * nr..(p + 1) * kc * nr];
             match (segs.as_slice(), nr) {
                 // The common case: the whole panel inside one output row.

@@ -261,9 +261,8 @@ impl WinogradConv {
                     activation,
                 };
                 // SAFETY: detect() saw AVX-512F.
-                if unsafe { output_fused_avx512(m, g, cout, co, &epi, o) } {
-                    return;
-                }
+                unsafe { output_fused_avx512(m, g, cout, co, &epi, o) };
+                return;
             }
             output_channel(m, g, cout, co, o);
             if let Some(b) = &self.bias {
@@ -513,10 +512,7 @@ unsafe fn input_channel(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: *
     // Every part is written before it is read (the slack is zeroed below).
     let mut buf = scratch::take(8 * len + width);
     let (eo, row) = buf.split_at_mut(8 * len);
-    #[cfg(target_arch = "x86_64")]
-    let split = Isa::detect() == Isa::Avx512;
-    #[cfg(not(target_arch = "x86_64"))]
-    let split = false;
+    let split = phases_from_plane();
     for ty in 0..g.th {
         for r in 0..4 {
             if split {
@@ -602,8 +598,7 @@ struct RowEpilogue<'a> {
 /// [`output_channel`] followed by the channel's bias, residual and activation, with the rows
 /// written by AVX-512 permutes (the phase interleave was a scalar store per output) and the
 /// epilogue applied in registers on the way (three more passes over the plane before).
-/// Activations other than ReLU and Clip run over each finished row. False (nothing written)
-/// for tile sizes it does not handle.
+/// Activations other than ReLU and Clip run over each finished row.
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
@@ -616,17 +611,15 @@ unsafe fn output_fused_avx512(
     co: usize,
     epi: &RowEpilogue,
     o: &mut [f32],
-) -> bool {
+) {
+    // The tile is 2 or 4 (`with_tile` refuses the rest).
     let p = g.m;
     let gp = g.gp;
     let mut buf = scratch::take(p * p * gp);
     if p == 4 {
         transform4(m, g, cout, co, &mut buf);
-    } else if p == 2 {
-        transform2(m, g, cout, co, &mut buf);
     } else {
-        scratch::give(buf);
-        return false;
+        transform2(m, g, cout, co, &mut buf);
     }
     for ty in 0..g.th {
         for i in 0..p {
@@ -646,7 +639,6 @@ unsafe fn output_fused_avx512(
         }
     }
     scratch::give(buf);
-    true
 }
 
 /// Output row `row[P·t + k] = phases[k · gp + t]` (t < tiles) with the epilogue applied.
@@ -740,9 +732,9 @@ unsafe fn interleave_row_avx512<const P: usize>(
 fn output_channel(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match Isa::detect() {
-        // SAFETY: detect() saw these features on this CPU.
-        Isa::Avx512 => return unsafe { output_avx512(m, g, cout, co, o) },
-        Isa::Avx2 => return unsafe { output_avx2(m, g, cout, co, o) },
+        // SAFETY: detect() saw these features on this CPU (AVX-512 ones take
+        // `output_fused_avx512` instead and do not come here).
+        Isa::Avx512 | Isa::Avx2 => return unsafe { output_avx2(m, g, cout, co, o) },
         Isa::Portable => {}
     }
     output_any(m, g, cout, co, o)
@@ -755,12 +747,6 @@ fn output_any(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
     } else {
         output_body(m, g, cout, co, o)
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn output_avx512(m: &[f32], g: &Geometry, cout: usize, co: usize, o: &mut [f32]) {
-    output_any(m, g, cout, co, o)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -876,10 +862,7 @@ unsafe fn input_channel4(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: 
     let width = 4 * g.gw;
     let mut buf = scratch::take(24 * len + width);
     let (ts, row) = buf.split_at_mut(24 * len);
-    #[cfg(target_arch = "x86_64")]
-    let split = Isa::detect() == Isa::Avx512;
-    #[cfg(not(target_arch = "x86_64"))]
-    let split = false;
+    let split = phases_from_plane();
     for ty in 0..g.th {
         for r in 0..6 {
             if split {
@@ -945,6 +928,15 @@ unsafe fn input_channel4(plane: &[f32], g: &Geometry, ci: usize, cin: usize, v: 
         }
     }
     scratch::give(buf);
+}
+
+/// Whether the input transforms split rows into phases straight from the plane
+/// ([`phases_avx512`]) rather than through a zero-padded row copy.
+fn phases_from_plane() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return Isa::detect() == Isa::Avx512;
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Padded row `y` of the plane split into its `P` (2 or 4) column phases at `at` of `rs`'s
