@@ -733,6 +733,9 @@ impl Executor {
         let mut args: Vec<Tensor> = Vec::new();
         let profile = profiling();
         let mut spent: Vec<(String, f64)> = Vec::new();
+        // Per-node lines are logged after the frame: writing them between nodes cost each
+        // following node a cold cache (the sum of nodes came out ~18 % above the frame).
+        let mut node_lines: Vec<String> = Vec::new();
         // A value as a tensor (copied out of the arena when resident there).
         let materialize =
             |s: usize, values: &[Option<Tensor>], resident: &[bool]| match (resident[s], region(s))
@@ -903,7 +906,10 @@ impl Executor {
                         .first()
                         .map(|&o| self.dims[o].clone())
                         .unwrap_or_default();
-                    tracing::info!("node {} {kind} -> {shape:?}: {ms:.3} ms", node.name);
+                    node_lines.push(format!(
+                        "node {} {kind} -> {shape:?}: {ms:.3} ms",
+                        node.name
+                    ));
                 }
                 match spent.iter_mut().find(|(k, _)| *k == kind) {
                     Some(e) => e.1 += ms,
@@ -929,6 +935,9 @@ impl Executor {
                     tapped.insert(name.clone(), t);
                 }
             }
+        }
+        for line in &node_lines {
+            tracing::info!("{line}");
         }
         if profile {
             spent.sort_by(|a, b| b.1.total_cmp(&a.1));
