@@ -675,7 +675,7 @@ impl Executor {
             .unwrap_or_else(|e| e.into_inner())
             .pop()
             .filter(|a| a.len() == self.arena.len)
-            .unwrap_or_else(|| vec![0f32; self.arena.len]);
+            .unwrap_or_else(|| crate::kernels::pages::zeroed(self.arena.len));
         let result = self.run_steps(&mut arena, values, &tap_slots);
         self.workspaces
             .lock()

@@ -115,7 +115,8 @@ impl PackedA {
 
     /// As [`PackedA::pack`], for a given micro-kernel.
     pub fn pack_for(isa: Isa, a: &[f32], m: usize, k: usize, rs: usize, cs: usize) -> PackedA {
-        Self::pack_into(Vec::new(), isa, a, m, k, rs, cs)
+        let len = m.div_ceil(isa.mr()) * isa.mr() * k;
+        Self::pack_into(super::pages::zeroed(len), isa, a, m, k, rs, cs)
     }
 
     /// As [`PackedA::pack`], into a buffer from this thread's scratch pool; hand it back with
@@ -287,7 +288,7 @@ impl PackedB {
     pub fn pack_for(isa: Isa, b: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> PackedB {
         let nr = isa.nr();
         let panels = n.div_ceil(nr);
-        let mut data = vec![0f32; panels * nr * k];
+        let mut data = super::pages::zeroed(panels * nr * k);
         let mut at = 0;
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);

@@ -13,6 +13,7 @@ pub mod depthwise;
 mod dw3x3;
 pub mod gemm;
 pub mod layout;
+pub mod pages;
 pub mod par;
 pub mod pool;
 pub mod resize;
