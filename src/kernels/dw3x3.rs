@@ -99,6 +99,18 @@ unsafe fn rows_of<const SX: usize>(
         let nrows = (oh - oy0).min(ROWS);
         // Input rows of this group: iy0 + t for t < (ROWS - 1) · sy + 3.
         let iy0 = (oy0 * sy) as isize - pt;
+        // The rows the next group adds, asked for now: wide maps arrive from L3 or memory
+        // (MobileNetV2's 112 × 112 layers), faster than the hardware prefetcher brings them.
+        // 96 × 112² stride 2, input in L3: 0.66 → 0.22 ms (in L2: 0.19 → 0.16).
+        let span = ((ROWS - 1) * sy + 3) as isize;
+        for iy in iy0 + span..iy0 + span + (ROWS * sy) as isize {
+            if (0..h).contains(&iy) {
+                let r = xp.wrapping_add(iy as usize * w);
+                for off in (0..w).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(off).cast());
+                }
+            }
+        }
         let mut o = 0;
         while o < ow {
             let mut acc = [vb; ROWS];

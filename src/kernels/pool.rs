@@ -96,6 +96,10 @@ fn plane(
 /// # Safety
 /// The CPU must have AVX-512F; `s` is 3 × 3, stride 2, dilation 1, begin pads ≤ 1;
 /// `x` holds `s.h · s.w` values and `out` `oh · ow`.
+/// How many output rows ahead [`plane_3x3s2_avx512`] asks for the input rows it will read.
+#[cfg(target_arch = "x86_64")]
+const AHEAD_ROWS: usize = 2;
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn plane_3x3s2_avx512(
@@ -160,6 +164,17 @@ unsafe fn plane_3x3s2_avx512(
             horizontal(oy);
             continue;
         };
+        // The two input rows that output row oy + AHEAD_ROWS + 1 will add, asked for now: the
+        // map arrives from L3 or memory (a stem's 3.2 MB output), and the hardware prefetcher
+        // alone kept this loop waiting on it. 64 × 112², input in L3: 0.28 → 0.16 ms (hot,
+        // in L2: 0.10).
+        for ky in 3 + 2 * AHEAD_ROWS..5 + 2 * AHEAD_ROWS {
+            if let Some(row) = r(ky) {
+                for off in (0..w).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(xp.add(row * w + off).cast());
+                }
+            }
+        }
         let (r0, r1, r2) = (
             xp.add(r(0).unwrap_or(any) * w),
             xp.add(r(1).unwrap_or(any) * w),
