@@ -415,6 +415,16 @@ impl<'a> Im2col<'a> {
             }
         };
         let fill_chan = |ci: usize, dst: &mut [f32]| {
+            // The next channel's plane, asked for while this one is split: the input comes
+            // from L3 or memory (the previous layer's output), and a strided split reads it
+            // in passes over every other row that the hardware prefetcher follows poorly.
+            // 64 → 128 channels at 56², stride 2, input in L3: 0.87 → 0.73 ms. (Stride 1 reads
+            // rows in order: no gain there.)
+            if sy * sx > 1 {
+                if let Some(next) = x.get((ci + 1) * h * w..(ci + 2) * h * w) {
+                    super::gemm::prefetch(next);
+                }
+            }
             for (ph, plane) in dst.chunks_exact_mut(hq * wq).enumerate() {
                 let (py, px) = (ph / sx, ph % sx);
                 for (i, row) in plane.chunks_exact_mut(wq).enumerate() {

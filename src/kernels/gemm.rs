@@ -1003,7 +1003,7 @@ pub unsafe fn gemm_into(
 
 /// Asks for every cache line of `v` (a hint: no effect on results).
 #[inline]
-fn prefetch(v: &[f32]) {
+pub(super) fn prefetch(v: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     for line in v.chunks(16) {
         // SAFETY: a prefetch never faults, and the address lies inside `v`.
