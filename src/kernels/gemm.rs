@@ -1423,31 +1423,24 @@ mod x86 {
         assert!(rows <= 8 && (1..=32).contains(&cols));
         let mask = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
         let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
-        let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
         let mut c0 = [_mm512_setzero_ps(); 8];
         let mut c1 = [_mm512_setzero_ps(); 8];
-        if cols <= 16 {
-            for _ in 0..kc {
-                let b0 = _mm512_loadu_ps(bp);
-                for (r, acc) in c0.iter_mut().enumerate() {
-                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(r)), b0, *acc);
+        // Only the rows that exist are multiplied: a 7 × 7 map's 49 positions leave one row in
+        // its last panel of 8, which cost as much as a whole tile (a sixth of a transposed
+        // 3 × 3 layer's time at 7 × 7).
+        macro_rules! sums {
+            ($($r:literal)*) => {
+                match (rows, cols > 16) {
+                    $(
+                        ($r, false) => edge_sums::<$r, false>(kc, ap, bp, ldb, &mut c0, &mut c1),
+                        ($r, true) => edge_sums::<$r, true>(kc, ap, bp, ldb, &mut c0, &mut c1),
+                    )*
+                    _ => {}
                 }
-                ap = ap.add(8);
-                bp = bp.add(ldb);
-            }
-        } else {
-            for _ in 0..kc {
-                let b0 = _mm512_loadu_ps(bp);
-                let b1 = _mm512_loadu_ps(bp.add(16));
-                for r in 0..8 {
-                    let av = _mm512_set1_ps(*ap.add(r));
-                    c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
-                    c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
-                }
-                ap = ap.add(8);
-                bp = bp.add(ldb);
-            }
+            };
         }
+        sums!(1 2 3 4 5 6 7 8);
         for r in 0..rows {
             let t = c.add(r * ldc);
             let (mut v0, mut v1) = (c0[r], c1[r]);
@@ -1479,6 +1472,40 @@ mod x86 {
             // The right half's pointer may lie past C's end when m1 is empty: wrapping, never
             // dereferenced there (masked-off lanes are not accessed).
             _mm512_mask_storeu_ps(t.wrapping_add(16), m1, v1);
+        }
+    }
+
+    /// The sums of [`kernel_8x32_edge`] for its first `R` rows, over 32 columns (`WIDE`) or 16.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `a` holds `kc` groups of 8 values, `b` `kc` rows of 32
+    /// (16 unless `WIDE`) at stride `ldb`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn edge_sums<const R: usize, const WIDE: bool>(
+        kc: usize,
+        mut ap: *const f32,
+        mut bp: *const f32,
+        ldb: usize,
+        c0: &mut [__m512; 8],
+        c1: &mut [__m512; 8],
+    ) {
+        for _ in 0..kc {
+            let b0 = _mm512_loadu_ps(bp);
+            let b1 = if WIDE {
+                _mm512_loadu_ps(bp.add(16))
+            } else {
+                _mm512_setzero_ps()
+            };
+            for r in 0..R {
+                let av = _mm512_set1_ps(*ap.add(r));
+                c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
+                if WIDE {
+                    c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+                }
+            }
+            ap = ap.add(8);
+            bp = bp.add(ldb);
         }
     }
 
