@@ -190,9 +190,10 @@ struct CpuArgs {
     /// always, never.
     #[arg(long, default_value = "auto")]
     winograd: Winograd,
-    /// Inverted residual blocks (expand, depthwise, project) as one kernel in bands of rows:
-    /// never (default), auto (blocks whose expanded map outgrows the L2 cache), always.
-    #[arg(long, default_value = "never")]
+    /// Inverted residual blocks (expand, depthwise, project) as one kernel: small (default:
+    /// blocks ending on maps of at most 7 × 7, channels-last), auto (also blocks whose expanded
+    /// map outgrows the L2 cache, in bands of rows), always, never.
+    #[arg(long, default_value = "small")]
     fuse_blocks: BlockFusion,
     /// Compute in f32, f16 or bf16 on any device (default: the board's compute_dtype on a GPU,
     /// f32 on the CPU; f16 on the CPU runs candle's reference ops, for checking the GPU path).

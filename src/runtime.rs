@@ -154,7 +154,8 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Whether inverted residual blocks run fused (default: never; see [`BlockFusion`]).
+    /// Whether inverted residual blocks run fused (default: small maps, channels-last; see
+    /// [`BlockFusion`]).
     pub fn fusion(mut self, policy: BlockFusion) -> Self {
         self.exec.fusion = policy;
         self

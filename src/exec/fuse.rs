@@ -1,7 +1,8 @@
 //! Block fusion: runs of consecutive prepared steps that one kernel computes together, without
 //! writing the values between them. Today: the inverted residual block (pointwise expand →
-//! depthwise → pointwise project, or depthwise → project) on maps whose expanded value is too
-//! big for the L2 cache ([`crate::kernels::bottleneck`]).
+//! depthwise → pointwise project, or depthwise → project), on small maps channels-last
+//! ([`crate::kernels::channels_last`]) and on maps whose expanded value is too big for the L2
+//! cache in bands of rows ([`crate::kernels::bottleneck`]).
 //!
 //! The steps keep their own preparations: a frame that taps a value inside a block runs the
 //! block step by step, and the plan gives those values their arena regions as usual.
@@ -11,23 +12,33 @@ use std::collections::HashSet;
 use super::native::{ConvEngine, Prepared};
 use super::{Ref, Step};
 use crate::kernels::bottleneck::{Bottleneck, DepthwiseStage, Pointwise};
+use crate::kernels::channels_last::{self, ChannelsLast, Stage};
+use crate::kernels::conv::PackedConv;
+use crate::kernels::depthwise::DepthwiseShape;
 
 /// Whether inverted residual blocks run fused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BlockFusion {
-    /// Blocks whose expanded map is at least `MIN_EXPANDED_BYTES` (1 MB) and whose rows are
-    /// at least `MIN_WIDTH` (64) wide.
-    Auto,
-    /// Every block, whatever its size (for tests and comparisons).
-    Always,
-    /// Never: every node runs on its own (the default: on the x86 host we measure on, whose
-    /// 32 MB L3 holds every expanded map, fusing measured no faster end to end, 1 or 2
-    /// threads; it is meant for CPUs with small caches, such as Jetson's 2 MB L3).
+    /// Blocks with an expand stage whose output map has at most
+    /// [`channels_last::MAX_POSITIONS`] positions, channels-last (the default: MobileNetV2's
+    /// four 7 × 7 blocks measured 0.77–0.91 × their layer-by-layer time, 1 thread; 14 × 14
+    /// blocks measured no faster and stay layer by layer).
     #[default]
+    Small,
+    /// The small blocks, plus blocks whose expanded map is at least `MIN_EXPANDED_BYTES`
+    /// (1 MB) and whose rows are at least `MIN_WIDTH` (64) wide, in bands of rows (on the x86
+    /// host we measure on, whose 32 MB L3 holds every expanded map, the bands measured no
+    /// faster end to end; they are meant for CPUs with small caches, such as Jetson's 2 MB L3).
+    Auto,
+    /// Every block, whatever its size: small ones channels-last, the others in bands (for
+    /// tests and comparisons).
+    Always,
+    /// Never: every node runs on its own.
     Never,
 }
 
-named_choices!(BlockFusion, "block fusion policy", "auto, always or never", {
+named_choices!(BlockFusion, "block fusion policy", "small, auto, always or never", {
+    Small => "small",
     Auto => "auto",
     Always => "always",
     Never => "never",
@@ -54,6 +65,9 @@ pub(crate) struct Fused {
     pub output: usize,
     /// Values produced inside the block, which a fused run never writes.
     pub inner: Vec<usize>,
+    /// Runs channels-last ([`ChannelsLast`]; its pointwise stages are packed in the
+    /// transposed form), else in bands of rows ([`Bottleneck`]).
+    pub channels_last: bool,
 }
 
 /// The steps' single computed input and single output, when that is all they have.
@@ -64,13 +78,15 @@ fn io(step: &Step) -> Option<(usize, usize)> {
     }
 }
 
+/// For a 1 × 1, stride-1, unpadded, single-group convolution (either GEMM form): whether it
+/// adds a residual.
 fn pointwise(p: Option<&Prepared>) -> Option<bool> {
     match p? {
         Prepared::Conv {
             conv: ConvEngine::Gemm(c),
             residual,
             ..
-        } if c.is_pointwise() => Some(*residual),
+        } if c.is_one_by_one() => Some(*residual),
         _ => None,
     }
 }
@@ -120,20 +136,65 @@ pub(crate) fn plan(
             } else {
                 None
             };
-            let block = block(&prepared[i..dw_at + 2])?;
             // Shapes known and consistent with what the block computes.
             let (&[1, cin, h, w], &[1, cout, oh, ow]) = (dims[x].as_slice(), dims[out].as_slice())
             else {
                 return None;
             };
-            let mid = block.depthwise.weight.len()
-                / (block.depthwise.kernel.0 * block.depthwise.kernel.1).max(1);
-            let consistent = block.out_hw(h, w) == Some((oh, ow))
-                && block.project.conv.cout() == cout
-                && block.expand.map_or(cin == mid, |e| e.conv.cin() == cin)
+            fn conv(p: &Option<Prepared>) -> Option<&PackedConv> {
+                match p {
+                    Some(Prepared::Conv {
+                        conv: ConvEngine::Gemm(c),
+                        ..
+                    }) => Some(c),
+                    _ => None,
+                }
+            }
+            let project = conv(&prepared[dw_at + 1])?;
+            let expand_conv = if expand {
+                Some(conv(&prepared[i])?)
+            } else {
+                None
+            };
+            let Some(Prepared::Depthwise {
+                weight,
+                kernel,
+                stride,
+                dilation,
+                pads,
+                ..
+            }) = &prepared[dw_at]
+            else {
+                return None;
+            };
+            let mid = weight.len() / (kernel.0 * kernel.1).max(1);
+            let shape = DepthwiseShape {
+                n: 1,
+                c: mid,
+                h,
+                w,
+                kh: kernel.0,
+                kw: kernel.1,
+                stride: *stride,
+                dilation: *dilation,
+                pad_begin: (pads[0], pads[1]),
+                pad_end: (pads[2], pads[3]),
+            };
+            let consistent = shape.out_hw() == Some((oh, ow))
+                && project.cin() == mid
+                && project.cout() == cout
+                && expand_conv.map_or(cin == mid, |e| e.cin() == cin && e.cout() == mid)
                 && residual.is_none_or(|r| dims[r] == dims[out]);
             let big = mid * h * w * 4 >= MIN_EXPANDED_BYTES && w >= MIN_WIDTH;
-            (consistent && (big || policy == BlockFusion::Always)).then(|| Fused {
+            let small = expand && oh * ow <= channels_last::MAX_POSITIONS;
+            // Bands need both pointwise stages in the direct form.
+            let banded = match policy {
+                BlockFusion::Always => !small,
+                BlockFusion::Auto => big && !small,
+                _ => false,
+            } && block(&prepared[i..dw_at + 2]).is_some();
+            (consistent && (small || banded)).then(|| Fused {
+                channels_last: small,
                 len: dw_at + 2 - i,
                 input: x,
                 residual,
@@ -169,6 +230,70 @@ fn stage(p: &Option<Prepared>) -> Option<Pointwise<'_>> {
             activation: *activation,
         }),
         _ => None,
+    }
+}
+
+/// The channels-last block that the prepared steps `p` (expand, depthwise, project) make, once
+/// [`make_transposed`] has repacked its pointwise stages.
+pub(crate) fn channels_last_block(p: &[Option<Prepared>]) -> Option<ChannelsLast<'_>> {
+    fn stage(p: &Option<Prepared>) -> Option<Stage<'_>> {
+        match p {
+            Some(Prepared::Conv {
+                conv: ConvEngine::Gemm(c),
+                activation,
+                ..
+            }) if c.transposed().is_some() => Some(Stage {
+                conv: c,
+                activation: *activation,
+            }),
+            _ => None,
+        }
+    }
+    let [expand, Some(Prepared::Depthwise {
+        weight,
+        bias,
+        kernel,
+        stride,
+        dilation,
+        pads,
+        activation,
+        residual: false,
+    }), project] = p
+    else {
+        return None;
+    };
+    Some(ChannelsLast {
+        expand: stage(expand)?,
+        depthwise: DepthwiseStage {
+            weight,
+            bias: bias.as_deref(),
+            kernel: *kernel,
+            stride: *stride,
+            dilation: *dilation,
+            pads: *pads,
+            activation: *activation,
+        },
+        project: stage(project)?,
+    })
+}
+
+/// Repacks the pointwise stages of every channels-last block in `plan` in the transposed form
+/// (their steps, run one by one when a frame taps a value inside the block, then take the
+/// transposed GEMM form too).
+pub(crate) fn make_transposed(plan: &[Option<Fused>], prepared: &mut [Option<Prepared>]) {
+    for (head, f) in plan.iter().enumerate() {
+        let Some(f) = f.as_ref().filter(|f| f.channels_last) else {
+            continue;
+        };
+        for i in [head, head + f.len - 1] {
+            if let Some(Prepared::Conv {
+                conv: ConvEngine::Gemm(c),
+                ..
+            }) = prepared.get_mut(i).and_then(Option::as_mut)
+            {
+                c.make_transposed();
+            }
+        }
     }
 }
 

@@ -389,7 +389,7 @@ impl Executor {
             }
             Ok(prepared)
         };
-        let prepared = match &pool {
+        let mut prepared = match &pool {
             Some(p) => p.install(|| spin.install(prepare))?,
             None => spin.install(prepare)?,
         };
@@ -475,7 +475,9 @@ impl Executor {
                     Ref::Weight(_) => None,
                 })
                 .collect();
-            fuse::plan(options.fusion, &steps, &prepared, &dims, &uses, &outs)
+            let plan = fuse::plan(options.fusion, &steps, &prepared, &dims, &uses, &outs);
+            fuse::make_transposed(&plan, &mut prepared);
+            plan
         } else {
             vec![None; steps.len()]
         };
@@ -768,17 +770,31 @@ impl Executor {
                 };
                 let x = data(f.input);
                 let res = f.residual.map(data);
-                let block = fuse::block(&self.prepared[si..si + f.len]);
-                if let (Some(x), Some(block), Some(oreg), false) =
-                    (x, block, region(f.output), res.is_some_and(|r| r.is_none()))
-                {
+                let steps = &self.prepared[si..si + f.len];
+                let (cl, banded) = if f.channels_last {
+                    (fuse::channels_last_block(steps), None)
+                } else {
+                    (None, fuse::block(steps))
+                };
+                if let (Some(x), true, Some(oreg), false) = (
+                    x,
+                    cl.is_some() || banded.is_some(),
+                    region(f.output),
+                    res.is_some_and(|r| r.is_none()),
+                ) {
                     let d = &self.dims[f.input];
                     let out = view_mut(oreg);
-                    block
-                        .run(x, (d[1], d[2], d[3]), res.flatten(), out)
-                        .map_err(|e| {
-                            exec_err(candle_core::Error::Msg(format!("fused block: {}", e.0)))
-                        })?;
+                    let dims = (d[1], d[2], d[3]);
+                    let ran = match (cl, banded) {
+                        (Some(b), _) => b.run(x, dims, res.flatten(), out),
+                        (None, Some(b)) => b.run(x, dims, res.flatten(), out),
+                        (None, None) => Err(crate::kernels::bottleneck::Mismatch(
+                            "no kernel for the block".into(),
+                        )),
+                    };
+                    ran.map_err(|e| {
+                        exec_err(candle_core::Error::Msg(format!("fused block: {}", e.0)))
+                    })?;
                     resident[f.output] = true;
                     values[f.output] = None;
                     fused_until = si + f.len;

@@ -148,16 +148,48 @@ impl PackedConv {
         self.cin_g * self.groups
     }
 
-    /// Whether this is a plain pointwise product (1 × 1, stride 1, no padding, one group, weights
-    /// as the left operand): what [`PackedConv::pointwise_into`] runs.
-    pub fn is_pointwise(&self) -> bool {
+    /// The bias (folded BatchNorm), one value per output channel.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    /// `Wᵀ` (`[k, cout]`) packed as the right operand, when this single-group convolution is
+    /// packed in the transposed form.
+    pub fn transposed(&self) -> Option<&PackedB> {
+        match &self.form {
+            Form::Transposed(ws) if self.groups == 1 => ws.first(),
+            _ => None,
+        }
+    }
+
+    /// Repacks direct-form weights in the transposed form (for a channels-last block, which
+    /// multiplies positions by `Wᵀ`); the convolution computes the same either way.
+    pub fn make_transposed(&mut self) {
+        if let Form::Direct(ws) = &self.form {
+            let k = self.cin_g * self.kernel.0 * self.kernel.1;
+            let cout_g = self.cout / self.groups;
+            let packed = ws
+                .iter()
+                .map(|a| PackedB::pack(&a.unpack(), k, cout_g, 1, k))
+                .collect();
+            self.form = Form::Transposed(packed);
+        }
+    }
+
+    /// Whether this is a 1 × 1, stride-1, unpadded, single-group convolution, in either form.
+    pub fn is_one_by_one(&self) -> bool {
         self.kernel == (1, 1)
             && self.stride == (1, 1)
             && self.dilation == (1, 1)
             && self.pad_begin == (0, 0)
             && self.pad_end == (0, 0)
             && self.groups == 1
-            && matches!(self.form, Form::Direct(_))
+    }
+
+    /// Whether this is a plain pointwise product (1 × 1, stride 1, no padding, one group, weights
+    /// as the left operand): what [`PackedConv::pointwise_into`] runs.
+    pub fn is_pointwise(&self) -> bool {
+        self.is_one_by_one() && matches!(self.form, Form::Direct(_))
     }
 
     /// `out[co, j] = act(Σ_ci W[co, ci] · x[ci · x_rs + j] + bias[co] (+ residual))` for the
@@ -320,29 +352,7 @@ impl PackedConv {
                             Layout { rs: cout_g, cs: 1 },
                             &epi,
                         );
-                        // Back to channel-major, 16 channels per task, residual and
-                        // activation on the way.
-                        const CH: usize = 16;
-                        let o = &mut out[c0..c1];
-                        par::par_chunks_mut(o, CH * plane, |blk, rows| {
-                            let co0 = blk * CH;
-                            let nch = rows.len() / plane;
-                            for p in 0..plane {
-                                let src = &t[p * cout_g + co0..p * cout_g + co0 + nch];
-                                for (c, &v) in src.iter().enumerate() {
-                                    rows[c * plane + p] = v;
-                                }
-                            }
-                            for (c, row) in rows.chunks_exact_mut(plane).enumerate() {
-                                if let Some(r) = res {
-                                    let co = co0 + c;
-                                    row.iter_mut()
-                                        .zip(&r[co * plane..(co + 1) * plane])
-                                        .for_each(|(v, x)| *v += x);
-                                }
-                                apply_activation(activation, row);
-                            }
-                        });
+                        positions_to_channels(&t, plane, cout_g, res, activation, &mut out[c0..c1]);
                         scratch::give(t);
                         a.recycle();
                     }
@@ -355,6 +365,38 @@ impl PackedConv {
         }
         Ok(())
     }
+}
+
+/// `out[c][p] = act(t[p][c] + residual[c][p])`: a product computed with positions as rows
+/// (`t`, `plane` rows of `channels`) back to channel-major, 16 channels per task.
+pub(super) fn positions_to_channels(
+    t: &[f32],
+    plane: usize,
+    channels: usize,
+    residual: Option<&[f32]>,
+    activation: Option<Activation>,
+    out: &mut [f32],
+) {
+    const CH: usize = 16;
+    par::par_chunks_mut(out, CH * plane, |blk, rows| {
+        let co0 = blk * CH;
+        let nch = rows.len() / plane;
+        for p in 0..plane {
+            let src = &t[p * channels + co0..p * channels + co0 + nch];
+            for (c, &v) in src.iter().enumerate() {
+                rows[c * plane + p] = v;
+            }
+        }
+        for (c, row) in rows.chunks_exact_mut(plane).enumerate() {
+            if let Some(r) = residual {
+                let co = co0 + c;
+                row.iter_mut()
+                    .zip(&r[co * plane..(co + 1) * plane])
+                    .for_each(|(v, x)| *v += x);
+            }
+            apply_activation(activation, row);
+        }
+    });
 }
 
 /// The column matrix of one image and group, packed on demand.

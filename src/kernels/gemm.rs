@@ -242,6 +242,25 @@ impl PackedA {
         PackedA { isa, m, k, data }
     }
 
+    /// The packed matrix back as row-major `m × k` values.
+    pub fn unpack(&self) -> Vec<f32> {
+        let mr = self.isa.mr();
+        let mut out = vec![0f32; self.m * self.k];
+        for k0 in (0..self.k).step_by(KC) {
+            let kc = KC.min(self.k - k0);
+            for p in 0..self.m.div_ceil(mr) {
+                let panel = self.panel(k0, p);
+                for r in 0..mr.min(self.m - p * mr) {
+                    let row = &mut out[(p * mr + r) * self.k + k0..][..kc];
+                    for (kk, v) in row.iter_mut().enumerate() {
+                        *v = panel[kk * mr + r];
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Rows (output channels).
     pub fn m(&self) -> usize {
         self.m
@@ -1802,6 +1821,22 @@ mod tests {
                     .map(|(x, y)| (x - y).abs())
                     .fold(0f32, f32::max);
                 assert!(err < 1e-4 * (k as f32).sqrt(), "{m}x{k}x{n}: max err {err}");
+            }
+        }
+    }
+
+    /// Unpacking gives back the matrix that was packed (a channels-last block repacks its
+    /// weights from it), for every packing and across KC blocks.
+    #[test]
+    fn unpack_inverts_pack() {
+        for isa in Isa::available() {
+            for &(m, k) in &[(1usize, 1usize), (13, 19), (61, 300), (8, 512)] {
+                let a = rand(m * k, (m + 7 * k) as u64);
+                assert_eq!(
+                    PackedA::pack_for(isa, &a, m, k, k, 1).unpack(),
+                    a,
+                    "{isa:?} {m}x{k}"
+                );
             }
         }
     }

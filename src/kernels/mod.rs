@@ -7,6 +7,7 @@
 
 pub mod act;
 pub mod bottleneck;
+pub mod channels_last;
 pub mod conv;
 pub mod depthwise;
 #[cfg(target_arch = "x86_64")]
