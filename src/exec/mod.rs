@@ -605,8 +605,26 @@ impl Executor {
     pub fn run(&self, feeds: &[(String, Tensor)], taps: &[String]) -> Result<RunOutputs> {
         let run = || self.spin.install(|| self.run_here(feeds, taps));
         match &self.pool {
-            Some(pool) => pool.install(run),
-            None => run(),
+            // With our kernels the frame runs on the caller's thread and the spin pool, and
+            // candle's ops (the fallbacks) enter rayon's pool one at a time (`eval_op`). A
+            // frame run wholly inside rayon's pool left its idle worker competing with the
+            // spin pool's for the cores: ResNet-50 on 2 threads was no faster than on 1 in
+            // about half the runs.
+            Some(pool) if !self.native_cpu() => pool.install(run),
+            _ => run(),
+        }
+    }
+
+    /// Whether frames run our CPU kernels (else candle's ops throughout).
+    fn native_cpu(&self) -> bool {
+        self.device.is_cpu() && self.options.kernels == Kernels::Native
+    }
+
+    /// candle's op for `op`, on this executor's rayon pool when it has one.
+    fn eval_op(&self, op: &Op, args: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
+        match &self.pool {
+            Some(pool) if self.native_cpu() => pool.install(|| ops::eval(op, args)),
+            _ => ops::eval(op, args),
         }
     }
 
@@ -890,7 +908,7 @@ impl Executor {
                             ))),
                         })?
                 } else {
-                    ops::eval(&node.op, &args).map_err(exec_err)?
+                    self.eval_op(&node.op, &args).map_err(exec_err)?
                 };
                 for (&slot, t) in step.outputs.iter().zip(results) {
                     // Into the arena when it is what the plan expected, else kept as is.
