@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use edgeinfer::graph::Activation;
+use edgeinfer::kernels::bottleneck::DepthwiseStage;
+use edgeinfer::kernels::channels_last::{ChannelsLast, Stage};
 use edgeinfer::kernels::conv::{ConvPacking, PackedConv};
 use edgeinfer::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
 use edgeinfer::kernels::par::SpinPool;
@@ -146,11 +148,9 @@ fn conv_other(c: &mut Criterion) {
     group.finish();
 }
 
-/// MobileNetV2's depthwise shapes (3 × 3, pad 1, ReLU6) and ResNet's 3 × 3 stride-2 max pool.
-fn depthwise_and_pool(c: &mut Criterion) {
-    let pool = pool();
-    let mut group = c.benchmark_group("depthwise_pool");
-    let shape = |c: usize, hw: usize, stride: usize| DepthwiseShape {
+/// A 3 × 3, pad-1 window over `c` square planes of side `hw`.
+fn shape(c: usize, hw: usize, stride: usize) -> DepthwiseShape {
+    DepthwiseShape {
         n: 1,
         c,
         h: hw,
@@ -161,7 +161,13 @@ fn depthwise_and_pool(c: &mut Criterion) {
         dilation: (1, 1),
         pad_begin: (1, 1),
         pad_end: (1, 1),
-    };
+    }
+}
+
+/// MobileNetV2's depthwise shapes (3 × 3, pad 1, ReLU6) and ResNet's 3 × 3 stride-2 max pool.
+fn depthwise_and_pool(c: &mut Criterion) {
+    let pool = pool();
+    let mut group = c.benchmark_group("depthwise_pool");
     for &(ch, hw, stride) in &[
         (32usize, 112usize, 1usize),
         (96, 112, 2),
@@ -196,5 +202,105 @@ fn depthwise_and_pool(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, conv3x3, conv_other, depthwise_and_pool);
+/// MobileNetV2's blocks that end on 7 × 7 maps, channels-last (the default fusion) against the
+/// same three layers run one by one by the NCHW kernels.
+fn channels_last_blocks(c: &mut Criterion) {
+    let pool = pool();
+    let mut group = c.benchmark_group("block");
+    let relu6 = Some(Activation::Clip {
+        min: Some(0.0),
+        max: Some(6.0),
+    });
+    // (cin, mid, cout, input side, depthwise stride)
+    for &(cin, mid, cout, hw, stride) in &[
+        (96usize, 576usize, 160usize, 14usize, 2usize),
+        (160, 960, 160, 7, 1),
+    ] {
+        let pointwise = |ci: usize, co: usize, seed: u32| {
+            PackedConv::new(
+                &values(co * ci, seed),
+                &[co, ci, 1, 1],
+                Some(&values(co, seed + 1)),
+                &[1, 1],
+                &[0; 4],
+                &[1, 1],
+                1,
+                ConvPacking::Direct,
+            )
+            .expect("a valid pointwise convolution")
+        };
+        let (expand, project) = (pointwise(cin, mid, 11), pointwise(mid, cout, 13));
+        let (mut expand_t, mut project_t) = (pointwise(cin, mid, 11), pointwise(mid, cout, 13));
+        expand_t.make_transposed();
+        project_t.make_transposed();
+        let (dw_w, dw_b, x) = (
+            values(mid * 9, 15),
+            values(mid, 16),
+            values(cin * hw * hw, 17),
+        );
+        let block = ChannelsLast {
+            expand: Stage {
+                conv: &expand_t,
+                activation: relu6,
+            },
+            depthwise: DepthwiseStage {
+                weight: &dw_w,
+                bias: Some(&dw_b),
+                kernel: (3, 3),
+                stride: (stride, stride),
+                dilation: (1, 1),
+                pads: [1; 4],
+                activation: relu6,
+            },
+            project: Stage {
+                conv: &project_t,
+                activation: None,
+            },
+        };
+        let s = shape(mid, hw, stride);
+        let (oh, ow) = s.out_hw().expect("the kernel fits");
+        let (mut e, mut d) = (vec![0f32; mid * hw * hw], vec![0f32; mid * oh * ow]);
+        let (mut y1, mut y2) = (vec![0f32; cout * oh * ow], vec![0f32; cout * oh * ow]);
+        let name = format!("{cin}-{mid}-{cout}@{hw}s{stride}");
+        group.bench_function(BenchmarkId::new("layers", &name), |bench| {
+            pool.install(|| {
+                bench.iter(|| {
+                    expand
+                        .run(&x, (1, cin, hw, hw), None, relu6, &mut e)
+                        .expect("sizes fit");
+                    assert!(depthwise_conv2d(
+                        &s,
+                        &e,
+                        &dw_w,
+                        Some(&dw_b),
+                        None,
+                        relu6,
+                        &mut d
+                    ));
+                    project
+                        .run(&d, (1, mid, oh, ow), None, None, &mut y1)
+                        .expect("sizes fit");
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new("channels-last", &name), |bench| {
+            pool.install(|| {
+                bench.iter(|| {
+                    block
+                        .run(&x, (cin, hw, hw), None, &mut y2)
+                        .expect("sizes fit")
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    conv3x3,
+    conv_other,
+    depthwise_and_pool,
+    channels_last_blocks
+);
 criterion_main!(benches);
