@@ -16,7 +16,9 @@
 use super::act::apply_activation;
 use super::bottleneck::{DepthwiseStage, Mismatch};
 use super::conv::{positions_to_channels, PackedConv};
-use super::gemm::{gemm, Epilogue, Isa, Layout, PackedA};
+#[cfg(target_arch = "x86_64")]
+use super::gemm::Isa;
+use super::gemm::{gemm, Epilogue, Layout, PackedA};
 use super::par::par_chunks_mut;
 use super::scratch;
 use crate::graph::Activation;
