@@ -114,12 +114,7 @@ pub(crate) fn plan(
         let found = (|| {
             let (x, first) = io(&steps[i])?;
             let (dw_in, dw_out) = io(steps.get(dw_at)?)?;
-            let Some(Prepared::Depthwise {
-                residual: false, ..
-            }) = prepared[dw_at]
-            else {
-                return None;
-            };
+            let dw = depthwise_stage(&prepared[dw_at])?;
             if expand && (dw_in != first || !private(first)) {
                 return None;
             }
@@ -156,29 +151,18 @@ pub(crate) fn plan(
             } else {
                 None
             };
-            let Some(Prepared::Depthwise {
-                weight,
-                kernel,
-                stride,
-                dilation,
-                pads,
-                ..
-            }) = &prepared[dw_at]
-            else {
-                return None;
-            };
-            let mid = weight.len() / (kernel.0 * kernel.1).max(1);
+            let mid = dw.weight.len() / (dw.kernel.0 * dw.kernel.1).max(1);
             let shape = DepthwiseShape {
                 n: 1,
                 c: mid,
                 h,
                 w,
-                kh: kernel.0,
-                kw: kernel.1,
-                stride: *stride,
-                dilation: *dilation,
-                pad_begin: (pads[0], pads[1]),
-                pad_end: (pads[2], pads[3]),
+                kh: dw.kernel.0,
+                kw: dw.kernel.1,
+                stride: dw.stride,
+                dilation: dw.dilation,
+                pad_begin: (dw.pads[0], dw.pads[1]),
+                pad_end: (dw.pads[2], dw.pads[3]),
             };
             let consistent = shape.out_hw() == Some((oh, ow))
                 && project.cin() == mid
@@ -233,6 +217,31 @@ fn stage(p: &Option<Prepared>) -> Option<Pointwise<'_>> {
     }
 }
 
+/// The depthwise step `p` as a block stage (one that adds no residual of its own).
+fn depthwise_stage(p: &Option<Prepared>) -> Option<DepthwiseStage<'_>> {
+    match p {
+        Some(Prepared::Depthwise {
+            weight,
+            bias,
+            kernel,
+            stride,
+            dilation,
+            pads,
+            activation,
+            residual: false,
+        }) => Some(DepthwiseStage {
+            weight,
+            bias: bias.as_deref(),
+            kernel: *kernel,
+            stride: *stride,
+            dilation: *dilation,
+            pads: *pads,
+            activation: *activation,
+        }),
+        _ => None,
+    }
+}
+
 /// The channels-last block that the prepared steps `p` (expand, depthwise, project) make, once
 /// [`make_transposed`] has repacked its pointwise stages.
 pub(crate) fn channels_last_block(p: &[Option<Prepared>]) -> Option<ChannelsLast<'_>> {
@@ -249,30 +258,12 @@ pub(crate) fn channels_last_block(p: &[Option<Prepared>]) -> Option<ChannelsLast
             _ => None,
         }
     }
-    let [expand, Some(Prepared::Depthwise {
-        weight,
-        bias,
-        kernel,
-        stride,
-        dilation,
-        pads,
-        activation,
-        residual: false,
-    }), project] = p
-    else {
+    let [expand, depthwise, project] = p else {
         return None;
     };
     Some(ChannelsLast {
         expand: stage(expand)?,
-        depthwise: DepthwiseStage {
-            weight,
-            bias: bias.as_deref(),
-            kernel: *kernel,
-            stride: *stride,
-            dilation: *dilation,
-            pads: *pads,
-            activation: *activation,
-        },
+        depthwise: depthwise_stage(depthwise)?,
         project: stage(project)?,
     })
 }
@@ -303,30 +294,12 @@ pub(crate) fn block(p: &[Option<Prepared>]) -> Option<Bottleneck<'_>> {
         [e, rest @ ..] if p.len() == 3 => (Some(stage(e)?), rest),
         _ => (None, p),
     };
-    let [Some(Prepared::Depthwise {
-        weight,
-        bias,
-        kernel,
-        stride,
-        dilation,
-        pads,
-        activation,
-        residual: false,
-    }), project] = rest
-    else {
+    let [depthwise, project] = rest else {
         return None;
     };
     Some(Bottleneck {
         expand,
-        depthwise: DepthwiseStage {
-            weight,
-            bias: bias.as_deref(),
-            kernel: *kernel,
-            stride: *stride,
-            dilation: *dilation,
-            pads: *pads,
-            activation: *activation,
-        },
+        depthwise: depthwise_stage(depthwise)?,
         project: stage(project)?,
     })
 }

@@ -607,9 +607,9 @@ impl Executor {
         match &self.pool {
             // With our kernels the frame runs on the caller's thread and the spin pool, and
             // candle's ops (the fallbacks) enter rayon's pool one at a time (`eval_op`). A
-            // frame run wholly inside rayon's pool left its idle worker competing with the
-            // spin pool's for the cores: ResNet-50 on 2 threads was no faster than on 1 in
-            // about half the runs.
+            // frame run wholly inside rayon's pool left its idle worker searching for work,
+            // taking 15–40 % of a core from the spin pool's worker (2 threads, per-thread CPU
+            // time sampled over a second).
             Some(pool) if !self.native_cpu() => pool.install(run),
             _ => run(),
         }
@@ -754,7 +754,7 @@ impl Executor {
         let profile = profiling();
         let mut spent: Vec<(String, f64)> = Vec::new();
         // Per-node lines are logged after the frame: writing them between nodes cost each
-        // following node a cold cache (the sum of nodes came out ~18 % above the frame).
+        // following node a cold cache (the sum of nodes came out ~15 % above the frame).
         let mut node_lines: Vec<String> = Vec::new();
         // A value as a tensor (copied out of the arena when resident there).
         let materialize =
@@ -789,27 +789,20 @@ impl Executor {
                 let x = data(f.input);
                 let res = f.residual.map(data);
                 let steps = &self.prepared[si..si + f.len];
-                let (cl, banded) = if f.channels_last {
-                    (fuse::channels_last_block(steps), None)
-                } else {
-                    (None, fuse::block(steps))
+                let ran = match (x, region(f.output), res.is_some_and(|r| r.is_none())) {
+                    (Some(x), Some(oreg), false) => {
+                        let d = &self.dims[f.input];
+                        let (dims, res) = ((d[1], d[2], d[3]), res.flatten());
+                        if f.channels_last {
+                            fuse::channels_last_block(steps)
+                                .map(|b| b.run(x, dims, res, view_mut(oreg)))
+                        } else {
+                            fuse::block(steps).map(|b| b.run(x, dims, res, view_mut(oreg)))
+                        }
+                    }
+                    _ => None,
                 };
-                if let (Some(x), true, Some(oreg), false) = (
-                    x,
-                    cl.is_some() || banded.is_some(),
-                    region(f.output),
-                    res.is_some_and(|r| r.is_none()),
-                ) {
-                    let d = &self.dims[f.input];
-                    let out = view_mut(oreg);
-                    let dims = (d[1], d[2], d[3]);
-                    let ran = match (cl, banded) {
-                        (Some(b), _) => b.run(x, dims, res.flatten(), out),
-                        (None, Some(b)) => b.run(x, dims, res.flatten(), out),
-                        (None, None) => Err(crate::kernels::bottleneck::Mismatch(
-                            "no kernel for the block".into(),
-                        )),
-                    };
+                if let Some(ran) = ran {
                     ran.map_err(|e| {
                         exec_err(candle_core::Error::Msg(format!("fused block: {}", e.0)))
                     })?;
