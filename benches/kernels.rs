@@ -9,7 +9,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use edgeinfer::graph::Activation;
 use edgeinfer::kernels::bottleneck::DepthwiseStage;
-use edgeinfer::kernels::channels_last::{ChannelsLast, Stage};
+use edgeinfer::kernels::channels_last::{weights_by_tap, ChannelsLast, Stage};
 use edgeinfer::kernels::conv::{ConvPacking, PackedConv};
 use edgeinfer::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
 use edgeinfer::kernels::par::SpinPool;
@@ -238,11 +238,13 @@ fn channels_last_blocks(c: &mut Criterion) {
             values(mid, 16),
             values(cin * hw * hw, 17),
         );
+        let by_tap = weights_by_tap(&dw_w, 9);
         let block = ChannelsLast {
             expand: Stage {
                 conv: &expand_t,
                 activation: relu6,
             },
+            by_tap: &by_tap,
             depthwise: DepthwiseStage {
                 weight: &dw_w,
                 bias: Some(&dw_b),

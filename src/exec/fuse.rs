@@ -14,7 +14,6 @@ use super::{Ref, Step};
 use crate::kernels::bottleneck::{Bottleneck, DepthwiseStage, Pointwise};
 use crate::kernels::channels_last::{self, ChannelsLast, Stage};
 use crate::kernels::conv::PackedConv;
-use crate::kernels::depthwise::DepthwiseShape;
 
 /// Whether inverted residual blocks run fused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -151,20 +150,8 @@ pub(crate) fn plan(
             } else {
                 None
             };
-            let mid = dw.weight.len() / (dw.kernel.0 * dw.kernel.1).max(1);
-            let shape = DepthwiseShape {
-                n: 1,
-                c: mid,
-                h,
-                w,
-                kh: dw.kernel.0,
-                kw: dw.kernel.1,
-                stride: dw.stride,
-                dilation: dw.dilation,
-                pad_begin: (dw.pads[0], dw.pads[1]),
-                pad_end: (dw.pads[2], dw.pads[3]),
-            };
-            let consistent = shape.out_hw() == Some((oh, ow))
+            let mid = dw.channels();
+            let consistent = dw.shape(h, w).out_hw() == Some((oh, ow))
                 && project.cin() == mid
                 && project.cout() == cout
                 && expand_conv.map_or(cin == mid, |e| e.cin() == cin && e.cout() == mid)
@@ -229,6 +216,7 @@ fn depthwise_stage(p: &Option<Prepared>) -> Option<DepthwiseStage<'_>> {
             pads,
             activation,
             residual: false,
+            ..
         }) => Some(DepthwiseStage {
             weight,
             bias: bias.as_deref(),
@@ -261,16 +249,20 @@ pub(crate) fn channels_last_block(p: &[Option<Prepared>]) -> Option<ChannelsLast
     let [expand, depthwise, project] = p else {
         return None;
     };
+    let Some(Prepared::Depthwise { by_tap, .. }) = depthwise else {
+        return None;
+    };
     Some(ChannelsLast {
         expand: stage(expand)?,
         depthwise: depthwise_stage(depthwise)?,
+        by_tap,
         project: stage(project)?,
     })
 }
 
 /// Repacks the pointwise stages of every channels-last block in `plan` in the transposed form
 /// (their steps, run one by one when a frame taps a value inside the block, then take the
-/// transposed GEMM form too).
+/// transposed GEMM form too), and lays its depthwise weights out by tap.
 pub(crate) fn make_transposed(plan: &[Option<Fused>], prepared: &mut [Option<Prepared>]) {
     for (head, f) in plan.iter().enumerate() {
         let Some(f) = f.as_ref().filter(|f| f.channels_last) else {
@@ -284,6 +276,15 @@ pub(crate) fn make_transposed(plan: &[Option<Fused>], prepared: &mut [Option<Pre
             {
                 c.make_transposed();
             }
+        }
+        if let Some(Prepared::Depthwise {
+            weight,
+            kernel,
+            by_tap,
+            ..
+        }) = prepared.get_mut(head + 1).and_then(Option::as_mut)
+        {
+            *by_tap = channels_last::weights_by_tap(weight, kernel.0 * kernel.1);
         }
     }
 }

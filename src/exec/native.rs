@@ -142,6 +142,9 @@ pub(crate) enum Prepared {
         pads: [usize; 4],
         activation: Option<Activation>,
         residual: bool,
+        /// The weights as `[tap][channel]` when the step heads a channels-last block's
+        /// depthwise (made at load by `fuse::make_transposed`), else empty.
+        by_tap: Vec<f32>,
     },
     /// `A · B` over matching batch dimensions, both computed per frame (attention scores and
     /// their weighted sum), with an optional constant bias over the last axis.
@@ -320,6 +323,7 @@ pub(crate) fn prepare<'a, 'b>(
                     pads: [pads[0], pads[1], pads[2], pads[3]],
                     activation: *activation,
                     residual: *residual,
+                    by_tap: Vec::new(),
                 });
             }
             let direct = ConvEngine::Gemm(
@@ -777,6 +781,7 @@ fn run_one(p: &Prepared, x: In, ins: &[In], out: &mut [f32], od: &[usize]) -> Re
             pads,
             activation,
             residual,
+            ..
         } => {
             if dims.len() != 4 || ins.len() != 1 + usize::from(*residual) {
                 return Ok(false);

@@ -48,6 +48,29 @@ pub struct DepthwiseStage<'a> {
     pub activation: Option<Activation>,
 }
 
+impl DepthwiseStage<'_> {
+    /// Its channels (one filter each).
+    pub fn channels(&self) -> usize {
+        self.weight.len() / (self.kernel.0 * self.kernel.1).max(1)
+    }
+
+    /// Its geometry over one image of `h × w`, with every pad.
+    pub fn shape(&self, h: usize, w: usize) -> DepthwiseShape {
+        DepthwiseShape {
+            n: 1,
+            c: self.channels(),
+            h,
+            w,
+            kh: self.kernel.0,
+            kw: self.kernel.1,
+            stride: self.stride,
+            dilation: self.dilation,
+            pad_begin: (self.pads[0], self.pads[1]),
+            pad_end: (self.pads[2], self.pads[3]),
+        }
+    }
+}
+
 /// Expand (optional: MobileNetV2's first block has none), depthwise, project.
 #[derive(Debug, Clone, Copy)]
 pub struct Bottleneck<'a> {
@@ -70,7 +93,7 @@ const BAND_BYTES: usize = 320 << 10;
 impl Bottleneck<'_> {
     /// Channels of the depthwise stage.
     fn mid(&self) -> usize {
-        self.depthwise.weight.len() / (self.depthwise.kernel.0 * self.depthwise.kernel.1).max(1)
+        self.depthwise.channels()
     }
 
     /// The depthwise shape of one channel over input rows `rows` of width `w`, with the given
@@ -93,10 +116,7 @@ impl Bottleneck<'_> {
 
     /// Output height and width for an `h × w` input.
     pub fn out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        let d = &self.depthwise;
-        let mut s = self.band_shape(h, w, d.pads[0], d.pads[2]);
-        s.c = self.mid();
-        s.out_hw()
+        self.depthwise.shape(h, w).out_hw()
     }
 
     /// Checks every stage against an input of `cin` channels, `h × w`.

@@ -45,6 +45,9 @@ pub struct ChannelsLast<'a> {
     pub expand: Stage<'a>,
     /// Depthwise over `mid` channels.
     pub depthwise: DepthwiseStage<'a>,
+    /// The depthwise weights as `[tap][channel]` ([`weights_by_tap`], made once at load), so
+    /// each tap is one contiguous row.
+    pub by_tap: &'a [f32],
     /// `mid → cout` pointwise; the residual is added before its activation.
     pub project: Stage<'a>,
 }
@@ -52,15 +55,7 @@ pub struct ChannelsLast<'a> {
 impl ChannelsLast<'_> {
     /// Output height and width for an `h × w` input, `None` when the kernel does not fit.
     pub fn out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
-        let d = &self.depthwise;
-        let span = |k: usize, dil: usize| dil * (k.max(1) - 1) + 1;
-        let oh = (h + d.pads[0] + d.pads[2]).checked_sub(span(d.kernel.0, d.dilation.0))?
-            / d.stride.0.max(1)
-            + 1;
-        let ow = (w + d.pads[1] + d.pads[3]).checked_sub(span(d.kernel.1, d.dilation.1))?
-            / d.stride.1.max(1)
-            + 1;
-        Some((oh, ow))
+        self.depthwise.shape(h, w).out_hw()
     }
 
     /// Runs the block on `x` (`[1, cin, h, w]`) into `out` (`[1, cout, oh, ow]`); `residual`,
@@ -90,7 +85,11 @@ impl ChannelsLast<'_> {
                 wp.k()
             ));
         }
-        if taps == 0 || d.weight.len() != mid * taps || d.bias.is_some_and(|b| b.len() != mid) {
+        if taps == 0
+            || d.weight.len() != mid * taps
+            || self.by_tap.len() != mid * taps
+            || d.bias.is_some_and(|b| b.len() != mid)
+        {
             return bad("depthwise weights do not match its channels".into());
         }
         if d.stride.0 == 0 || d.stride.1 == 0 || d.dilation.0 == 0 || d.dilation.1 == 0 {
@@ -124,7 +123,7 @@ impl ChannelsLast<'_> {
         a.recycle();
         // Depthwise, channel rows in and out.
         let mut dwo = scratch::take(q * mid);
-        depthwise_rows(d, &e, (h, w, mid), (oh, ow), &mut dwo);
+        depthwise_rows(d, self.by_tap, &e, (h, w, mid), (oh, ow), &mut dwo);
         scratch::give(e);
         // Project: t[position][channel], then channel-major with the residual.
         let a = PackedA::pack_scratch(&dwo, q, mid, mid, 1);
@@ -147,20 +146,13 @@ impl ChannelsLast<'_> {
 /// multiply-add runs along a contiguous channel row.
 fn depthwise_rows(
     d: &DepthwiseStage,
+    wt: &[f32],
     e: &[f32],
     (h, w, c): (usize, usize, usize),
     (oh, ow): (usize, usize),
     out: &mut [f32],
 ) {
-    let (kh, kw) = d.kernel;
-    let taps = kh * kw;
-    // Weights as [tap][channel], so each tap is one contiguous row.
-    let mut wt = scratch::take(taps * c);
-    for (ch, k) in d.weight.chunks_exact(taps).enumerate() {
-        for (t, &v) in k.iter().enumerate() {
-            wt[t * c + ch] = v;
-        }
-    }
+    let taps = d.kernel.0 * d.kernel.1;
     let wt_ref = &wt[..taps * c];
     let row = |oy: usize, dst: &mut [f32]| {
         #[cfg(target_arch = "x86_64")]
@@ -180,7 +172,18 @@ fn depthwise_rows(
     } else {
         par_chunks_mut(&mut out[..oh * ow * c], ow * c, row);
     }
-    scratch::give(wt);
+}
+
+/// Depthwise weights `[channel][tap]` as `[tap][channel]`, for [`ChannelsLast::by_tap`].
+pub fn weights_by_tap(weight: &[f32], taps: usize) -> Vec<f32> {
+    let c = weight.len().checked_div(taps).unwrap_or(0);
+    let mut wt = vec![0f32; c * taps];
+    for (ch, k) in weight.chunks_exact(taps.max(1)).enumerate() {
+        for (t, &v) in k.iter().enumerate() {
+            wt[t * c + ch] = v;
+        }
+    }
+    wt
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -308,12 +311,14 @@ mod tests {
                 pads: [pad; 4],
                 activation: clip,
             };
+            let by_tap = weights_by_tap(&dw_w, k * k);
             let block = ChannelsLast {
                 expand: Stage {
                     conv: &expand_t,
                     activation: clip,
                 },
                 depthwise: stage,
+                by_tap: &by_tap,
                 project: Stage {
                     conv: &project_t,
                     activation: None,
@@ -377,6 +382,7 @@ mod tests {
         let expand = pointwise(4, 8, 1, ConvPacking::Direct);
         let project = pointwise(8, 4, 2, ConvPacking::Transposed);
         let dw_w = rand(8 * 9, 3);
+        let by_tap = weights_by_tap(&dw_w, 9);
         let block = ChannelsLast {
             expand: Stage {
                 conv: &expand,
@@ -391,6 +397,7 @@ mod tests {
                 pads: [1; 4],
                 activation: None,
             },
+            by_tap: &by_tap,
             project: Stage {
                 conv: &project,
                 activation: None,
