@@ -401,15 +401,16 @@ pub(super) fn positions_to_channels(
                 rows[c * plane + p] = v;
             }
         }
-        for (c, row) in rows.chunks_exact_mut(plane).enumerate() {
-            if let Some(r) = residual {
-                let co = co0 + c;
-                row.iter_mut()
-                    .zip(&r[co * plane..(co + 1) * plane])
-                    .for_each(|(v, x)| *v += x);
-            }
-            apply_activation(activation, row);
+        // The task's channels are one run of the output (and of the residual): one pass
+        // each over all of it. Per channel row (49 values on a 7 × 7 map) the activation's
+        // call cost more than the work: 13 % of a 512 → 2048 layer at 7 × 7.
+        if let Some(r) = residual {
+            let len = rows.len();
+            rows.iter_mut()
+                .zip(&r[co0 * plane..co0 * plane + len])
+                .for_each(|(v, x)| *v += x);
         }
+        apply_activation(activation, rows);
     });
 }
 
