@@ -719,19 +719,11 @@ unsafe fn split_pairs_avx512(src: &[f32], pl: usize, even: &mut [f32], odd: &mut
     debug_assert_eq!(even.len(), odd.len());
     let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    let w = src.len() as isize;
     let sp = src.as_ptr();
     // Sixteen padded columns from `c`: lanes outside the row are masked off (not read).
     let load = |c: isize| {
         let s = c - pl as isize;
-        let lo = (-s).clamp(0, 16) as u32;
-        let hi = (w - s).clamp(0, 16) as u32;
-        let m = if hi > lo {
-            ((1u64 << hi) - 1) as u32 & !((1u32 << lo) - 1)
-        } else {
-            0
-        };
-        _mm512_maskz_loadu_ps(m as __mmask16, sp.wrapping_offset(s))
+        _mm512_maskz_loadu_ps(super::lanes_in_row(s, src.len()), sp.wrapping_offset(s))
     };
     let n = even.len();
     let mut j = 0;

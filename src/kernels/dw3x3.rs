@@ -8,27 +8,12 @@
 use std::arch::x86_64::*;
 
 use super::depthwise::DepthwiseShape;
+#[cfg(target_arch = "x86_64")]
+use super::lanes_in_row as valid;
 
 /// Whether [`plane_3x3`] covers this shape.
 pub(super) fn covers(s: &DepthwiseShape) -> bool {
     s.kh == 3 && s.kw == 3 && s.dilation == (1, 1) && matches!(s.stride.1, 1 | 2) && s.stride.0 >= 1
-}
-
-/// Lanes `j` of a 16-lane load at column `base` with `0 ≤ base + j < w`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn valid(base: isize, w: usize) -> __mmask16 {
-    let start = (-base).clamp(0, 16) as u32;
-    let end = (w as isize - base).clamp(0, 16) as u32;
-    if end <= start {
-        return 0;
-    }
-    let upto = if end == 16 {
-        u32::MAX
-    } else {
-        (1u32 << end) - 1
-    };
-    (upto & !((1u32 << start) - 1)) as __mmask16
 }
 
 /// `out = clamp(conv3x3(x) + bias (+ residual))` for one plane (`x`: `s.h × s.w`, `out`: `oh ×
@@ -51,47 +36,14 @@ pub(super) unsafe fn plane_3x3(
     (lo, hi): (f32, f32),
 ) {
     debug_assert!(covers(s) && x.len() == s.h * s.w && out.len() == oh * ow && k.len() == 9);
-    let args = (s, x, k, bias, residual, out, (oh, ow), (lo, hi));
+    let (ohw, bounds) = ((oh, ow), (lo, hi));
     // SAFETY (each arm): the caller's contract.
     match s.stride {
-        (1, 1) => unsafe { call(rows_of::<1, 1>, args) },
-        (2, 2) => unsafe { call(rows_of::<2, 2>, args) },
-        (_, 1) => unsafe { call(rows_of::<1, 0>, args) },
-        _ => unsafe { call(rows_of::<2, 0>, args) },
+        (1, 1) => unsafe { rows_of::<1, 1>(s, x, k, bias, residual, out, ohw, bounds) },
+        (2, 2) => unsafe { rows_of::<2, 2>(s, x, k, bias, residual, out, ohw, bounds) },
+        (_, 1) => unsafe { rows_of::<1, 0>(s, x, k, bias, residual, out, ohw, bounds) },
+        _ => unsafe { rows_of::<2, 0>(s, x, k, bias, residual, out, ohw, bounds) },
     }
-}
-
-type Args<'a> = (
-    &'a DepthwiseShape,
-    &'a [f32],
-    &'a [f32],
-    f32,
-    Option<&'a [f32]>,
-    &'a mut [f32],
-    (usize, usize),
-    (f32, f32),
-);
-
-/// # Safety
-/// As for `f`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-#[allow(clippy::type_complexity)]
-unsafe fn call(
-    f: unsafe fn(
-        &DepthwiseShape,
-        &[f32],
-        &[f32],
-        f32,
-        Option<&[f32]>,
-        &mut [f32],
-        (usize, usize),
-        (f32, f32),
-    ),
-    (s, x, k, bias, residual, out, ohw, bounds): Args,
-) {
-    // SAFETY: the caller's contract.
-    unsafe { f(s, x, k, bias, residual, out, ohw, bounds) }
 }
 
 /// Output rows at a time: four independent chains of multiply-adds (one chain ran at a

@@ -22,6 +22,20 @@ pub mod rowwise;
 pub mod scratch;
 pub mod winograd;
 
+/// The lanes `j` of a 16-lane load at column `base` of a row of `w` values that fall inside
+/// the row (`0 ≤ base + j < w`): masked loads with it stand in for zero padding, and the
+/// lanes outside are not read.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn lanes_in_row(base: isize, w: usize) -> std::arch::x86_64::__mmask16 {
+    let start = (-base).clamp(0, 16) as u32;
+    let end = (w as isize - base).clamp(0, 16) as u32;
+    if end <= start {
+        return 0;
+    }
+    (((1u32 << end) - 1) & !((1u32 << start) - 1)) as std::arch::x86_64::__mmask16
+}
+
 /// Seeded pseudo-random data for the kernels' tests (reproducible failures, no dependency).
 #[cfg(test)]
 pub(crate) mod testutil {

@@ -1017,21 +1017,13 @@ unsafe fn phases_avx512<const P: usize>(
         return;
     }
     let src = plane.as_ptr().add(iy as usize * g.w);
-    let w = g.w as isize;
     let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     // Sixteen padded columns from `c`: plane columns c − pad where they exist, zero elsewhere.
     // Lanes outside the row are masked off, so their (out of bounds) addresses are not read.
     let load = |c: isize| {
         let s = c - g.pad.1;
-        let lo = (-s).clamp(0, 16) as u32;
-        let hi = (w - s).clamp(0, 16) as u32;
-        let m = if hi > lo {
-            ((1u32 << hi) - 1) & !((1u32 << lo) - 1)
-        } else {
-            0
-        };
-        _mm512_maskz_loadu_ps(m as __mmask16, src.wrapping_offset(s))
+        _mm512_maskz_loadu_ps(super::lanes_in_row(s, g.w), src.wrapping_offset(s))
     };
     for q in 0..chunks {
         let c = (16 * P * q) as isize;
