@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use edgeinfer::graph::Activation;
-use edgeinfer::kernels::bottleneck::DepthwiseStage;
-use edgeinfer::kernels::channels_last::{weights_by_tap, ChannelsLast, Stage};
+use edgeinfer::kernels::bottleneck::{DepthwiseStage, Pointwise};
+use edgeinfer::kernels::channels_last::{weights_by_tap, ChannelsLast};
 use edgeinfer::kernels::conv::{ConvPacking, PackedConv};
 use edgeinfer::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
 use edgeinfer::kernels::par::SpinPool;
@@ -240,7 +240,7 @@ fn channels_last_blocks(c: &mut Criterion) {
         );
         let by_tap = weights_by_tap(&dw_w, 9);
         let block = ChannelsLast {
-            expand: Stage {
+            expand: Pointwise {
                 conv: &expand_t,
                 activation: relu6,
             },
@@ -254,7 +254,7 @@ fn channels_last_blocks(c: &mut Criterion) {
                 pads: [1; 4],
                 activation: relu6,
             },
-            project: Stage {
+            project: Pointwise {
                 conv: &project_t,
                 activation: None,
             },

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use super::native::{ConvEngine, Prepared};
 use super::{Ref, Step};
 use crate::kernels::bottleneck::{Bottleneck, DepthwiseStage, Pointwise};
-use crate::kernels::channels_last::{self, ChannelsLast, Stage};
+use crate::kernels::channels_last::{self, ChannelsLast};
 use crate::kernels::conv::PackedConv;
 
 /// Whether inverted residual blocks run fused.
@@ -189,14 +189,15 @@ pub(crate) fn plan(
     plan
 }
 
-/// A pointwise convolution step as a block stage.
-fn stage(p: &Option<Prepared>) -> Option<Pointwise<'_>> {
+/// A pointwise convolution step as a block stage, if its packing is the one `form` wants
+/// (direct for bottleneck bands, transposed for channels-last blocks).
+fn stage(p: &Option<Prepared>, form: impl Fn(&PackedConv) -> bool) -> Option<Pointwise<'_>> {
     match p {
         Some(Prepared::Conv {
             conv: ConvEngine::Gemm(c),
             activation,
             ..
-        }) if c.is_pointwise() => Some(Pointwise {
+        }) if form(c) => Some(Pointwise {
             conv: c,
             activation: *activation,
         }),
@@ -233,19 +234,7 @@ fn depthwise_stage(p: &Option<Prepared>) -> Option<DepthwiseStage<'_>> {
 /// The channels-last block that the prepared steps `p` (expand, depthwise, project) make, once
 /// [`make_transposed`] has repacked its pointwise stages.
 pub(crate) fn channels_last_block(p: &[Option<Prepared>]) -> Option<ChannelsLast<'_>> {
-    fn stage(p: &Option<Prepared>) -> Option<Stage<'_>> {
-        match p {
-            Some(Prepared::Conv {
-                conv: ConvEngine::Gemm(c),
-                activation,
-                ..
-            }) if c.transposed().is_some() => Some(Stage {
-                conv: c,
-                activation: *activation,
-            }),
-            _ => None,
-        }
-    }
+    let transposed = |c: &PackedConv| c.transposed().is_some();
     let [expand, depthwise, project] = p else {
         return None;
     };
@@ -253,10 +242,10 @@ pub(crate) fn channels_last_block(p: &[Option<Prepared>]) -> Option<ChannelsLast
         return None;
     };
     Some(ChannelsLast {
-        expand: stage(expand)?,
+        expand: stage(expand, transposed)?,
         depthwise: depthwise_stage(depthwise)?,
         by_tap,
-        project: stage(project)?,
+        project: stage(project, transposed)?,
     })
 }
 
@@ -292,7 +281,7 @@ pub(crate) fn make_transposed(plan: &[Option<Fused>], prepared: &mut [Option<Pre
 /// The block that the prepared steps `p` (2 or 3 of them) make.
 pub(crate) fn block(p: &[Option<Prepared>]) -> Option<Bottleneck<'_>> {
     let (expand, rest) = match p {
-        [e, rest @ ..] if p.len() == 3 => (Some(stage(e)?), rest),
+        [e, rest @ ..] if p.len() == 3 => (Some(stage(e, PackedConv::is_pointwise)?), rest),
         _ => (None, p),
     };
     let [depthwise, project] = rest else {
@@ -301,6 +290,6 @@ pub(crate) fn block(p: &[Option<Prepared>]) -> Option<Bottleneck<'_>> {
     Some(Bottleneck {
         expand,
         depthwise: depthwise_stage(depthwise)?,
-        project: stage(project)?,
+        project: stage(project, PackedConv::is_pointwise)?,
     })
 }

@@ -23,7 +23,9 @@ use crate::graph::Activation;
 /// One pointwise stage: its convolution and the activation after it.
 #[derive(Debug, Clone, Copy)]
 pub struct Pointwise<'a> {
-    /// A [`PackedConv::is_pointwise`] convolution.
+    /// A 1 × 1, stride-1, unpadded, single-group convolution: in the direct form
+    /// ([`PackedConv::is_pointwise`]) for a [`Bottleneck`], in the transposed form
+    /// ([`PackedConv::transposed`]) for a channels-last block.
     pub conv: &'a PackedConv,
     /// Applied after bias (and, for the project stage, the residual).
     pub activation: Option<Activation>,

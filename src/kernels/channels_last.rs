@@ -11,45 +11,35 @@
 //! no transposes), and only the project's product, `cout` channels of `oh · ow` positions, is
 //! transposed back to NCHW, with the residual and activation on the way.
 //!
-//! Both pointwise stages must be packed in the transposed form ([`PackedConv::transposed`]).
+//! Both pointwise stages must be packed in the transposed form
+//! ([`PackedConv::transposed`](super::conv::PackedConv::transposed)).
 
 use super::act::apply_activation;
-use super::bottleneck::{DepthwiseStage, Mismatch};
-use super::conv::{positions_to_channels, PackedConv};
+use super::bottleneck::{DepthwiseStage, Mismatch, Pointwise};
+use super::conv::positions_to_channels;
 #[cfg(target_arch = "x86_64")]
 use super::gemm::Isa;
 use super::gemm::{gemm, Epilogue, Layout, PackedA};
 use super::par::par_chunks_mut;
 use super::scratch;
-use crate::graph::Activation;
 
 /// Largest output map (positions) the executor runs channels-last: 7 × 7, MobileNetV2's last
 /// four blocks, which measured 0.77–0.91 × their layer-by-layer time (1 thread, hot and with
 /// cold caches). 14 × 14 blocks measured 0.96–1.14 ×: there the NCHW kernels fill their tiles.
 pub const MAX_POSITIONS: usize = 49;
 
-/// One pointwise stage, packed in the transposed form.
-#[derive(Debug, Clone, Copy)]
-pub struct Stage<'a> {
-    /// A 1 × 1, stride-1, unpadded, single-group convolution with [`PackedConv::transposed`]
-    /// weights.
-    pub conv: &'a PackedConv,
-    /// Applied after bias (and, for the project stage, the residual).
-    pub activation: Option<Activation>,
-}
-
 /// Expand, depthwise, project.
 #[derive(Debug, Clone, Copy)]
 pub struct ChannelsLast<'a> {
-    /// `cin → mid` pointwise.
-    pub expand: Stage<'a>,
+    /// `cin → mid` pointwise, with [`transposed`](super::conv::PackedConv::transposed) weights.
+    pub expand: Pointwise<'a>,
     /// Depthwise over `mid` channels.
     pub depthwise: DepthwiseStage<'a>,
     /// The depthwise weights as `[tap][channel]` ([`weights_by_tap`], made once at load), so
     /// each tap is one contiguous row.
     pub by_tap: &'a [f32],
     /// `mid → cout` pointwise; the residual is added before its activation.
-    pub project: Stage<'a>,
+    pub project: Pointwise<'a>,
 }
 
 impl ChannelsLast<'_> {
@@ -257,7 +247,8 @@ fn row_body<const FMA: bool>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::conv::ConvPacking;
+    use crate::graph::Activation;
+    use crate::kernels::conv::{ConvPacking, PackedConv};
     use crate::kernels::depthwise::{depthwise_conv2d, DepthwiseShape};
     use crate::kernels::testutil::rand;
 
@@ -313,13 +304,13 @@ mod tests {
             };
             let by_tap = weights_by_tap(&dw_w, k * k);
             let block = ChannelsLast {
-                expand: Stage {
+                expand: Pointwise {
                     conv: &expand_t,
                     activation: clip,
                 },
                 depthwise: stage,
                 by_tap: &by_tap,
-                project: Stage {
+                project: Pointwise {
                     conv: &project_t,
                     activation: None,
                 },
@@ -384,7 +375,7 @@ mod tests {
         let dw_w = rand(8 * 9, 3);
         let by_tap = weights_by_tap(&dw_w, 9);
         let block = ChannelsLast {
-            expand: Stage {
+            expand: Pointwise {
                 conv: &expand,
                 activation: None,
             },
@@ -398,7 +389,7 @@ mod tests {
                 activation: None,
             },
             by_tap: &by_tap,
-            project: Stage {
+            project: Pointwise {
                 conv: &project,
                 activation: None,
             },
@@ -408,7 +399,7 @@ mod tests {
         assert!(block.run(&x, (4, 5, 5), None, &mut out).is_err());
         let expand = pointwise(4, 8, 1, ConvPacking::Transposed);
         let block = ChannelsLast {
-            expand: Stage {
+            expand: Pointwise {
                 conv: &expand,
                 activation: None,
             },
