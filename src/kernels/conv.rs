@@ -31,10 +31,10 @@ enum Form {
     /// maps (7 × 7 = 49 positions fill 64 columns but 56 rows), transposed back on the way
     /// out. One matrix per group.
     Transposed(Vec<PackedB>),
-    /// Few input channels (an RGB stem): output channels along the vector lanes, positions
-    /// broadcast from the padded input (see [`super::stem`]).
+    /// By taps: output channels along the vector lanes, output positions broadcast from the
+    /// padded input (see [`super::taps`]). Single group, kernels larger than 1 × 1.
     #[cfg(target_arch = "x86_64")]
-    Stem(super::stem::StemWeights),
+    Taps(super::taps::TapWeights),
 }
 
 /// A convolution's fixed parameters with its weights packed for the GEMM micro-kernel.
@@ -129,11 +129,11 @@ impl PackedConv {
                 (trans as f64) < 0.97 * direct as f64
             }),
         };
-        let stem = matches!(packing, ConvPacking::Auto(_))
+        let taps = matches!(packing, ConvPacking::Auto(_))
             && group == 1
             && dilations == [1, 1]
             && kh * kw > 1;
-        let form = if let Some(f) = stem.then(|| stem_form(weight, wshape, bias)).flatten() {
+        let form = if let Some(f) = taps.then(|| taps_form(weight, wshape, bias)).flatten() {
             f
         } else if transposed {
             Form::Transposed(
@@ -302,8 +302,8 @@ impl PackedConv {
         // runs as a plain GEMM, instead of phase-splitting the whole input for im2col.
         let subsample = one_by_one && self.stride != (1, 1);
         #[cfg(target_arch = "x86_64")]
-        if let Form::Stem(wts) = &self.form {
-            let shape = super::stem::Shape {
+        if let Form::Taps(wts) = &self.form {
+            let shape = super::taps::Shape {
                 cin,
                 h,
                 w,
@@ -314,7 +314,7 @@ impl PackedConv {
             };
             let (isz, osz) = (cin * h * w, self.cout * plane);
             for img in 0..n {
-                super::stem::run(
+                super::taps::run(
                     wts,
                     &x[img * isz..(img + 1) * isz],
                     shape,
@@ -381,7 +381,7 @@ impl PackedConv {
                     }
                     // Ran whole above.
                     #[cfg(target_arch = "x86_64")]
-                    Form::Stem(_) => {}
+                    Form::Taps(_) => {}
                     Form::Transposed(ws) => {
                         let k = self.cin_g * self.kernel.0 * self.kernel.1;
                         // colsᵀ as the left operand: position p's row is column p of cols.
@@ -418,16 +418,17 @@ impl PackedConv {
     }
 }
 
-/// The stem form for a single-group convolution over an image's few channels, where it
-/// applies (AVX-512, whole vectors of output channels): ResNet's 3 → 64, 7 × 7, stride-2
-/// stem ran 1.40 ms as a gathered GEMM, 0.98 ms in this form (per node, in-frame).
-fn stem_form(weight: &[f32], wshape: &[usize], bias: Option<&[f32]>) -> Option<Form> {
+/// The by-taps form where it applies (AVX-512, whole vectors of output channels): it measured
+/// faster than both GEMM forms on every dense k × k layer tried (stems, 3 × 3 at stride 1 and
+/// 2 from 56² to 7², ViT's 16 × 16 patches), see [`super::taps`].
+fn taps_form(weight: &[f32], wshape: &[usize], bias: Option<&[f32]>) -> Option<Form> {
     #[cfg(target_arch = "x86_64")]
-    if wshape.get(1).is_some_and(|&c| c <= super::stem::MAX_CIN) {
-        return super::stem::StemWeights::pack(weight, wshape, bias).map(Form::Stem);
+    return super::taps::TapWeights::pack(weight, wshape, bias).map(Form::Taps);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (weight, wshape, bias);
+        None
     }
-    let _ = (weight, wshape, bias);
-    None
 }
 
 /// `out[c][p] = act(t[p][c] + residual[c][p])`: a product computed with positions as rows
@@ -1173,12 +1174,13 @@ mod tests {
         }
     }
 
-    /// The stem form (few input channels; AVX-512): chosen by `Auto` for such layers, and
-    /// equal to candle's convolution over kernels, strides, asymmetric pads, maps narrower
-    /// and wider than its groups of positions, several blocks of 64 output channels, with
-    /// and without a residual, and clamp-like and other activations.
+    /// The by-taps form (AVX-512): chosen by `Auto` for single-group k × k layers with whole
+    /// vectors of output channels, and equal to candle's convolution over kernels, strides,
+    /// asymmetric pads, maps narrower than a group of positions, one to five blocks of
+    /// output channels, inputs deep enough for several passes, with and without a residual,
+    /// and clamp-like and other activations.
     #[test]
-    fn stem_form_matches_candle() {
+    fn taps_form_matches_candle() {
         let dev = Device::Cpu;
         let mut next = crate::kernels::testutil::below(0x9e37_79b9_7f4a_7c15u64);
         let acts = [
@@ -1192,9 +1194,16 @@ mod tests {
         ];
         let mut done = 0;
         while done < 40 {
-            let cin = 1 + next(4);
+            // Mostly an image's few channels; every fourth case deep (two or three passes
+            // of 128 channels for a 3 × 3 kernel).
+            let deep = done % 4 == 3;
+            let cin = if deep { 120 + next(200) } else { 1 + next(4) };
             let cout = 16 * (1 + next(5));
-            let k = (1 + next(7), 1 + next(7));
+            let k = if deep {
+                (3, 3)
+            } else {
+                (1 + next(7), 1 + next(7))
+            };
             let stride = 1 + next(3);
             let pads = [next(4), next(4), next(4), next(4)];
             let hw = (1 + next(30), 1 + next(30));
@@ -1218,7 +1227,7 @@ mod tests {
             .unwrap();
             #[cfg(target_arch = "x86_64")]
             if Isa::detect() == Isa::Avx512 {
-                assert!(matches!(conv.form, Form::Stem(_)), "cin {cin} cout {cout}");
+                assert!(matches!(conv.form, Form::Taps(_)), "cin {cin} cout {cout}");
             }
             let want = x
                 .pad_with_zeros(2, pads[0], pads[2])

@@ -21,7 +21,7 @@ pub mod resize;
 pub mod rowwise;
 pub mod scratch;
 #[cfg(target_arch = "x86_64")]
-pub mod stem;
+pub mod taps;
 pub mod winograd;
 
 /// The lanes `j` of a 16-lane load at column `base` of a row of `w` values that fall inside
