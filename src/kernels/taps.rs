@@ -126,21 +126,30 @@ pub fn run(
     if plane == 0 {
         return Ok(());
     }
-    // Zero-padded input covering every tap of every output position.
+    // A zero-padded input covering every tap of every output position; an unpadded layer
+    // whose taps all lie in the input (a strided 1 × 1 downsample) reads it in place.
     let (hp, wp) = ((oh - 1) * sy + kh, (ow - 1) * sx + kw);
-    let mut xp = scratch::take(s.cin * hp * wp);
-    xp.fill(0.0);
-    for c in 0..s.cin {
-        for y in 0..s.h {
-            let py = y + s.pad.0;
-            if py >= hp {
-                break;
+    let in_place = s.pad == (0, 0) && hp <= s.h && wp <= s.w;
+    let xp = (!in_place).then(|| {
+        let mut xp = scratch::take(s.cin * hp * wp);
+        xp.fill(0.0);
+        for c in 0..s.cin {
+            for y in 0..s.h {
+                let py = y + s.pad.0;
+                if py >= hp {
+                    break;
+                }
+                let cols = s.w.min(wp.saturating_sub(s.pad.1));
+                let dst = (c * hp + py) * wp + s.pad.1;
+                xp[dst..dst + cols].copy_from_slice(&x[(c * s.h + y) * s.w..][..cols]);
             }
-            let cols = s.w.min(wp.saturating_sub(s.pad.1));
-            let dst = (c * hp + py) * wp + s.pad.1;
-            xp[dst..dst + cols].copy_from_slice(&x[(c * s.h + y) * s.w..][..cols]);
         }
-    }
+        xp
+    });
+    let (xp_ref, hp, wp): (&[f32], _, _) = match &xp {
+        Some(v) => (v, hp, wp),
+        None => (x, s.h, s.w),
+    };
     // In-register epilogue: bias, and the activation when it is a clamp and nothing is added
     // after it.
     let bounds = clamp_bounds(activation.as_ref()).filter(|_| residual.is_none());
@@ -167,7 +176,6 @@ pub fn run(
     let run_len = plane.div_ceil(want).div_ceil(R_MAX).max(1) * R_MAX;
     let run_len = run_len.min(MAX_RUN);
     let runs = plane.div_ceil(run_len);
-    let xp_ref: &[f32] = &xp;
     par::par_for(runs * nb, |item| {
         let (run, blk) = (item / nb, item % nb);
         let (p0, p1) = (run * run_len, ((run + 1) * run_len).min(plane));
@@ -231,7 +239,9 @@ pub fn run(
             }
         })
     });
-    scratch::give(xp);
+    if let Some(v) = xp {
+        scratch::give(v);
+    }
     Ok(())
 }
 
