@@ -26,12 +26,12 @@ use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 const BLOCK: usize = 64;
 
 /// Weights of a single-group convolution, packed per block of up to 64 output channels
-/// as `[tap][channel]` (taps in `(ci, ky, kx)` order), channels padded to whole vectors.
+/// as `[tap][channel]` (taps in `(ci, ky, kx)` order).
 #[derive(Debug, Clone)]
 pub struct TapWeights {
     /// One packed block per 64 output channels: `taps × width` values.
     blocks: Vec<Vec<f32>>,
-    /// Bias per output channel (zeros when the layer has none), padded like the weights.
+    /// Bias per output channel (zeros when the layer has none).
     bias: Vec<f32>,
     cout: usize,
     cin: usize,
