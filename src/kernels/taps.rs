@@ -127,7 +127,7 @@ pub fn run(
         return Ok(());
     }
     // A zero-padded input covering every tap of every output position; an unpadded layer
-    // whose taps all lie in the input (a strided 1 × 1 downsample) reads it in place.
+    // whose taps all lie in the input (ViT's 16 × 16 patch embedding) reads it in place.
     let (hp, wp) = ((oh - 1) * sy + kh, (ow - 1) * sx + kw);
     let in_place = s.pad == (0, 0) && hp <= s.h && wp <= s.w;
     let xp = (!in_place).then(|| {
