@@ -440,14 +440,73 @@ pub fn global_pool(x: &[f32], plane: usize, max: bool, out: &mut [f32]) -> bool 
     if x.len() != out.len() * plane || plane == 0 {
         return false;
     }
-    for (o, p) in out.iter_mut().zip(x.chunks_exact(plane)) {
-        *o = if max {
-            lanes(p, f32::NEG_INFINITY, f32::max)
-        } else {
-            lanes(p, 0.0, |a, b| a + b) / plane as f32
-        };
+    let fold = |out: &mut [f32], x: &[f32]| {
+        for (o, p) in out.iter_mut().zip(x.chunks_exact(plane)) {
+            #[cfg(target_arch = "x86_64")]
+            if super::gemm::Isa::detect() == super::gemm::Isa::Avx512 {
+                // SAFETY: detect() saw AVX-512F on this CPU.
+                let v = unsafe { fold_avx512(p, max) };
+                *o = if max { v } else { v / plane as f32 };
+                continue;
+            }
+            *o = if max {
+                lanes(p, f32::NEG_INFINITY, f32::max)
+            } else {
+                lanes(p, 0.0, |a, b| a + b) / plane as f32
+            };
+        }
+    };
+    // Channels across the threads when there is enough to read (MobileNetV2's 1280 × 7 × 7
+    // is 250 KB).
+    let threads = super::par::current_threads().max(1);
+    if threads > 1 && x.len() >= 1 << 15 {
+        let chunk = out.len().div_ceil(2 * threads);
+        super::par::par_chunks_mut(out, chunk, |i, o| {
+            fold(o, &x[i * chunk * plane..(i * chunk + o.len()) * plane])
+        });
+    } else {
+        fold(out, x);
     }
     true
+}
+
+/// The max or the sum of `p` in one 16-lane register, then across its lanes: the plain
+/// loop's scalar tree of 16 lanes per channel took 16 µs for MobileNetV2's 1280 × 7 × 7.
+/// NaN is dropped from a max as `f32::max` drops it.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fold_avx512(p: &[f32], max: bool) -> f32 {
+    use std::arch::x86_64::*;
+    let init = if max { f32::NEG_INFINITY } else { 0.0 };
+    let mut acc = _mm512_set1_ps(init);
+    let chunks = p.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let v = _mm512_loadu_ps(c.as_ptr());
+        // max_ps(v, acc) gives acc where v is NaN: the NaN is dropped.
+        acc = if max {
+            _mm512_max_ps(v, acc)
+        } else {
+            _mm512_add_ps(acc, v)
+        };
+    }
+    if !tail.is_empty() {
+        let m = ((1u32 << tail.len()) - 1) as __mmask16;
+        let v = _mm512_mask_loadu_ps(_mm512_set1_ps(init), m, tail.as_ptr());
+        acc = if max {
+            _mm512_max_ps(v, acc)
+        } else {
+            _mm512_add_ps(acc, v)
+        };
+    }
+    if max {
+        _mm512_reduce_max_ps(acc)
+    } else {
+        _mm512_reduce_add_ps(acc)
+    }
 }
 
 /// `p` folded with `f` in 16 independent lanes, then the lanes folded: a single running
@@ -588,5 +647,27 @@ mod tests {
         assert!(global_pool(&x, 35, true, &mut got));
         let want = flat(&xt.max_keepdim(3).unwrap().max_keepdim(2).unwrap());
         assert_eq!(got, want);
+        // Enough channels for the threads, planes of whole vectors and a tail, and a NaN
+        // (dropped from the max, kept by the mean).
+        let pool = std::sync::Arc::new(crate::kernels::par::SpinPool::new(2).unwrap());
+        for plane in [16, 49] {
+            let mut x = rand(1300 * plane, 5);
+            x[3 * plane + 7] = f32::NAN;
+            let xt = t(&x, &[1300, plane]);
+            let mut got = vec![f32::NAN; 1300];
+            pool.install(|| assert!(global_pool(&x, plane, false, &mut got)));
+            let want = flat(&xt.mean_keepdim(1).unwrap());
+            for (c, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() < 1e-6 || (c == 3 && g.is_nan()),
+                    "channel {c}: {g} vs {w}"
+                );
+            }
+            pool.install(|| assert!(global_pool(&x, plane, true, &mut got)));
+            for (c, (g, p)) in got.iter().zip(x.chunks_exact(plane)).enumerate() {
+                let w = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(*g, w, "channel {c}");
+            }
+        }
     }
 }
