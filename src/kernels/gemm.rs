@@ -997,11 +997,13 @@ pub unsafe fn gemm_into(
                         // products of a short k. Frames alternating in one process, node sums:
                         // MobileNetV2 −2.1 to −2.9 % (1 thread) and −2.8 / −3.3 % (2),
                         // ResNet-50 −1.0 / −1.3 % and −1.5 / −3.8 %, ViT-Tiny −1.6 % and
-                        // −4.1 / −4.8 %, ResNet-18 −0.3 % (1 thread).
+                        // −4.1 / −4.8 %, ResNet-18 −0.3 % (1 thread); with the AVX2 kernel
+                        // (`EDGEINFER_ISA=avx2`, 1 thread) MobileNetV2 −3.2 %, ResNet-50
+                        // −2.0 %, ViT-Tiny −1.7 %.
                         #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
                         let mut np0 = 0;
                         #[cfg(target_arch = "x86_64")]
-                        if a.isa == Isa::Avx512
+                        if a.isa != Isa::Portable
                             && layout.cs == 1
                             && gathered.is_none()
                             && (fusable || !final_block)
@@ -1018,7 +1020,12 @@ pub unsafe fn gemm_into(
                             // block (packed) or in the source rows (in place, whole panels).
                             unsafe {
                                 let fused = final_block.then(|| fused_at(i0, j0));
-                                x86::kernel_8x32_panels(
+                                let panels = if a.isa == Isa::Avx512 {
+                                    x86::kernel_8x32_panels
+                                } else {
+                                    x86::kernel_6x16_panels
+                                };
+                                panels(
                                     kc,
                                     a.panel(k0, p),
                                     (bp, ldb, bstep),
@@ -1183,6 +1190,22 @@ struct Fused {
     residual: *const f32,
     lo: f32,
     hi: f32,
+}
+
+impl Fused {
+    /// The same epilogue for the tile `cols` columns to the right.
+    ///
+    /// # Safety
+    /// The column bias and the residual (where present) must extend that far.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn columns_on(&self, cols: usize) -> Fused {
+        let on = |p: *const f32| if p.is_null() { p } else { p.add(cols) };
+        Fused {
+            col_bias: on(self.col_bias),
+            residual: on(self.residual),
+            ..*self
+        }
+    }
 }
 
 /// Bias, residual and activation on a whole tile already in C.
@@ -1366,19 +1389,7 @@ mod x86 {
     ) {
         assert!(a.len() >= kc * 8);
         for t in 0..panels {
-            let f = fused.map(|f| Fused {
-                col_bias: if f.col_bias.is_null() {
-                    f.col_bias
-                } else {
-                    f.col_bias.add(32 * t)
-                },
-                residual: if f.residual.is_null() {
-                    f.residual
-                } else {
-                    f.residual.add(32 * t)
-                },
-                ..*f
-            });
+            let f = fused.map(|f| f.columns_on(32 * t));
             tile_8x32(
                 kc,
                 a.as_ptr(),
@@ -1708,7 +1719,56 @@ mod x86 {
         fused: Option<&Fused>,
     ) {
         assert!(a.len() >= kc * 6 && (kc == 0 || b.len() >= (kc - 1) * ldb + 16));
-        let (mut ap, mut bp) = (a.as_ptr(), b.as_ptr());
+        tile_6x16(kc, a.as_ptr(), (b.as_ptr(), ldb), c, ldc, accumulate, fused);
+    }
+
+    /// [`kernel_6x16`] over `panels` whole tiles side by side (see [`kernel_8x32_panels`]).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; as for [`kernel_8x32_panels`], with 6 rows and tiles 16
+    /// columns wide.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel_6x16_panels(
+        kc: usize,
+        a: &[f32],
+        (b, ldb, bstep): (*const f32, usize, usize),
+        c: *mut f32,
+        ldc: usize,
+        panels: usize,
+        accumulate: bool,
+        fused: Option<&Fused>,
+    ) {
+        assert!(a.len() >= kc * 6);
+        for t in 0..panels {
+            let f = fused.map(|f| f.columns_on(16 * t));
+            tile_6x16(
+                kc,
+                a.as_ptr(),
+                (b.add(t * bstep), ldb),
+                c.add(16 * t),
+                ldc,
+                accumulate,
+                f.as_ref(),
+            );
+        }
+    }
+
+    /// The body of [`kernel_6x16`] on raw pointers.
+    ///
+    /// # Safety
+    /// As for [`kernel_6x16`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_6x16(
+        kc: usize,
+        mut ap: *const f32,
+        (mut bp, ldb): (*const f32, usize),
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        fused: Option<&Fused>,
+    ) {
         let mut c0 = [_mm256_setzero_ps(); 6];
         let mut c1 = [_mm256_setzero_ps(); 6];
         for _ in 0..kc {
