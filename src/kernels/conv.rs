@@ -332,7 +332,7 @@ impl PackedConv {
                 let sub = subsample.then(|| {
                     let (sy, sx) = self.stride;
                     let mut v = scratch::take(self.cin_g * plane);
-                    for (c, dst) in v.chunks_exact_mut(plane).enumerate() {
+                    let one = |c: usize, dst: &mut [f32]| {
                         let src = &xg[c * h * w..(c + 1) * h * w];
                         for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
                             let line = &src[oy * sy * w..(oy * sy + 1) * w];
@@ -344,7 +344,17 @@ impl PackedConv {
                                 }
                             }
                         }
-                    }
+                    };
+                    // Channels across the threads: copied by the calling thread alone, the
+                    // subsample held the other one waiting (per node, in frame, 2 threads:
+                    // ResNet-50's downsamples 0.63 → 0.56, 0.66 → 0.62, 0.74 → 0.68 ms).
+                    let threads = par::current_threads().max(1);
+                    let per = self.cin_g.div_ceil(4 * threads).max(1);
+                    par::par_chunks_mut(&mut v[..self.cin_g * plane], per * plane, |t, d| {
+                        for (i, dst) in d.chunks_exact_mut(plane).enumerate() {
+                            one(t * per + i, dst);
+                        }
+                    });
                     v
                 });
                 // From here on the input of a pointwise product: `plane` positions per channel.
