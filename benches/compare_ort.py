@@ -16,10 +16,11 @@ measured as:
   * ONNX Runtime: an in-process ``InferenceSession`` (CPUExecutionProvider,
     intra_op_num_threads=T, inter_op_num_threads=1, ORT_ENABLE_ALL), 5 warm-up runs, then
     ``--runs`` timed ``session.run`` calls (time.perf_counter).
-  * edgeinfer: ``edgeinfer run --device cpu --repeat N --input-tensor ... --dump-outputs ...``
-    with RAYON_NUM_THREADS=T (candle's CPU thread pool follows it), plus the words of
-    ``--edgeinfer-args`` (e.g. ``--edgeinfer-args="--kernels candle"``). The binary times its own
-    runs (after one warm-up of its own) and prints median / p95 / min; this script parses them.
+  * edgeinfer: ``edgeinfer run --device cpu --repeat N --warmup 5 --input-tensor ...
+    --dump-outputs ...`` with RAYON_NUM_THREADS=T (candle's CPU thread pool follows it), plus the
+    words of ``--edgeinfer-args`` (e.g. ``--edgeinfer-args="--kernels candle"``). The binary times
+    its own runs (after 5 warm-up runs, as ONNX Runtime gets) and prints median / p95 / min; this
+    script parses them.
 
 Only inference is timed on both sides: no process start, model load or import.
 Per model and thread count the two are measured back to back (ORT, then edgeinfer), so machine
@@ -227,7 +228,8 @@ def time_edgeinfer(binary: Path, model: Path, inp: Path, dump: Path, threads: in
     if dump.exists():
         dump.unlink()
     cmd = [str(binary), "run", "--model", str(model), "--input-tensor", str(inp),
-           "--device", "cpu", "--repeat", str(runs), "--dump-outputs", str(dump), *extra_args]
+           "--device", "cpu", "--repeat", str(runs), "--warmup", str(ORT_WARMUP),
+           "--dump-outputs", str(dump), *extra_args]
     stdout = run_checked(cmd, env=env)
     m = LATENCY_RE.search(stdout)
     if not m:
@@ -328,8 +330,8 @@ def write_report(path: Path, rows: list[Row], args, binary: Path | None, load_be
         table(rows),
         "",
         *([*(f"- {line}" for line in ups), ""] if ups else []),
-        f"- runs: {args.runs} timed per cell (ORT: {ORT_WARMUP} warm-up runs first; edgeinfer: its own "
-        "--repeat warm-up of 1); median and p95 by nearest rank",
+        f"- runs: {args.runs} timed per cell, each runtime after {ORT_WARMUP} warm-up runs "
+        f"(edgeinfer: --warmup {ORT_WARMUP}); median and p95 by nearest rank",
         f"- ORT: onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, intra_op_num_threads=threads, "
         "inter_op_num_threads=1, ORT_ENABLE_ALL",
         (f"- edgeinfer: {edgeinfer_version(binary)} ({binary}), --device cpu, RAYON_NUM_THREADS=threads; "

@@ -381,10 +381,15 @@ struct RunArgs {
     /// Run the graph as imported, without the load-time passes.
     #[arg(long)]
     no_optimize: bool,
-    /// With --input-tensor: run this many timed inferences after one warm-up and print the
-    /// median, p95 and min latency.
+    /// With --input-tensor: run this many timed inferences after the warm-up ones and print
+    /// the median, p95 and min latency.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// With --repeat: untimed inferences first (per-thread scratch buffers grow to the frame's
+    /// needs during the first few: MobileNetV2's first timed frames ran 5.9, 5.0, 4.8 ms
+    /// against 4.4 after one warm-up). 5 matches benches/compare_ort.py's ONNX Runtime side.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
     /// Folder for heat-map overlays of explained frames (`<frame>-<name>.png`).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -1078,7 +1083,12 @@ fn run(a: RunArgs) -> Result<()> {
         );
     }
     if let Some(path) = &a.input_tensor {
-        return run_tensors(&variants[0], path, a.dump_outputs.as_deref(), a.repeat);
+        return run_tensors(
+            &variants[0],
+            path,
+            a.dump_outputs.as_deref(),
+            (a.repeat, a.warmup),
+        );
     }
     if a.dump_outputs.is_some() {
         bail!("--dump-outputs needs --input-tensor (frame runs write reports, not tensors)");
@@ -1094,7 +1104,12 @@ fn run(a: RunArgs) -> Result<()> {
     )
 }
 
-fn run_tensors(rt: &Runtime, path: &Path, dump: Option<&Path>, repeat: usize) -> Result<()> {
+fn run_tensors(
+    rt: &Runtime,
+    path: &Path,
+    dump: Option<&Path>,
+    (repeat, warmup): (usize, usize),
+) -> Result<()> {
     let file = ModelFile::open(path)
         .with_context(|| format!("reading input tensors {}", path.display()))?;
     let graph = rt.model().exec.graph();
@@ -1132,7 +1147,9 @@ fn run_tensors(rt: &Runtime, path: &Path, dump: Option<&Path>, repeat: usize) ->
             }
             Ok(())
         };
-        sync(&rt.run_tensors(&feeds, &[])?)?;
+        for _ in 0..warmup.max(1) {
+            sync(&rt.run_tensors(&feeds, &[])?)?;
+        }
         let mut ms = Vec::with_capacity(repeat);
         for _ in 0..repeat {
             let t0 = std::time::Instant::now();
