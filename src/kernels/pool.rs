@@ -72,12 +72,12 @@ fn plane(
     #[cfg(target_arch = "x86_64")]
     match super::gemm::Isa::detect() {
         // SAFETY: detect() saw these features on this CPU.
-        super::gemm::Isa::Avx512
-            if (s.kh, s.kw, s.stride, s.dilation) == (3, 3, (2, 2), (1, 1))
-                && s.pad_begin.0 <= 1
-                && s.pad_begin.1 <= 1 =>
-        {
+        super::gemm::Isa::Avx512 if stem_window(s) => {
             return unsafe { plane_3x3s2_avx512(s, x, out, hw, scratch) }
+        }
+        // SAFETY: as above.
+        super::gemm::Isa::Avx2 if stem_window(s) => {
+            return unsafe { plane_3x3s2_avx2(s, x, out, hw, scratch) }
         }
         // SAFETY: as above.
         super::gemm::Isa::Avx512 => return unsafe { plane_avx512(s, x, out, hw, scratch) },
@@ -85,6 +85,15 @@ fn plane(
         super::gemm::Isa::Portable => {}
     }
     plane_body(s, x, out, hw, scratch)
+}
+
+/// Whether `s` is the window [`plane_3x3s2_avx512`] and [`plane_3x3s2_avx2`] take: 3 × 3,
+/// stride 2, undilated, begin pads ≤ 1 (ResNet stems).
+#[cfg(target_arch = "x86_64")]
+fn stem_window(s: &DepthwiseShape) -> bool {
+    (s.kh, s.kw, s.stride, s.dilation) == (3, 3, (2, 2), (1, 1))
+        && s.pad_begin.0 <= 1
+        && s.pad_begin.1 <= 1
 }
 
 /// The 3 × 3, stride-2 window of ResNet stems, one output row at a time in registers: the
@@ -184,6 +193,112 @@ unsafe fn plane_3x3s2_avx512(
             let m = mask(w - ix);
             let ld = |p: *const f32| _mm512_maskz_loadu_ps(m, p.add(ix));
             _mm512_mask_storeu_ps(vp.add(ix), m, nmax(ld(r2), nmax(ld(r1), ld(r0))));
+        }
+        horizontal(oy);
+    }
+}
+
+/// [`plane_3x3s2_avx512`] in 8-lane AVX2: each output row's three input rows folded into the
+/// scratch row, then each output's three columns, its even columns picked by a shuffle and a
+/// lane permute. Against the phase-split path on ResNet-50's stem pooling (64 × 112², Zen 3,
+/// frames alternating in one process): 1.78 → 0.30 ms at 1 thread, 0.89 → 0.21 ms at 2
+/// (ONNX Runtime's own profile: 0.44 ms at 1 thread).
+///
+/// # Safety
+/// The CPU must have AVX2; `s` passes [`stem_window`]; `x` holds `s.h · s.w` values and `out`
+/// `oh · ow`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn plane_3x3s2_avx2(
+    s: &DepthwiseShape,
+    x: &[f32],
+    out: &mut [f32],
+    (oh, ow): (usize, usize),
+    scratch: &mut Scratch,
+) {
+    use std::arch::x86_64::*;
+    assert!(x.len() == s.h * s.w && out.len() == oh * ow);
+    let (h, w) = (s.h, s.w);
+    let (pt, pl) = s.pad_begin;
+    // The row at 16.., -∞ before it and after it up to the furthest value read: chunk q reads
+    // row columns up to 16·q + 16 (v index 16·q + 32 − pl + 1).
+    let chunks = ow.div_ceil(8);
+    let vlen = 16 + w.max(16 * chunks) + 32;
+    if scratch.buf.len() < vlen {
+        scratch.buf.resize(vlen, f32::NEG_INFINITY);
+    }
+    scratch.filled_for = None;
+    let v = &mut scratch.buf[..vlen];
+    v[..16].fill(f32::NEG_INFINITY);
+    v[16 + w..].fill(f32::NEG_INFINITY);
+    let vp = v.as_mut_ptr().add(16);
+    // max that keeps a NaN from either side (`_mm256_max_ps` returns its second operand when
+    // either is NaN), as in candle and PyTorch.
+    let nmax = |a: __m256, b: __m256| {
+        _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps::<_CMP_UNORD_Q>(a, a))
+    };
+    let smax = |a: f32, b: f32| if a.is_nan() || a > b { a } else { b };
+    let xp = x.as_ptr();
+    let op = out.as_mut_ptr();
+    let horizontal = |oy: usize| {
+        let o = op.add(oy * ow);
+        for q in 0..chunks {
+            // Output ox = 8q + j reads row columns 2·ox − pl + kx (kx < 3): the max over three
+            // shifted loads at every column, then its even ones.
+            let base = vp.add(16 * q).sub(pl);
+            let m3 = |p: *const f32| {
+                let (a, b, c) = (
+                    _mm256_loadu_ps(p),
+                    _mm256_loadu_ps(p.add(1)),
+                    _mm256_loadu_ps(p.add(2)),
+                );
+                nmax(c, nmax(b, a))
+            };
+            let (lo, hi) = (m3(base), m3(base.add(8)));
+            // [lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6] → [lo0 lo2 lo4 lo6 hi0 hi2 hi4 hi6].
+            let even = _mm256_shuffle_ps::<0b10_00_10_00>(lo, hi);
+            let y = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
+                even,
+            )));
+            let left = ow - 8 * q;
+            if left >= 8 {
+                _mm256_storeu_ps(o.add(8 * q), y);
+            } else {
+                let mut t = [0f32; 8];
+                _mm256_storeu_ps(t.as_mut_ptr(), y);
+                std::ptr::copy_nonoverlapping(t.as_ptr(), o.add(8 * q), left);
+            }
+        }
+    };
+    for oy in 0..oh {
+        // The window's rows inside the plane; a row in the padding reads another of them
+        // instead (a repeated row leaves the max unchanged).
+        let r = |ky: usize| (2 * oy + ky).checked_sub(pt).filter(|&r| r < h);
+        let Some(any) = r(1).or(r(0)).or(r(2)) else {
+            std::slice::from_raw_parts_mut(vp, w).fill(f32::NEG_INFINITY);
+            horizontal(oy);
+            continue;
+        };
+        // As in the AVX-512 form: the rows a later output row adds, asked for now.
+        for ky in 3 + 2 * AHEAD_ROWS..5 + 2 * AHEAD_ROWS {
+            if let Some(row) = r(ky) {
+                for off in (0..w).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(xp.add(row * w + off).cast());
+                }
+            }
+        }
+        let (r0, r1, r2) = (
+            xp.add(r(0).unwrap_or(any) * w),
+            xp.add(r(1).unwrap_or(any) * w),
+            xp.add(r(2).unwrap_or(any) * w),
+        );
+        let whole = w / 8 * 8;
+        for ix in (0..whole).step_by(8) {
+            let ld = |p: *const f32| _mm256_loadu_ps(p.add(ix));
+            _mm256_storeu_ps(vp.add(ix), nmax(ld(r2), nmax(ld(r1), ld(r0))));
+        }
+        for ix in whole..w {
+            *vp.add(ix) = smax(*r2.add(ix), smax(*r1.add(ix), *r0.add(ix)));
         }
         horizontal(oy);
     }
@@ -350,11 +465,22 @@ mod tests {
                 };
                 plane_body(&s, &x, &mut want, (oh, ow), &mut scr);
                 plane(&s, &x, &mut got, (oh, ow), &mut scr);
-                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        g == e || (g.is_nan() && e.is_nan()),
-                        "{h}x{w} pads {pads:?} at {i}: {g} vs {e}"
-                    );
+                let check = |got: &[f32], form: &str| {
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            g == e || (g.is_nan() && e.is_nan()),
+                            "{form}: {h}x{w} pads {pads:?} at {i}: {g} vs {e}"
+                        );
+                    }
+                };
+                check(&got, "detected");
+                // The AVX2 form on an AVX-512 machine too (detect() picks the wider one there).
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx2") {
+                    let mut got = vec![1f32; oh * ow];
+                    // SAFETY: the CPU has AVX2; the window is 3 × 3 stride 2 with begin pads ≤ 1.
+                    unsafe { plane_3x3s2_avx2(&s, &x, &mut got, (oh, ow), &mut scr) };
+                    check(&got, "avx2");
                 }
             }
         }
