@@ -3,6 +3,7 @@
 //! stride 2 splits even and odd columns with two-register permutes. No padded copy of the
 //! plane is made, so a plane costs its multiply-adds and one pass over its rows; the generic
 //! path's phase split and row sums cost as much again on MobileNetV2's 28–112-wide planes.
+//! An 8-lane AVX2 form of the same loop serves AVX2-only CPUs at stride 2.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -172,5 +173,295 @@ unsafe fn rows_of<const SX: usize, const SY: usize>(
             o += 16;
         }
         oy0 += ROWS;
+    }
+}
+
+/// [`plane_3x3`] with AVX2 and FMA, 8 lanes: masked loads (`vmaskmovps`, which does not read
+/// masked lanes) only for blocks that reach past a row's ends, and stride 2 split into even
+/// and odd columns by a shuffle and a lane permute. The depthwise driver sends it stride-2
+/// layers only (see `depthwise::planes`); it covers every stride `covers` takes.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; otherwise as [`plane_3x3`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn plane_3x3_avx2(
+    s: &DepthwiseShape,
+    x: &[f32],
+    k: &[f32],
+    bias: f32,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+    (oh, ow): (usize, usize),
+    (lo, hi): (f32, f32),
+) {
+    assert!(covers(s) && x.len() == s.h * s.w && out.len() == oh * ow && k.len() == 9);
+    assert!(residual.is_none_or(|r| r.len() == out.len()));
+    let (ohw, bounds) = ((oh, ow), (lo, hi));
+    // SAFETY (each arm): the caller's contract, and the lengths checked above.
+    match s.stride {
+        (1, 1) => unsafe { rows_of_avx2::<1, 1>(s, x, k, bias, residual, out, ohw, bounds) },
+        (2, 2) => unsafe { rows_of_avx2::<2, 2>(s, x, k, bias, residual, out, ohw, bounds) },
+        (_, 1) => unsafe { rows_of_avx2::<1, 0>(s, x, k, bias, residual, out, ohw, bounds) },
+        _ => unsafe { rows_of_avx2::<2, 0>(s, x, k, bias, residual, out, ohw, bounds) },
+    }
+}
+
+/// The lanes `j < 8` with `0 ≤ base + j < w`, as a `vmaskmovps` mask.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn lanes8(base: isize, w: usize) -> __m256i {
+    let idx = _mm256_add_epi32(
+        _mm256_set1_epi32(base.clamp(-64, w as isize + 64) as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    _mm256_and_si256(
+        _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(-1)),
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), idx),
+    )
+}
+
+/// [`rows_of`] in 8 lanes (see there for the row groups, the second chain and the prefetch).
+///
+/// # Safety
+/// As [`plane_3x3_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_of_avx2<const SX: usize, const SY: usize>(
+    s: &DepthwiseShape,
+    x: &[f32],
+    k: &[f32],
+    bias: f32,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+    (oh, ow): (usize, usize),
+    (lo, hi): (f32, f32),
+) {
+    let sy = if SY == 0 { s.stride.0 } else { SY };
+    let (pt, pl) = (s.pad_begin.0 as isize, s.pad_begin.1 as isize);
+    let (h, w) = (s.h as isize, s.w);
+    let mut kv = [_mm256_setzero_ps(); 9];
+    for (v, &t) in kv.iter_mut().zip(k) {
+        *v = _mm256_set1_ps(t);
+    }
+    let (vlo, vhi, vb) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi), _mm256_set1_ps(bias));
+    // [a0 a2 b0 b2 | a4 a6 b4 b6] (or the odd ones) → [a0 a2 a4 a6 b0 b2 b4 b6].
+    let pick =
+        |t: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(t)));
+    let xp = x.as_ptr();
+    let op = out.as_mut_ptr();
+    // The furthest column a block reads past its base.
+    let reach = if SX == 1 { 10 } else { 18 } as isize;
+    let mut oy0 = 0;
+    while oy0 < oh {
+        let nrows = (oh - oy0).min(ROWS);
+        let iy0 = (oy0 * sy) as isize - pt;
+        let span = ((ROWS - 1) * sy + 3) as isize;
+        for iy in iy0 + span..iy0 + span + (ROWS * sy) as isize {
+            if (0..h).contains(&iy) {
+                let r = xp.wrapping_add(iy as usize * w);
+                for off in (0..w).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(off).cast());
+                }
+            }
+        }
+        let mut o = 0;
+        while o < ow {
+            let mut acc = [vb; ROWS];
+            let mut acc2 = [_mm256_setzero_ps(); ROWS];
+            let base = (SX * o) as isize - pl;
+            // Blocks inside the row read plainly; the others through masks.
+            let inside = base >= 0 && base + reach <= w as isize;
+            let m = if inside {
+                [_mm256_setzero_si256(); 5]
+            } else {
+                [
+                    lanes8(base, w),
+                    lanes8(base + 1, w),
+                    lanes8(base + 2, w),
+                    lanes8(base + 8, w),
+                    lanes8(base + 10, w),
+                ]
+            };
+            let mut t = 0;
+            while t < (ROWS - 1) * sy + 3 {
+                let iy = iy0 + t as isize;
+                if (0..h).contains(&iy) {
+                    let r = xp.wrapping_add(iy as usize * w);
+                    // SAFETY: plain loads lie inside row iy (`inside`); masked lanes are not
+                    // read and unmasked ones lie inside the row.
+                    let ld = |off: isize, mask: __m256i| unsafe {
+                        if inside {
+                            _mm256_loadu_ps(r.wrapping_offset(base + off))
+                        } else {
+                            _mm256_maskload_ps(r.wrapping_offset(base + off), mask)
+                        }
+                    };
+                    let v = if SX == 1 {
+                        [ld(0, m[0]), ld(1, m[1]), ld(2, m[2])]
+                    } else {
+                        let (a0, a1) = (ld(0, m[0]), ld(8, m[3]));
+                        let (b0, b1) = (ld(2, m[2]), ld(10, m[4]));
+                        [
+                            pick(_mm256_shuffle_ps::<0b10_00_10_00>(a0, a1)),
+                            pick(_mm256_shuffle_ps::<0b11_01_11_01>(a0, a1)),
+                            pick(_mm256_shuffle_ps::<0b10_00_10_00>(b0, b1)),
+                        ]
+                    };
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let ky = t as isize - (j * sy) as isize;
+                        if (0..3).contains(&ky) {
+                            let ky = ky as usize;
+                            *a = _mm256_fmadd_ps(v[0], kv[ky * 3], *a);
+                            *a = _mm256_fmadd_ps(v[1], kv[ky * 3 + 1], *a);
+                            acc2[j] = _mm256_fmadd_ps(v[2], kv[ky * 3 + 2], acc2[j]);
+                        }
+                    }
+                }
+                t += 1;
+            }
+            let left = ow - o;
+            for (j, a) in acc.iter().enumerate().take(nrows) {
+                let at = (oy0 + j) * ow + o;
+                let mut v = _mm256_add_ps(*a, acc2[j]);
+                if left >= 8 {
+                    if let Some(r) = residual {
+                        // SAFETY: residual is laid out like out; lanes o.. o + 8 ≤ ow.
+                        v = _mm256_add_ps(v, unsafe { _mm256_loadu_ps(r.as_ptr().add(at)) });
+                    }
+                    v = _mm256_min_ps(vhi, _mm256_max_ps(vlo, v));
+                    // SAFETY: lanes o .. o + 8 ≤ ow of this row lie inside out.
+                    unsafe { _mm256_storeu_ps(op.add(at), v) };
+                } else {
+                    let mut tmp = [0f32; 8];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+                    for (l, &t) in tmp.iter().enumerate().take(left) {
+                        let y = t + residual.map_or(0.0, |r| r[at + l]);
+                        // As `clip`: NaN passes.
+                        // SAFETY: lane l < left of this row lies inside out.
+                        unsafe {
+                            *op.add(at + l) = if y < lo {
+                                lo
+                            } else if y > hi {
+                                hi
+                            } else {
+                                y
+                            }
+                        };
+                    }
+                }
+            }
+            o += 8;
+        }
+        oy0 += ROWS;
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::rand;
+
+    /// `clamp(conv3x3(x) + bias + residual)` by the definition (zero padding).
+    fn naive(
+        s: &DepthwiseShape,
+        x: &[f32],
+        k: &[f32],
+        bias: f32,
+        residual: Option<&[f32]>,
+        (lo, hi): (f32, f32),
+    ) -> Vec<f32> {
+        let (oh, ow) = s.out_hw().unwrap();
+        let mut out = vec![0f32; oh * ow];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut acc = bias as f64;
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        let iy = (oy * s.stride.0 + ky) as isize - s.pad_begin.0 as isize;
+                        let ix = (ox * s.stride.1 + kx) as isize - s.pad_begin.1 as isize;
+                        if (0..s.h as isize).contains(&iy) && (0..s.w as isize).contains(&ix) {
+                            acc += (x[iy as usize * s.w + ix as usize] * k[ky * 3 + kx]) as f64;
+                        }
+                    }
+                }
+                let v = acc as f32 + residual.map_or(0.0, |r| r[oy * ow + ox]);
+                out[oy * ow + ox] = v.max(lo).min(hi);
+            }
+        }
+        out
+    }
+
+    /// Both forms (each where the CPU has it) against the definition over strides (1, 1),
+    /// (2, 2), (3, 1) and (1, 2), pads 0–2 on each side, widths around the 8- and 16-lane
+    /// blocks and their masked edges, residual and clamp.
+    #[test]
+    fn matches_the_definition() {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let avx512 = is_x86_feature_detected!("avx512f");
+        let mut case = 0u64;
+        for stride in [(1, 1), (2, 2), (3, 1), (1, 2)] {
+            for (h, w) in [
+                (1, 1),
+                (3, 5),
+                (7, 8),
+                (6, 9),
+                (5, 17),
+                (9, 26),
+                (4, 33),
+                (3, 70),
+            ] {
+                for pads in [[1, 1, 1, 1], [0, 0, 0, 0], [2, 1, 0, 2], [0, 2, 2, 0]] {
+                    let s = DepthwiseShape {
+                        n: 1,
+                        c: 1,
+                        h,
+                        w,
+                        kh: 3,
+                        kw: 3,
+                        stride,
+                        dilation: (1, 1),
+                        pad_begin: (pads[0], pads[1]),
+                        pad_end: (pads[2], pads[3]),
+                    };
+                    let Some((oh, ow)) = s.out_hw() else { continue };
+                    case += 1;
+                    let x = rand(h * w, case);
+                    let k = rand(9, case + 1000);
+                    let r = rand(oh * ow, case + 2000);
+                    let res = case.is_multiple_of(2).then_some(&r[..]);
+                    let bounds = if case.is_multiple_of(3) {
+                        (-0.3, 0.4)
+                    } else {
+                        (f32::NEG_INFINITY, f32::INFINITY)
+                    };
+                    let want = naive(&s, &x, &k, 0.25, res, bounds);
+                    let mut forms: Vec<(&str, Vec<f32>)> = Vec::new();
+                    if avx2 {
+                        let mut got = vec![f32::NAN; oh * ow];
+                        // SAFETY: AVX2 and FMA detected; the lengths follow the shape.
+                        unsafe {
+                            plane_3x3_avx2(&s, &x, &k, 0.25, res, &mut got, (oh, ow), bounds)
+                        };
+                        forms.push(("avx2", got));
+                    }
+                    if avx512 {
+                        let mut got = vec![f32::NAN; oh * ow];
+                        // SAFETY: AVX-512F detected; the lengths follow the shape.
+                        unsafe { plane_3x3(&s, &x, &k, 0.25, res, &mut got, (oh, ow), bounds) };
+                        forms.push(("avx512", got));
+                    }
+                    for (form, got) in forms {
+                        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                            assert!((g - e).abs() <= 1e-5, "{form} {s:?} at {i}: {g} vs {e}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(case > 60, "{case} shapes");
     }
 }
