@@ -963,6 +963,26 @@ pub unsafe fn gemm_into(
                             }
                             return;
                         }
+                        #[cfg(target_arch = "x86_64")]
+                        if a.isa == Isa::Avx2 && layout.cs == 1 && fusable {
+                            let (i0, j0) = (p * mr, n0 + np * nr);
+                            // SAFETY: as for a whole tile; the kernel touches only the tile's
+                            // `rows × cols` part of C and of the residual and column bias.
+                            unsafe {
+                                let fused = final_block.then(|| fused_at(i0, j0));
+                                x86::kernel_6x16_edge(
+                                    kc,
+                                    ap,
+                                    (bp, ldb),
+                                    cptr.get().add(i0 * layout.rs + j0),
+                                    layout.rs,
+                                    (rows, cols),
+                                    !first,
+                                    fused.as_ref(),
+                                );
+                            }
+                            return;
+                        }
                         let mut tile = [0f32; TILE_MAX];
                         // SAFETY: the tile buffer holds MR × NR values at row stride NR.
                         unsafe {
@@ -1772,6 +1792,123 @@ mod x86 {
                 f.as_ref(),
             );
         }
+    }
+
+    /// A tile of `rows` ≤ 6 rows and 1 ≤ `cols` ≤ 16 columns (a row panel's or a column
+    /// panel's ragged end) with the epilogue fused, through masked loads and stores: one
+    /// 8-lane vector per row when `cols` ≤ 8, so a 7 × 7 map's last column (49 = 3 · 16 + 1)
+    /// costs half a tile, not a whole one plus a pass through a tile buffer.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `a` holds `kc * 6` values and `b` `kc` rows of 16 at
+    /// stride `ldb` (columns past `cols` may hold anything finite); `c` addresses `rows` rows
+    /// of `cols` values at stride `ldc`; `fused`'s residual and column bias cover the same rows
+    /// and columns.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel_6x16_edge(
+        kc: usize,
+        a: &[f32],
+        (b, ldb): (&[f32], usize),
+        c: *mut f32,
+        ldc: usize,
+        (rows, cols): (usize, usize),
+        accumulate: bool,
+        fused: Option<&Fused>,
+    ) {
+        assert!(a.len() >= kc * 6 && (kc == 0 || b.len() >= (kc - 1) * ldb + 16));
+        assert!((1..=6).contains(&rows) && (1..=16).contains(&cols));
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        if cols <= 8 {
+            // Two sums per row (even and odd k): six chains alone wait on the FMA latency.
+            let mut s0 = [_mm256_setzero_ps(); 6];
+            let mut s1 = [_mm256_setzero_ps(); 6];
+            let mut kk = 0;
+            while kk + 1 < kc {
+                let (b0, b1) = (
+                    _mm256_loadu_ps(bp.add(kk * ldb)),
+                    _mm256_loadu_ps(bp.add((kk + 1) * ldb)),
+                );
+                for r in 0..6 {
+                    s0[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*ap.add(kk * 6 + r)), b0, s0[r]);
+                    s1[r] =
+                        _mm256_fmadd_ps(_mm256_broadcast_ss(&*ap.add((kk + 1) * 6 + r)), b1, s1[r]);
+                }
+                kk += 2;
+            }
+            if kk < kc {
+                let b0 = _mm256_loadu_ps(bp.add(kk * ldb));
+                for (r, s) in s0.iter_mut().enumerate() {
+                    *s = _mm256_fmadd_ps(_mm256_broadcast_ss(&*ap.add(kk * 6 + r)), b0, *s);
+                }
+            }
+            for r in 0..rows {
+                edge_store(
+                    _mm256_add_ps(s0[r], s1[r]),
+                    c,
+                    ldc,
+                    (r, 0),
+                    cols,
+                    accumulate,
+                    fused,
+                );
+            }
+        } else {
+            let mut c0 = [_mm256_setzero_ps(); 6];
+            let mut c1 = [_mm256_setzero_ps(); 6];
+            for kk in 0..kc {
+                let b0 = _mm256_loadu_ps(bp.add(kk * ldb));
+                let b1 = _mm256_loadu_ps(bp.add(kk * ldb + 8));
+                for r in 0..6 {
+                    let av = _mm256_broadcast_ss(&*ap.add(kk * 6 + r));
+                    c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+                    c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+                }
+            }
+            for r in 0..rows {
+                edge_store(c0[r], c, ldc, (r, 0), 8, accumulate, fused);
+                edge_store(c1[r], c, ldc, (r, 8), cols - 8, accumulate, fused);
+            }
+        }
+    }
+
+    /// Row `r`'s 8 lanes from column `j` (`n` ≤ 8 of them inside C) of an edge tile: added to C
+    /// when accumulating, the fused epilogue applied, stored through a mask.
+    ///
+    /// # Safety
+    /// As for [`kernel_6x16_edge`]: lanes `j .. j + n` of row `r` lie in C (and in the
+    /// epilogue's residual and column bias).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn edge_store(
+        mut v: __m256,
+        c: *mut f32,
+        ldc: usize,
+        (r, j): (usize, usize),
+        n: usize,
+        accumulate: bool,
+        fused: Option<&Fused>,
+    ) {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
+        let t = c.add(r * ldc + j);
+        if accumulate {
+            v = _mm256_add_ps(v, _mm256_maskload_ps(t, m));
+        }
+        if let Some(f) = fused {
+            if !f.bias.is_null() {
+                v = _mm256_add_ps(v, _mm256_set1_ps(*f.bias.add(r)));
+            }
+            if !f.col_bias.is_null() {
+                v = _mm256_add_ps(v, _mm256_maskload_ps(f.col_bias.add(j), m));
+            }
+            if !f.residual.is_null() {
+                v = _mm256_add_ps(v, _mm256_maskload_ps(f.residual.add(r * ldc + j), m));
+            }
+            // max(lo, x) and min(hi, x) return x when x is NaN.
+            v = _mm256_min_ps(_mm256_set1_ps(f.hi), _mm256_max_ps(_mm256_set1_ps(f.lo), v));
+        }
+        _mm256_maskstore_ps(t, m, v);
     }
 
     /// The body of [`kernel_6x16`] on raw pointers.
