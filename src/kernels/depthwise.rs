@@ -583,43 +583,29 @@ fn planes(job: &Job, first: usize, out: &mut [f32], scratch: &mut Scratch) {
     // ReLU and Clip run in the copy out of the row sums; anything else in a pass per plane.
     let (clamp, rest) = split_activation(job.activation);
     let (plane_in, plane_out) = (s.h * s.w, job.oh * job.ow);
+    // The in-place 3 × 3 kernel for this ISA, where it applies. With AVX2 only the stride-2
+    // layers take it: the phase split costs them as much as the products, and in place
+    // measured 0.75–0.87× on MobileNetV2's 144 × 56² and 96 × 112² (1 thread, Zen 3). At
+    // stride 1 the phase-split path stayed ahead (192 × 28²: 1.29× in place; 16 registers
+    // hold the four rows' sums or the taps, not both).
     #[cfg(target_arch = "x86_64")]
-    let direct = super::dw3x3::covers(s) && Isa::detect() == Isa::Avx512;
-    // With AVX2 only the stride-2 layers read their rows in place: the phase split costs them
-    // as much as the products, and in place measured 0.75–0.87× on MobileNetV2's 144 × 56² and
-    // 96 × 112² (1 thread, Zen 3). At stride 1 the phase-split path stayed ahead (192 × 28²:
-    // 1.29× in place; 16 registers hold the four rows' sums or the taps, not both).
-    #[cfg(target_arch = "x86_64")]
-    let direct_avx2 = super::dw3x3::covers(s) && Isa::detect() == Isa::Avx2 && s.stride.1 == 2;
+    let direct: Option<super::dw3x3::PlaneKernel> = match Isa::detect() {
+        _ if !super::dw3x3::covers(s) => None,
+        Isa::Avx512 => Some(super::dw3x3::plane_3x3),
+        Isa::Avx2 if s.stride.1 == 2 => Some(super::dw3x3::plane_3x3_avx2),
+        _ => None,
+    };
     for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
         let nc = first + i;
         let ch = nc % s.c;
         let taps = s.kh * s.kw;
         #[cfg(target_arch = "x86_64")]
-        if direct {
-            // SAFETY: AVX-512 was detected; the plane, taps, residual and output lengths
-            // follow from the shape checked by depthwise_conv2d.
+        if let Some(direct) = direct {
+            // SAFETY: the kernel was picked for the detected ISA and `covers(s)`; the plane,
+            // taps, residual and output lengths follow from the shape checked by
+            // depthwise_conv2d.
             unsafe {
-                super::dw3x3::plane_3x3(
-                    s,
-                    &job.x[nc * plane_in..(nc + 1) * plane_in],
-                    &job.weight[ch * taps..(ch + 1) * taps],
-                    job.bias.map_or(0.0, |b| b[ch]),
-                    job.residual
-                        .map(|r| &r[nc * plane_out..(nc + 1) * plane_out]),
-                    o,
-                    (job.oh, job.ow),
-                    clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY)),
-                )
-            };
-            apply_activation(rest, o);
-            continue;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if direct_avx2 {
-            // SAFETY: AVX2 and FMA were detected; lengths as for the AVX-512 form.
-            unsafe {
-                super::dw3x3::plane_3x3_avx2(
+                direct(
                     s,
                     &job.x[nc * plane_in..(nc + 1) * plane_in],
                     &job.weight[ch * taps..(ch + 1) * taps],

@@ -17,6 +17,19 @@ pub(super) fn covers(s: &DepthwiseShape) -> bool {
     s.kh == 3 && s.kw == 3 && s.dilation == (1, 1) && matches!(s.stride.1, 1 | 2) && s.stride.0 >= 1
 }
 
+/// [`plane_3x3`] or [`plane_3x3_avx2`].
+#[cfg(target_arch = "x86_64")]
+pub(super) type PlaneKernel = unsafe fn(
+    &DepthwiseShape,
+    &[f32],
+    &[f32],
+    f32,
+    Option<&[f32]>,
+    &mut [f32],
+    (usize, usize),
+    (f32, f32),
+);
+
 /// `out = clamp(conv3x3(x) + bias (+ residual))` for one plane (`x`: `s.h × s.w`, `out`: `oh ×
 /// ow`, both row-major); `lo`/`hi` bound the result (±∞ for none).
 ///

@@ -943,34 +943,22 @@ pub unsafe fn gemm_into(
                             }
                             return;
                         }
+                        // Ragged tiles: the ISA's masked edge kernel, epilogue fused.
                         #[cfg(target_arch = "x86_64")]
-                        if a.isa == Isa::Avx512 && layout.cs == 1 && fusable {
+                        let edge = match a.isa {
+                            Isa::Avx512 => Some(x86::kernel_8x32_edge as x86::EdgeKernel),
+                            Isa::Avx2 => Some(x86::kernel_6x16_edge as x86::EdgeKernel),
+                            Isa::Portable => None,
+                        };
+                        #[cfg(target_arch = "x86_64")]
+                        if let Some(edge) = edge.filter(|_| layout.cs == 1 && fusable) {
                             let (i0, j0) = (p * mr, n0 + np * nr);
                             // SAFETY: as for a whole tile; the kernel touches only the tile's
-                            // `rows × cols` part of C and of the residual and column bias.
+                            // `rows × cols` part of C and of the residual and column bias, and
+                            // the ISA it was picked for is the detected one.
                             unsafe {
                                 let fused = final_block.then(|| fused_at(i0, j0));
-                                x86::kernel_8x32_edge(
-                                    kc,
-                                    ap,
-                                    (bp, ldb),
-                                    cptr.get().add(i0 * layout.rs + j0),
-                                    layout.rs,
-                                    (rows, cols),
-                                    !first,
-                                    fused.as_ref(),
-                                );
-                            }
-                            return;
-                        }
-                        #[cfg(target_arch = "x86_64")]
-                        if a.isa == Isa::Avx2 && layout.cs == 1 && fusable {
-                            let (i0, j0) = (p * mr, n0 + np * nr);
-                            // SAFETY: as for a whole tile; the kernel touches only the tile's
-                            // `rows × cols` part of C and of the residual and column bias.
-                            unsafe {
-                                let fused = final_block.then(|| fused_at(i0, j0));
-                                x86::kernel_6x16_edge(
+                                edge(
                                     kc,
                                     ap,
                                     (bp, ldb),
@@ -1809,6 +1797,18 @@ mod x86 {
             );
         }
     }
+
+    /// [`kernel_8x32_edge`] or [`kernel_6x16_edge`]: a ragged tile with the epilogue fused.
+    pub type EdgeKernel = unsafe fn(
+        usize,
+        &[f32],
+        (&[f32], usize),
+        *mut f32,
+        usize,
+        (usize, usize),
+        bool,
+        Option<&Fused>,
+    );
 
     /// A tile of `rows` ≤ 6 rows and 1 ≤ `cols` ≤ 16 columns (a row panel's or a column
     /// panel's ragged end) with the epilogue fused, through masked loads and stores: one
