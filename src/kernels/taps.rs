@@ -1,7 +1,8 @@
 //! Convolution by taps: for each kernel tap, the weights of 64 output channels are four
 //! vectors, and each of a group of output positions broadcasts its input value for that tap
 //! from a zero-padded copy of the input. 6 positions × 64 channels take 24 multiply-adds per
-//! 10 loads, with no column matrix at all, at any stride.
+//! 10 loads, with no column matrix at all, at any stride. On AVX2 (16 YMM registers) a block
+//! is 16 channels, two vectors: 6 positions take 12 multiply-adds per 8 loads.
 //!
 //! As a GEMM (im2col) a strided layer gathers its column matrix at stride 2 from a
 //! phase-split input, and an RGB stem has a short, awkward K (3 · 49 = 147 taps). Per node,
@@ -22,15 +23,24 @@ use super::{par, scratch};
 use crate::graph::{clamp_bounds, Activation};
 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 
-/// Output channels per weight block (four AVX-512 vectors).
+/// Output channels per weight block on AVX-512: four vectors.
 const BLOCK: usize = 64;
 
-/// Weights of a single-group convolution, packed per block of up to 64 output channels
-/// as `[tap][channel]` (taps in `(ci, ky, kx)` order).
+/// Output channels per weight block on AVX2: two vectors, so that 6 positions × 16
+/// channels (12 accumulators, 12 multiply-adds per 8 loads) leave registers for the
+/// weights and a broadcast in 16 YMM registers.
+const BLOCK_AVX2: usize = 16;
+
+/// Weights of a single-group convolution, packed per block of up to 64 (AVX-512) or 16
+/// (AVX2) output channels as `[tap][channel]` (taps in `(ci, ky, kx)` order).
 #[derive(Debug, Clone)]
 pub struct TapWeights {
-    /// One packed block per 64 output channels: `taps × width` values.
+    /// One packed block per `block` output channels: `taps × width` values.
     blocks: Vec<Vec<f32>>,
+    /// Output channels per block (the last may hold fewer, whole vectors).
+    block: usize,
+    /// The micro-kernel the blocks were packed for (`Avx512` or `Avx2`).
+    isa: Isa,
     /// Bias per output channel (zeros when the layer has none).
     bias: Vec<f32>,
     cout: usize,
@@ -40,13 +50,19 @@ pub struct TapWeights {
 
 impl TapWeights {
     /// Packs `weight` (`[cout, cin, kh, kw]`, row-major), or `None` where this form does not
-    /// apply: no AVX-512, or output channels that do not fill whole vectors (a pruned layer's
-    /// odd count keeps the GEMM forms).
+    /// apply: neither AVX-512 nor AVX2, or output channels that do not fill whole vectors (a
+    /// pruned layer's odd count keeps the GEMM forms).
     pub fn pack(weight: &[f32], wshape: &[usize], bias: Option<&[f32]>) -> Option<TapWeights> {
         let &[cout, cin, kh, kw] = wshape else {
             return None;
         };
-        if Isa::detect() != Isa::Avx512 || cin == 0 || cout % 16 != 0 || kh * kw == 0 {
+        let isa = Isa::detect();
+        let (lanes, block) = match isa {
+            Isa::Avx512 => (16, BLOCK),
+            Isa::Avx2 => (8, BLOCK_AVX2),
+            Isa::Portable => return None,
+        };
+        if cin == 0 || cout % lanes != 0 || kh * kw == 0 {
             return None;
         }
         let taps = cin * kh * kw;
@@ -54,9 +70,9 @@ impl TapWeights {
             return None;
         }
         let blocks = (0..cout)
-            .step_by(BLOCK)
+            .step_by(block)
             .map(|c0| {
-                let width = BLOCK.min(cout - c0);
+                let width = block.min(cout - c0);
                 let mut w = vec![0f32; taps * width];
                 for t in 0..taps {
                     for c in 0..width {
@@ -68,6 +84,8 @@ impl TapWeights {
             .collect();
         Some(TapWeights {
             blocks,
+            block,
+            isa,
             bias: bias.map_or_else(|| vec![0.0; cout], <[f32]>::to_vec),
             cout,
             cin,
@@ -169,7 +187,7 @@ pub fn run(
     // (ResNet-50) and 1.28 → 1.20 ms (ResNet-18) against 192; 72 and 96 gained less, 24 lost.
     // Smaller weights (MobileNetV2's stem, 3.4 KB) share L1 with a whole run, and measured
     // slower in short ones; larger ones stream from L2 either way.
-    let pass_bytes = chunk.min(s.cin) * taps * BLOCK * std::mem::size_of::<f32>();
+    let pass_bytes = chunk.min(s.cin) * taps * wts.block * std::mem::size_of::<f32>();
     let max_run = if (16 << 10..=40 << 10).contains(&pass_bytes) {
         SHORT_RUN
     } else {
@@ -194,7 +212,7 @@ pub fn run(
             let (p0, p1) = (run * run_len, ((run + 1) * run_len).min(plane));
             let w = &wts.blocks[blk];
             let width = w.len() / (s.cin * taps);
-            let c0 = blk * BLOCK;
+            let c0 = blk * wts.block;
             // The output's lines are cold (written last a frame ago): ask for them before
             // computing, so the misses overlap the products instead of stalling the stores (in
             // frame, ResNet's stem 1.43 → 1.30 ms, MobileNetV2's 0.32 → 0.22 ms).
@@ -218,27 +236,32 @@ pub fn run(
                         bias: &wts.bias[c0..c0 + width],
                         clamp: (lo, hi),
                     };
-                    // SAFETY: AVX-512F was present when the weights were packed (`pack`); the
+                    // SAFETY: the ISA the weights were packed for was present (`pack`); the
                     // pass's taps lie in `w`, every tap of positions p0 .. p1 in the padded
                     // input (sized for all outputs), and `rb` holds MAX_RUN ≥ p1 − p0 rows of
                     // `width` ≤ 64 values.
-                    unsafe { run_block(&geo, &pass, p0, p1, rb) };
+                    unsafe {
+                        if wts.isa == Isa::Avx512 {
+                            run_block(&geo, &pass, p0, p1, rb)
+                        } else {
+                            run_block_avx2(&geo, &pass, p0, p1, rb)
+                        }
+                    };
                 }
-                for co in (0..width).step_by(16) {
-                    // SAFETY: AVX-512F as above; rows c0 + co .. + 16 of the output, positions
-                    // p0 .. p1, are written by this task only.
+                let lanes = if wts.isa == Isa::Avx512 { 16 } else { 8 };
+                for co in (0..width).step_by(lanes) {
+                    // SAFETY: the ISA as above; rows c0 + co .. + lanes of the output,
+                    // positions p0 .. p1, are written by this task only.
                     unsafe {
                         let dst = optr.get().add((c0 + co) * plane + p0);
-                        super::conv::transpose_to(
-                            &rb[..(p1 - p0) * width],
-                            p1 - p0,
-                            width,
-                            co,
-                            dst,
-                            plane,
-                        );
+                        let rows = &rb[..(p1 - p0) * width];
+                        if wts.isa == Isa::Avx512 {
+                            super::conv::transpose_to(rows, p1 - p0, width, co, dst, plane);
+                        } else {
+                            transpose8_to(rows, p1 - p0, width, co, dst, plane);
+                        }
                         if after {
-                            for c in 0..16 {
+                            for c in 0..lanes {
                                 let row =
                                     std::slice::from_raw_parts_mut(dst.add(c * plane), p1 - p0);
                                 if let Some(r) = residual {
@@ -352,16 +375,35 @@ unsafe fn run_block(g: &Geo, pass: &Pass, p0: usize, p1: usize, rb: &mut [f32]) 
             && rb.len() >= (p1 - p0) * width
     );
     match width / 16 {
-        1 => groups::<12, 1>(g, pass, p0, p1, rb),
-        2 => groups::<12, 2>(g, pass, p0, p1, rb),
-        3 => groups::<8, 3>(g, pass, p0, p1, rb),
-        _ => groups::<6, 4>(g, pass, p0, p1, rb),
+        1 => groups::<12, 1, true>(g, pass, p0, p1, rb),
+        2 => groups::<12, 2, true>(g, pass, p0, p1, rb),
+        3 => groups::<8, 3, true>(g, pass, p0, p1, rb),
+        _ => groups::<6, 4, true>(g, pass, p0, p1, rb),
     }
 }
 
-/// [`run_block`] for `NB` vectors of channels, `R` positions per group.
-#[target_feature(enable = "avx512f")]
-unsafe fn groups<const R: usize, const NB: usize>(
+/// [`run_block`] on AVX2: `width` is 8 or 16.
+///
+/// # Safety
+/// As [`run_block`], with AVX2 and FMA for AVX-512F and 8 for 16.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_block_avx2(g: &Geo, pass: &Pass, p0: usize, p1: usize, rb: &mut [f32]) {
+    let width = pass.bias.len();
+    debug_assert!(
+        pass.w.len() == pass.chans * g.kh * g.kw * width
+            && pass.offs.len() == pass.chans * g.kh * g.kw
+            && rb.len() >= (p1 - p0) * width
+    );
+    match width / 8 {
+        1 => groups::<12, 1, false>(g, pass, p0, p1, rb),
+        _ => groups::<6, 2, false>(g, pass, p0, p1, rb),
+    }
+}
+
+/// [`run_block`] for `NB` vectors of channels, `R` positions per group; `WIDE`: AVX-512
+/// vectors, else AVX2 ones (inlined into the entry point that enables the ISA).
+#[inline(always)]
+unsafe fn groups<const R: usize, const NB: usize, const WIDE: bool>(
     g: &Geo,
     pass: &Pass,
     p0: usize,
@@ -372,11 +414,19 @@ unsafe fn groups<const R: usize, const NB: usize>(
     let mut p = p0;
     while p + R <= p1 {
         let bases: [usize; R] = std::array::from_fn(|i| base(p + i));
-        positions::<R, NB>(g, pass, bases, rb.as_mut_ptr().add((p - p0) * NB * 16));
+        if WIDE {
+            positions::<R, NB>(g, pass, bases, rb.as_mut_ptr().add((p - p0) * NB * 16));
+        } else {
+            positions8::<R, NB>(pass, bases, rb.as_mut_ptr().add((p - p0) * NB * 8));
+        }
         p += R;
     }
     while p < p1 {
-        positions::<1, NB>(g, pass, [base(p)], rb.as_mut_ptr().add((p - p0) * NB * 16));
+        if WIDE {
+            positions::<1, NB>(g, pass, [base(p)], rb.as_mut_ptr().add((p - p0) * NB * 16));
+        } else {
+            positions8::<1, NB>(pass, [base(p)], rb.as_mut_ptr().add((p - p0) * NB * 8));
+        }
         p += 1;
     }
 }
@@ -457,5 +507,118 @@ unsafe fn positions<const R: usize, const NB: usize>(
             };
             _mm512_storeu_ps(dst.add(i * NB * 16 + 16 * j), v);
         }
+    }
+}
+
+/// [`positions`] on AVX2: `NB · 8` channels, every tap through the table of offsets (with 6
+/// positions × 2 vectors the pointers and the table fit the general registers).
+#[inline(always)]
+unsafe fn positions8<const R: usize, const NB: usize>(
+    pass: &Pass,
+    bases: [usize; R],
+    dst: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); NB]; R];
+    if !pass.first {
+        for (i, a) in acc.iter_mut().enumerate() {
+            for (j, v) in a.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(dst.add(i * NB * 8 + 8 * j));
+            }
+        }
+    }
+    let mut wp = pass.w.as_ptr();
+    let x = pass.x.as_ptr();
+    let pts: [*const f32; R] = std::array::from_fn(|i| x.add(bases[i]));
+    for &off in pass.offs {
+        let wv: [__m256; NB] = std::array::from_fn(|j| _mm256_loadu_ps(wp.add(8 * j)));
+        for (i, a) in acc.iter_mut().enumerate() {
+            let xv = _mm256_broadcast_ss(&*pts[i].add(off));
+            for j in 0..NB {
+                a[j] = _mm256_fmadd_ps(xv, wv[j], a[j]);
+            }
+        }
+        wp = wp.add(NB * 8);
+    }
+    let (vlo, vhi) = (_mm256_set1_ps(pass.clamp.0), _mm256_set1_ps(pass.clamp.1));
+    for (i, a) in acc.iter().enumerate() {
+        for (j, &v) in a.iter().enumerate() {
+            let v = if pass.last {
+                let v = _mm256_add_ps(v, _mm256_loadu_ps(pass.bias.as_ptr().add(8 * j)));
+                // max(lo, x) and min(hi, x) return x when x is NaN, as the reference does.
+                _mm256_min_ps(vhi, _mm256_max_ps(vlo, v))
+            } else {
+                v
+            };
+            _mm256_storeu_ps(dst.add(i * NB * 8 + 8 * j), v);
+        }
+    }
+}
+
+/// Channels `co .. co + 8` of `t` (`plane` rows of `channels`, position-major) to 8 rows of
+/// `plane` values at `dst` (stride `ld`), 8 × 8 register transposes at a time.
+///
+/// # Safety
+/// The CPU must have AVX2; `t` holds `plane` rows of `channels` values with `co + 8 ≤
+/// channels`, and `dst` addresses 8 rows of `plane` values at stride `ld` that nothing else
+/// accesses meanwhile.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transpose8_to(
+    t: &[f32],
+    plane: usize,
+    channels: usize,
+    co: usize,
+    dst: *mut f32,
+    ld: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(t.len() >= plane * channels && co + 8 <= channels);
+    let src = t.as_ptr();
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mut p0 = 0;
+    while p0 < plane {
+        let n = (plane - p0).min(8);
+        // r[i]: position p0 + i's 8 channels (zero past the plane).
+        let mut r = [_mm256_setzero_ps(); 8];
+        for (i, v) in r.iter_mut().enumerate().take(n) {
+            *v = _mm256_loadu_ps(src.add((p0 + i) * channels + co));
+        }
+        // Interleave pairs, then quads within 128-bit lanes, then swap the lanes.
+        let u: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        });
+        // q[4h + k]: channels k and k + 4 of positions 4h .. 4h + 4.
+        let q: [__m256; 8] = std::array::from_fn(|i| {
+            let (h, k) = (i / 4, i % 4);
+            let (a, b) = (u[4 * h + k / 2], u[4 * h + 2 + k / 2]);
+            if k % 2 == 0 {
+                _mm256_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm256_shuffle_ps::<0xEE>(a, b)
+            }
+        });
+        let out: [__m256; 8] = std::array::from_fn(|k| {
+            if k < 4 {
+                _mm256_permute2f128_ps::<0x20>(q[k], q[4 + k])
+            } else {
+                _mm256_permute2f128_ps::<0x31>(q[k - 4], q[k])
+            }
+        });
+        if n == 8 {
+            for (k, &v) in out.iter().enumerate() {
+                _mm256_storeu_ps(dst.add(k * ld + p0), v);
+            }
+        } else {
+            let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
+            for (k, &v) in out.iter().enumerate() {
+                _mm256_maskstore_ps(dst.add(k * ld + p0), keep, v);
+            }
+        }
+        p0 += 8;
     }
 }
