@@ -1284,7 +1284,9 @@ mod tests {
             )
             .unwrap();
             #[cfg(target_arch = "x86_64")]
-            if Isa::detect() == Isa::Avx2 || (Isa::detect() == Isa::Avx512 && cout.is_multiple_of(16)) {
+            if Isa::detect() == Isa::Avx2
+                || (Isa::detect() == Isa::Avx512 && cout.is_multiple_of(16))
+            {
                 assert!(matches!(conv.form, Form::Taps(_)), "cin {cin} cout {cout}");
             }
             let want = x

@@ -583,32 +583,7 @@ unsafe fn transpose8_to(
         for (i, v) in r.iter_mut().enumerate().take(n) {
             *v = _mm256_loadu_ps(src.add((p0 + i) * channels + co));
         }
-        // Interleave pairs, then quads within 128-bit lanes, then swap the lanes.
-        let u: [__m256; 8] = std::array::from_fn(|i| {
-            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-            if i % 2 == 0 {
-                _mm256_unpacklo_ps(a, b)
-            } else {
-                _mm256_unpackhi_ps(a, b)
-            }
-        });
-        // q[4h + k]: channels k and k + 4 of positions 4h .. 4h + 4.
-        let q: [__m256; 8] = std::array::from_fn(|i| {
-            let (h, k) = (i / 4, i % 4);
-            let (a, b) = (u[4 * h + k / 2], u[4 * h + 2 + k / 2]);
-            if k % 2 == 0 {
-                _mm256_shuffle_ps::<0x44>(a, b)
-            } else {
-                _mm256_shuffle_ps::<0xEE>(a, b)
-            }
-        });
-        let out: [__m256; 8] = std::array::from_fn(|k| {
-            if k < 4 {
-                _mm256_permute2f128_ps::<0x20>(q[k], q[4 + k])
-            } else {
-                _mm256_permute2f128_ps::<0x31>(q[k - 4], q[k])
-            }
-        });
+        let out = super::gemm::transpose8x8(r);
         if n == 8 {
             for (k, &v) in out.iter().enumerate() {
                 _mm256_storeu_ps(dst.add(k * ld + p0), v);
