@@ -9,11 +9,14 @@
 //! in-frame, alternating frames between the two forms in one process (1 thread): ResNet-50's
 //! stride-2 3 × 3 layers 1.34 → 1.10, 1.41 → 1.13 and 1.59 → 1.34 ms, its 7 × 7 3 × 3 layers
 //! 1.46 → 1.34 ms, ViT-Tiny's 16 × 16 patch embedding 0.55 → 0.35 ms; whole frames of
-//! ResNet-18 −5 %, ResNet-50 −3 %.
+//! ResNet-18 −5 %, ResNet-50 −3 %. On AVX2 (Zen 3), per node against the GEMM forms, node
+//! times divided by the drift of all nodes between the two builds' processes: the stems
+//! 0.74–0.87, stride-2 3 × 3 layers 0.81–0.92, 3 × 3 at 7 × 7 0.78–0.97 (2 and 1 threads),
+//! ViT-Tiny's patch embedding 0.83.
 //!
 //! Output positions are flat over the map (a 7 × 7 map wastes no lanes), in runs of up to
 //! 192 per task, position-major in a small buffer that is transposed to NCHW with 16 × 16
-//! register transposes while it is still in L1. Deep inputs are taken 128 channels per pass,
+//! (AVX2: 8 × 8) register transposes while it is still in L1. Deep inputs are taken 128 channels per pass,
 //! so a pass's weights stay in L2 while the run's positions reuse them.
 
 use super::act::apply_activation;
