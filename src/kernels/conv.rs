@@ -554,6 +554,50 @@ pub(super) unsafe fn transpose_to(
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+/// Channels `co .. co + 8` of `t` (`plane` rows of `channels`, position-major) to 8 rows of
+/// `plane` values at `dst` (stride `ld`), 8 × 8 register transposes at a time: [`transpose_to`]
+/// on AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2; `t` holds `plane` rows of `channels` values with `co + 8 ≤
+/// channels`, and `dst` addresses 8 rows of `plane` values at stride `ld` that nothing else
+/// accesses meanwhile.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn transpose8_to(
+    t: &[f32],
+    plane: usize,
+    channels: usize,
+    co: usize,
+    dst: *mut f32,
+    ld: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(t.len() >= plane * channels && co + 8 <= channels);
+    let src = t.as_ptr();
+    let mut p0 = 0;
+    while p0 < plane {
+        let n = (plane - p0).min(8);
+        // r[i]: position p0 + i's 8 channels (zero past the plane).
+        let mut r = [_mm256_setzero_ps(); 8];
+        for (i, v) in r.iter_mut().enumerate().take(n) {
+            *v = _mm256_loadu_ps(src.add((p0 + i) * channels + co));
+        }
+        let out = super::gemm::transpose8x8(r);
+        if n == 8 {
+            for (k, &v) in out.iter().enumerate() {
+                _mm256_storeu_ps(dst.add(k * ld + p0), v);
+            }
+        } else {
+            let keep = super::gemm::lanes_below(n);
+            for (k, &v) in out.iter().enumerate() {
+                _mm256_maskstore_ps(dst.add(k * ld + p0), keep, v);
+            }
+        }
+        p0 += 8;
+    }
+}
+
 /// The channel each of the final stage's 16 outputs holds (pair `j` gives entries `j` and
 /// `j + 8`): the pair and quad interleaves leave the channels of each 128-bit lane in the
 /// order 0, 2, 1, 3.

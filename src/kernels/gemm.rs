@@ -1329,14 +1329,14 @@ mod portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::transpose8x8;
+pub(crate) use x86::{lanes_below, transpose8x8};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     /// Packs `R` ≤ 8 rows (at `a + r · rs`) of `kc` values k-major: `dst[kk · R + r] =
     /// row_r[kk]`, 8 × 8 blocks transposed in registers. A packing of rows (a linear layer's
-    /// tokens) done element by element cost about 3 ns a value on Zen 3 (AVX2, 6 rows), as
-    /// much as a third of ViT-Tiny's linear layers.
+    /// tokens, every frame) done element by element cost about 1.7 ns a value on Zen 3 (AVX2,
+    /// 6 rows): 197 × 192 tokens 0.063 ms against 0.007 ms this way.
     ///
     /// # Safety
     /// The CPU must have AVX2; each row holds `kc` values and `dst` `kc · R`.
@@ -1348,8 +1348,7 @@ mod x86 {
         dst: *mut f32,
     ) {
         debug_assert!(R <= 8);
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let last = _mm256_cmpgt_epi32(_mm256_set1_epi32(R as i32), lanes);
+        let last = lanes_below(R);
         let mut kk = 0;
         while kk + 8 <= kc {
             // A plain loop, not `array::map`: a closure run through a generic function may
@@ -1379,6 +1378,18 @@ mod x86 {
                 *dst.add(k * R + r) = *a.add(r * rs + k);
             }
         }
+    }
+
+    /// A mask of the first `n` (≤ 8) of 8 lanes, for masked loads and stores of a ragged end.
+    ///
+    /// # Safety
+    /// Call only from code compiled with AVX2 (as [`transpose8x8`]).
+    #[inline(always)]
+    pub(crate) unsafe fn lanes_below(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
     }
 
     /// `out[j]` lane `i` = `r[i]` lane `j`: pairs of rows interleaved, then quads, then the
@@ -1932,8 +1943,7 @@ mod x86 {
         accumulate: bool,
         fused: Option<&Fused>,
     ) {
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
+        let m = lanes_below(n);
         let t = c.add(r * ldc + j);
         if accumulate {
             v = _mm256_add_ps(v, _mm256_maskload_ps(t, m));

@@ -16,8 +16,8 @@
 //!
 //! Output positions are flat over the map (a 7 × 7 map wastes no lanes), in runs of up to
 //! 192 per task, position-major in a small buffer that is transposed to NCHW with 16 × 16
-//! (AVX2: 8 × 8) register transposes while it is still in L1. Deep inputs are taken 128 channels per pass,
-//! so a pass's weights stay in L2 while the run's positions reuse them.
+//! (AVX2: 8 × 8) register transposes while it is still in L1. Deep inputs are taken 128
+//! channels per pass, so a pass's weights stay in L2 while the run's positions reuse them.
 
 use super::act::apply_activation;
 use super::conv::NotSupported;
@@ -34,15 +34,24 @@ const BLOCK: usize = 64;
 /// weights and a broadcast in 16 YMM registers.
 const BLOCK_AVX2: usize = 16;
 
+/// `(lanes, block)`: output channels per vector and per weight block of the by-taps kernel
+/// for `isa`, `None` where there is none.
+fn widths(isa: Isa) -> Option<(usize, usize)> {
+    match isa {
+        Isa::Avx512 => Some((16, BLOCK)),
+        Isa::Avx2 => Some((8, BLOCK_AVX2)),
+        Isa::Portable => None,
+    }
+}
+
 /// Weights of a single-group convolution, packed per block of up to 64 (AVX-512) or 16
 /// (AVX2) output channels as `[tap][channel]` (taps in `(ci, ky, kx)` order).
 #[derive(Debug, Clone)]
 pub struct TapWeights {
     /// One packed block per `block` output channels: `taps × width` values.
     blocks: Vec<Vec<f32>>,
-    /// Output channels per block (the last may hold fewer, whole vectors).
-    block: usize,
-    /// The micro-kernel the blocks were packed for (`Avx512` or `Avx2`).
+    /// The micro-kernel the blocks were packed for (`Avx512` or `Avx2`); it sets the block
+    /// and vector widths (see [`widths`]).
     isa: Isa,
     /// Bias per output channel (zeros when the layer has none).
     bias: Vec<f32>,
@@ -60,11 +69,7 @@ impl TapWeights {
             return None;
         };
         let isa = Isa::detect();
-        let (lanes, block) = match isa {
-            Isa::Avx512 => (16, BLOCK),
-            Isa::Avx2 => (8, BLOCK_AVX2),
-            Isa::Portable => return None,
-        };
+        let (lanes, block) = widths(isa)?;
         if cin == 0 || cout % lanes != 0 || kh * kw == 0 {
             return None;
         }
@@ -87,7 +92,6 @@ impl TapWeights {
             .collect();
         Some(TapWeights {
             blocks,
-            block,
             isa,
             bias: bias.map_or_else(|| vec![0.0; cout], <[f32]>::to_vec),
             cout,
@@ -180,6 +184,8 @@ pub fn run(
     // channels, 288 KB) stay in L2 while the task's positions reuse them.
     let chunk = (CHUNK_TAPS / taps).max(1);
     // Tasks: runs of positions × weight blocks, enough of them for every thread.
+    // Packed weights exist only for an ISA with a kernel (`pack`).
+    let (lanes, block) = widths(wts.isa).unwrap_or((16, BLOCK));
     let nb = wts.blocks.len();
     let threads = par::current_threads().max(1);
     let want = (4 * threads).div_ceil(nb);
@@ -190,7 +196,7 @@ pub fn run(
     // (ResNet-50) and 1.28 → 1.20 ms (ResNet-18) against 192; 72 and 96 gained less, 24 lost.
     // Smaller weights (MobileNetV2's stem, 3.4 KB) share L1 with a whole run, and measured
     // slower in short ones; larger ones stream from L2 either way.
-    let pass_bytes = chunk.min(s.cin) * taps * wts.block * std::mem::size_of::<f32>();
+    let pass_bytes = chunk.min(s.cin) * taps * block * std::mem::size_of::<f32>();
     let max_run = if (16 << 10..=40 << 10).contains(&pass_bytes) {
         SHORT_RUN
     } else {
@@ -215,7 +221,7 @@ pub fn run(
             let (p0, p1) = (run * run_len, ((run + 1) * run_len).min(plane));
             let w = &wts.blocks[blk];
             let width = w.len() / (s.cin * taps);
-            let c0 = blk * wts.block;
+            let c0 = blk * block;
             // The output's lines are cold (written last a frame ago): ask for them before
             // computing, so the misses overlap the products instead of stalling the stores (in
             // frame, ResNet's stem 1.43 → 1.30 ms, MobileNetV2's 0.32 → 0.22 ms).
@@ -251,7 +257,6 @@ pub fn run(
                         }
                     };
                 }
-                let lanes = if wts.isa == Isa::Avx512 { 16 } else { 8 };
                 for co in (0..width).step_by(lanes) {
                     // SAFETY: the ISA as above; rows c0 + co .. + lanes of the output,
                     // positions p0 .. p1, are written by this task only.
@@ -261,7 +266,7 @@ pub fn run(
                         if wts.isa == Isa::Avx512 {
                             super::conv::transpose_to(rows, p1 - p0, width, co, dst, plane);
                         } else {
-                            transpose8_to(rows, p1 - p0, width, co, dst, plane);
+                            super::conv::transpose8_to(rows, p1 - p0, width, co, dst, plane);
                         }
                         if after {
                             for c in 0..lanes {
@@ -555,48 +560,5 @@ unsafe fn positions8<const R: usize, const NB: usize>(
             };
             _mm256_storeu_ps(dst.add(i * NB * 8 + 8 * j), v);
         }
-    }
-}
-
-/// Channels `co .. co + 8` of `t` (`plane` rows of `channels`, position-major) to 8 rows of
-/// `plane` values at `dst` (stride `ld`), 8 × 8 register transposes at a time.
-///
-/// # Safety
-/// The CPU must have AVX2; `t` holds `plane` rows of `channels` values with `co + 8 ≤
-/// channels`, and `dst` addresses 8 rows of `plane` values at stride `ld` that nothing else
-/// accesses meanwhile.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn transpose8_to(
-    t: &[f32],
-    plane: usize,
-    channels: usize,
-    co: usize,
-    dst: *mut f32,
-    ld: usize,
-) {
-    use std::arch::x86_64::*;
-    debug_assert!(t.len() >= plane * channels && co + 8 <= channels);
-    let src = t.as_ptr();
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let mut p0 = 0;
-    while p0 < plane {
-        let n = (plane - p0).min(8);
-        // r[i]: position p0 + i's 8 channels (zero past the plane).
-        let mut r = [_mm256_setzero_ps(); 8];
-        for (i, v) in r.iter_mut().enumerate().take(n) {
-            *v = _mm256_loadu_ps(src.add((p0 + i) * channels + co));
-        }
-        let out = super::gemm::transpose8x8(r);
-        if n == 8 {
-            for (k, &v) in out.iter().enumerate() {
-                _mm256_storeu_ps(dst.add(k * ld + p0), v);
-            }
-        } else {
-            let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
-            for (k, &v) in out.iter().enumerate() {
-                _mm256_maskstore_ps(dst.add(k * ld + p0), keep, v);
-            }
-        }
-        p0 += 8;
     }
 }
