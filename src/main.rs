@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use edgeinfer::budget::parse_budget;
 use edgeinfer::device::DeviceRequest;
-use edgeinfer::exec::{BlockFusion, Kernels, Winograd};
+use edgeinfer::exec::{BlockFusion, ChannelLayout, Kernels, Winograd};
 use edgeinfer::graph::stats::stats;
 use edgeinfer::graph::{ColorOrder, Graph, Preprocess, META_PROVENANCE};
 use edgeinfer::import::{import_onnx, ImportOptions, SUPPORTED_OPS};
@@ -156,6 +156,8 @@ impl TargetArgs {
             self.cpu.winograd.to_string(),
             "--fuse-blocks".to_string(),
             self.cpu.fuse_blocks.to_string(),
+            "--layout".to_string(),
+            self.cpu.layout.to_string(),
         ]);
         v
     }
@@ -195,6 +197,11 @@ struct CpuArgs {
     /// map outgrows the L2 cache, in bands of rows), always, never.
     #[arg(long, default_value = "small")]
     fuse_blocks: BlockFusion,
+    /// Channel layout between pointwise and depthwise convolutions: auto (default: blocked
+    /// NCHWc8 on AVX2-only x86 hosts, where it measured faster; NCHW elsewhere), blocked,
+    /// planar.
+    #[arg(long, default_value = "auto")]
+    layout: ChannelLayout,
     /// Compute in f32, f16 or bf16 on any device (default: the board's compute_dtype on a GPU,
     /// f32 on the CPU; f16 on the CPU runs candle's reference ops, for checking the GPU path).
     #[arg(long)]
@@ -206,7 +213,8 @@ impl CpuArgs {
         let mut b = b
             .kernels(self.kernels)
             .winograd(self.winograd)
-            .fusion(self.fuse_blocks);
+            .fusion(self.fuse_blocks)
+            .layout(self.layout);
         if let Some(c) = self.compute_dtype {
             b = b.compute_dtype(c);
         }

@@ -14,7 +14,7 @@ use crate::budget::{FrameTimer, Stage};
 use crate::device::{self, DeviceChoice, DeviceRequest};
 use crate::error::{Error, Result};
 use crate::exec::{
-    load_weights, BlockFusion, ExecOptions, Executor, Kernels, RunOutputs, Winograd,
+    load_weights, BlockFusion, ChannelLayout, ExecOptions, Executor, Kernels, RunOutputs, Winograd,
 };
 use crate::explain::{Choice, ExplainOptions, Explainer, Explanation};
 use crate::graph::passes::{optimize, PassReport};
@@ -158,6 +158,12 @@ impl RuntimeBuilder {
     /// [`BlockFusion`]).
     pub fn fusion(mut self, policy: BlockFusion) -> Self {
         self.exec.fusion = policy;
+        self
+    }
+
+    /// Where maps are kept channel-blocked (default: [`ChannelLayout::Auto`]).
+    pub fn layout(mut self, policy: ChannelLayout) -> Self {
+        self.exec.layout = policy;
         self
     }
 

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use edgeinfer::device::DeviceRequest;
-use edgeinfer::exec::{BlockFusion, Kernels, Winograd};
+use edgeinfer::exec::{BlockFusion, ChannelLayout, Kernels, Winograd};
 use edgeinfer::model::DType;
 use edgeinfer::pipeline::Frame;
 use edgeinfer::Runtime;
@@ -114,31 +114,47 @@ fn squeezenet_matches_onnxruntime() {
 }
 
 fn mobilenet() -> Runtime {
-    mobilenet_with(BlockFusion::default())
+    mobilenet_with(BlockFusion::default(), ChannelLayout::default())
 }
 
-fn mobilenet_with(fusion: BlockFusion) -> Runtime {
+fn mobilenet_with(fusion: BlockFusion, layout: ChannelLayout) -> Runtime {
     Runtime::builder()
         .model(root().join("models/mobilenet_v2.safetensors"))
         .device(DeviceRequest::Cpu)
         .fusion(fusion)
+        .layout(layout)
         .build()
         .unwrap()
 }
 
 #[test]
 fn embedded_mobilenet_v2_matches_onnxruntime_with_every_block_fused_and_none() {
-    for (fusion, blocks) in [
-        (BlockFusion::Always, 17),
-        (BlockFusion::Auto, 6),
-        (BlockFusion::Small, 4),
-        (BlockFusion::Never, 0),
+    use ChannelLayout::{Blocked, Planar};
+    for (fusion, layout, blocks) in [
+        (BlockFusion::Always, Planar, 17),
+        (BlockFusion::Auto, Planar, 6),
+        (BlockFusion::Small, Planar, 4),
+        (BlockFusion::Never, Planar, 0),
+        // Blocked steps are planned before the fused blocks, which then find none left;
+        // under Always the fused blocks come first.
+        (BlockFusion::Small, Blocked, 0),
+        (BlockFusion::Always, Blocked, 17),
     ] {
-        let rt = mobilenet_with(fusion);
+        let rt = mobilenet_with(fusion, layout);
         // Small: the four blocks that end on 7 × 7 maps, channels-last. Always adds, in bands,
         // every other block (the first is depthwise → project); Auto adds only the two
         // 112-wide ones.
-        assert_eq!(rt.model().exec.fused_blocks(), blocks, "{fusion}");
+        let exec = &rt.model().exec;
+        assert_eq!(exec.fused_blocks(), blocks, "{fusion}, {layout}");
+        if layout == Blocked {
+            // Small: every value between the stem and the classifier but the stem's output
+            // (read by the first depthwise, which reorders it); Always: what the fused blocks
+            // leave, the last pointwise layer's output.
+            let want = if fusion == BlockFusion::Always { 1 } else { 51 };
+            assert_eq!(exec.blocked_values(), want, "{fusion}");
+        } else {
+            assert_eq!(exec.blocked_values(), 0);
+        }
         for p in PHOTOS {
             let input = read_tensors(&fixture(&format!("mobilenet_v2/{p}.input.safetensors")));
             let expected =
@@ -147,14 +163,51 @@ fn embedded_mobilenet_v2_matches_onnxruntime_with_every_block_fused_and_none() {
             let (name, got) = &out.outputs[0];
             let want = &expected.iter().find(|(n, _)| n == name).unwrap().1;
             let d = max_abs_diff(got, want);
-            eprintln!("mobilenet_v2 {p}, fusion {fusion}: max |diff| = {d:e}");
-            assert!(d <= TOL, "{p}, fusion {fusion}: logits differ by {d}");
-            assert_eq!(argmax(got), argmax(want), "{p}, fusion {fusion}: top-1");
+            eprintln!("mobilenet_v2 {p}, fusion {fusion}, layout {layout}: max |diff| = {d:e}");
+            assert!(
+                d <= TOL,
+                "{p}, fusion {fusion}, layout {layout}: logits differ by {d}"
+            );
+            assert_eq!(
+                argmax(got),
+                argmax(want),
+                "{p}, fusion {fusion}, layout {layout}: top-1"
+            );
         }
     }
 }
 
 const PHOTOS: &[&str] = &["chelsea", "coffee", "astronaut"];
+
+/// A tapped value inside a channel-blocked region reads as NCHW, the same as the planar run's
+/// (which the fixture test above ties to ONNX Runtime).
+#[test]
+fn taps_of_blocked_values_read_as_nchw() {
+    let planar = mobilenet_with(BlockFusion::Small, ChannelLayout::Planar);
+    let blocked = mobilenet_with(BlockFusion::Small, ChannelLayout::Blocked);
+    // A depthwise output, a residual sum, and the last pointwise layer's output (CAM's layer).
+    let taps: Vec<String> = blocked
+        .model()
+        .exec
+        .graph()
+        .nodes
+        .iter()
+        .filter(|n| {
+            n.name.contains("features.5/conv/conv.1/")
+                || n.name.contains("features.6/conv/conv.2/")
+                || n.name.contains("features.18/")
+        })
+        .map(|n| n.outputs[0].clone())
+        .collect();
+    assert_eq!(taps.len(), 3, "{taps:?}");
+    let input = read_tensors(&fixture("mobilenet_v2/chelsea.input.safetensors"));
+    let a = planar.run_tensors(&input, &taps).unwrap();
+    let b = blocked.run_tensors(&input, &taps).unwrap();
+    for t in &taps {
+        let d = max_abs_diff(&a.taps[t], &b.taps[t]);
+        assert!(d <= 1e-4, "{t}: blocked tap differs by {d}");
+    }
+}
 
 #[test]
 fn embedded_mobilenet_v2_matches_onnxruntime_logits() {

@@ -91,10 +91,12 @@ fn pointwise(p: Option<&Prepared>) -> Option<bool> {
 }
 
 /// The blocks of a planned graph, by head step. `uses[s]` counts the steps reading slot `s`;
-/// `outputs` are the graph's output slots; `dims` the planned shapes.
+/// `outputs` are the graph's output slots; `dims` the planned shapes; `taken[i]` marks steps
+/// that already run another way (channel-blocked), which no block may include.
 pub(crate) fn plan(
     policy: BlockFusion,
     steps: &[Step],
+    taken: &[bool],
     prepared: &[Option<Prepared>],
     dims: &[Vec<usize>],
     uses: &[usize],
@@ -111,6 +113,9 @@ pub(crate) fn plan(
         let expand = pointwise(prepared[i].as_ref()) == Some(false);
         let dw_at = i + usize::from(expand);
         let found = (|| {
+            if taken.get(i..dw_at + 2)?.iter().any(|&t| t) {
+                return None;
+            }
             let (x, first) = io(&steps[i])?;
             let (dw_in, dw_out) = io(steps.get(dw_at)?)?;
             let dw = depthwise_stage(&prepared[dw_at])?;

@@ -216,6 +216,15 @@ impl PackedConv {
         self.is_one_by_one() && matches!(self.form, Form::Direct(_))
     }
 
+    /// A [`PackedConv::is_pointwise`] convolution's weights back as a row-major `[cout, cin]`
+    /// matrix (for repacking in another layout's form).
+    pub fn pointwise_matrix(&self) -> Option<Vec<f32>> {
+        match &self.form {
+            Form::Direct(ws) if self.is_pointwise() => ws.first().map(|a| a.unpack()),
+            _ => None,
+        }
+    }
+
     /// `out[co, j] = act(Σ_ci W[co, ci] · x[ci · x_rs + j] + bias[co] (+ residual))` for the
     /// `n` columns `j` of a pointwise convolution, where C's rows are `out_rs` apart (a band of
     /// rows of a larger map). `residual` is laid out like C.

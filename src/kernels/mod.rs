@@ -14,6 +14,7 @@ pub mod depthwise;
 mod dw3x3;
 pub mod gemm;
 pub mod layout;
+pub mod nchwc;
 pub mod pages;
 pub mod par;
 pub mod pool;
