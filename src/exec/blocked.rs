@@ -133,16 +133,17 @@ fn candidate(p: &Prepared, input: &[usize], output: &[usize]) -> Option<BlockedS
             conv: ConvEngine::Gemm(c),
             activation,
             residual,
-        } if c.is_pointwise() && blockable(output) => {
-            let w = c.pointwise_matrix()?;
-            let kernel = Pointwise::new(&w, c.bias(), c.cout(), c.cin())?;
-            (kernel.cin() == input[1] && kernel.cout() == output[1]).then_some(
-                BlockedStep::Pointwise {
-                    kernel,
-                    activation: *activation,
-                    residual: *residual,
-                },
-            )
+        } if blockable(output) => {
+            let (w, stride) = c.one_by_one_matrix()?;
+            let kernel = Pointwise::new(&w, c.bias(), c.cout(), c.cin())?.with_stride(stride)?;
+            let fits = kernel.cin() == input[1]
+                && kernel.cout() == output[1]
+                && kernel.out_hw(input[2], input[3]) == (output[2], output[3]);
+            fits.then_some(BlockedStep::Pointwise {
+                kernel,
+                activation: *activation,
+                residual: *residual,
+            })
         }
         Prepared::Depthwise {
             weight,
@@ -319,7 +320,10 @@ pub(crate) fn run(
         let ran = match step {
             BlockedStep::Pointwise {
                 kernel, activation, ..
-            } => od.0 == n && od.2 == hw && kernel.run(xb, (n, hw), rb, *activation, dst),
+            } => {
+                let (h, w) = (x.dims[2], x.dims[3]);
+                od.0 == n && kernel.run(xb, (n, h, w), rb, *activation, dst)
+            }
             BlockedStep::Depthwise {
                 kernel, activation, ..
             } => {

@@ -1316,6 +1316,96 @@ mod tests {
         }
     }
 
+    /// A downsampling bottleneck (1 × 1 reduce, depthwise and dense 3 × 3 at stride 2, 1 × 1
+    /// expand, a strided 1 × 1 shortcut with the residual add, global pooling): with the
+    /// blocked layout forced, the pointwise, depthwise and pooling steps pass blocked maps,
+    /// the dense 3 × 3 reads and writes NCHW between them, and the output and a tap inside
+    /// the blocked region match candle's ops.
+    #[test]
+    fn blocked_regions_match_candle_around_a_planar_convolution() {
+        let conv = |stride: usize, pad: usize, group: usize, residual: bool| Op::Conv {
+            strides: vec![stride; 2],
+            pads: vec![pad; 4],
+            dilations: vec![1, 1],
+            group,
+            activation: Some(crate::graph::Activation::Relu),
+            residual,
+        };
+        let nodes = vec![
+            node("reduce", conv(1, 0, 1, false), &["in", "w1", "b1"], "r"),
+            node("dw", conv(1, 1, 16, false), &["r", "wd", "bd"], "d"),
+            node("c3x3", conv(2, 1, 1, false), &["d", "w2"], "m"),
+            node("expand", conv(1, 0, 1, false), &["m", "w3", "b3"], "e"),
+            node("short", conv(2, 0, 1, true), &["in", "w4", "b4", "e"], "s"),
+            node(
+                "pool",
+                Op::GlobalPool {
+                    kind: crate::graph::PoolKind::Avg,
+                },
+                &["s"],
+                "out",
+            ),
+        ];
+        let values = [
+            ("in", vec![1, 24, 11, 9]),
+            ("r", vec![1, 16, 11, 9]),
+            ("d", vec![1, 16, 11, 9]),
+            ("m", vec![1, 16, 6, 5]),
+            ("e", vec![1, 40, 6, 5]),
+            ("s", vec![1, 40, 6, 5]),
+            ("out", vec![1, 40, 1, 1]),
+        ];
+        let weights = || -> HashMap<String, Tensor> {
+            let shapes: [(&str, Vec<usize>); 9] = [
+                ("w1", vec![16, 24, 1, 1]),
+                ("b1", vec![16]),
+                ("wd", vec![16, 1, 3, 3]),
+                ("bd", vec![16]),
+                ("w2", vec![16, 16, 3, 3]),
+                ("w3", vec![40, 16, 1, 1]),
+                ("b3", vec![40]),
+                ("w4", vec![40, 24, 1, 1]),
+                ("b4", vec![40]),
+            ];
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, (n, shape))| {
+                    let len = shape.iter().product();
+                    let v = crate::kernels::testutil::rand(len, 40 + i as u64);
+                    let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap();
+                    (n.to_string(), t)
+                })
+                .collect()
+        };
+        let run = |kernels: Kernels| {
+            let options = ExecOptions {
+                kernels,
+                layout: ChannelLayout::Blocked,
+                ..ExecOptions::default()
+            };
+            let g = graph(nodes.clone(), &values, &["out"]);
+            let exec = Executor::new(g, weights(), Device::Cpu, options).unwrap();
+            let x = Tensor::from_vec(
+                crate::kernels::testutil::rand(24 * 11 * 9, 3),
+                (1, 24, 11, 9),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let out = exec.run(&[("in".into(), x)], &["e".to_string()]).unwrap();
+            (exec, flat(&out.outputs[0].1), flat(&out.taps["e"]))
+        };
+        let (native, got, got_tap) = run(Kernels::Native);
+        let (_, want, want_tap) = run(Kernels::Candle);
+        // r (reduce → depthwise), e (expand → the shortcut's residual) and s (→ pooling); d
+        // feeds the dense 3 × 3 and stays NCHW, as does the input.
+        assert_eq!(native.blocked_values(), 3);
+        assert_eq!(native.blocked_steps(), 5);
+        for (g, w) in got.iter().zip(&want).chain(got_tap.iter().zip(&want_tap)) {
+            assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+    }
+
     /// A convolution keeps only its packed weights, so candle cannot stand in: a recorded
     /// output shape the kernel cannot make is an error saying so, not a panic.
     #[test]

@@ -216,11 +216,15 @@ impl PackedConv {
         self.is_one_by_one() && matches!(self.form, Form::Direct(_))
     }
 
-    /// A [`PackedConv::is_pointwise`] convolution's weights back as a row-major `[cout, cin]`
-    /// matrix (for repacking in another layout's form).
-    pub fn pointwise_matrix(&self) -> Option<Vec<f32>> {
+    /// For an unpadded, single-group 1 × 1 convolution packed in the direct form (any
+    /// stride): its weights back as a row-major `[cout, cin]` matrix (for repacking in another
+    /// layout's form), and its stride.
+    pub fn one_by_one_matrix(&self) -> Option<(Vec<f32>, (usize, usize))> {
+        let unpadded = self.pad_begin == (0, 0) && self.pad_end == (0, 0);
         match &self.form {
-            Form::Direct(ws) if self.is_pointwise() => ws.first().map(|a| a.unpack()),
+            Form::Direct(ws) if self.kernel == (1, 1) && unpadded && self.groups == 1 => {
+                Some((ws.first()?.unpack(), self.stride))
+            }
             _ => None,
         }
     }
