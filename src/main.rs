@@ -1087,6 +1087,8 @@ fn run(a: RunArgs) -> Result<()> {
             native_nodes = exec.native_nodes(),
             nodes = exec.node_count(),
             arena_mb = format!("{:.2}", exec.arena_bytes() as f64 / 1e6),
+            blocked_values = exec.blocked_values(),
+            fused_blocks = exec.fused_blocks(),
             "loaded"
         );
     }

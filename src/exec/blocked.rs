@@ -73,6 +73,13 @@ pub(crate) enum BlockedStep {
     /// Global average (or maximum) pooling; its `[n, c, 1, 1]` output is the same in both
     /// layouts.
     GlobalPool { max: bool },
+    /// A dense convolution in the by-taps form (a stem): reads NCHW, writes blocked
+    /// ([`PackedConv::run_blocked`](crate::kernels::conv::PackedConv::run_blocked)), its
+    /// weights those of the step's NCHW preparation. `residual` as for `Pointwise`.
+    Dense {
+        activation: Option<Activation>,
+        residual: bool,
+    },
 }
 
 impl BlockedStep {
@@ -82,16 +89,28 @@ impl BlockedStep {
             BlockedStep::Pointwise { .. } => "pointwise-c8",
             BlockedStep::Depthwise { .. } => "depthwise-c8",
             BlockedStep::GlobalPool { .. } => "global-pool-c8",
+            BlockedStep::Dense { .. } => "taps-c8",
+        }
+    }
+
+    /// Whether the step adds its last input (a residual) before the activation.
+    pub(crate) fn residual(&self) -> bool {
+        match self {
+            BlockedStep::Pointwise { residual, .. }
+            | BlockedStep::Depthwise { residual, .. }
+            | BlockedStep::Dense { residual, .. } => *residual,
+            BlockedStep::GlobalPool { .. } => false,
         }
     }
 
     /// Whether the step may read a blocked value at input position `i` of `n` inputs.
     fn accepts(&self, i: usize, n: usize) -> bool {
         match self {
-            BlockedStep::Pointwise { residual, .. } | BlockedStep::Depthwise { residual, .. } => {
-                i == 0 || (*residual && i + 1 == n)
+            BlockedStep::Pointwise { .. } | BlockedStep::Depthwise { .. } => {
+                i == 0 || (self.residual() && i + 1 == n)
             }
             BlockedStep::GlobalPool { .. } => i == 0,
+            BlockedStep::Dense { .. } => i > 0 && self.residual() && i + 1 == n,
         }
     }
 
@@ -125,7 +144,9 @@ fn blockable(d: &[usize]) -> bool {
 
 /// The blocked kernel for a prepared step, when it has one for these shapes.
 fn candidate(p: &Prepared, input: &[usize], output: &[usize]) -> Option<BlockedStep> {
-    if !blockable(input) {
+    // A dense convolution reads NCHW, so its input may have any channel count.
+    let dense = matches!(p, Prepared::Conv { conv: ConvEngine::Gemm(c), .. } if c.writes_blocked());
+    if !blockable(input) && (!dense || input.len() != 4) {
         return None;
     }
     match p {
@@ -133,7 +154,7 @@ fn candidate(p: &Prepared, input: &[usize], output: &[usize]) -> Option<BlockedS
             conv: ConvEngine::Gemm(c),
             activation,
             residual,
-        } if blockable(output) => {
+        } if blockable(output) && !c.writes_blocked() => {
             let (w, stride) = c.one_by_one_matrix()?;
             let kernel = Pointwise::new(&w, c.bias(), c.cout(), c.cin())?.with_stride(stride)?;
             let fits = kernel.cin() == input[1]
@@ -174,6 +195,14 @@ fn candidate(p: &Prepared, input: &[usize], output: &[usize]) -> Option<BlockedS
             )
         }
         Prepared::GlobalPool { max } => Some(BlockedStep::GlobalPool { max: *max }),
+        Prepared::Conv {
+            conv: ConvEngine::Gemm(c),
+            activation,
+            residual,
+        } if c.writes_blocked() && blockable(output) => Some(BlockedStep::Dense {
+            activation: *activation,
+            residual: *residual,
+        }),
         _ => None,
     }
 }
@@ -260,6 +289,11 @@ pub(crate) struct Input<'a> {
     pub blocked: bool,
 }
 
+/// The channels of a 4-D shape.
+fn c_in(d: &[usize]) -> usize {
+    d.get(1).copied().unwrap_or(0)
+}
+
 /// `[n, c, h·w]` of a 4-D shape.
 fn ncs(d: &[usize]) -> Option<(usize, usize, usize)> {
     match d {
@@ -283,9 +317,11 @@ fn as_blocked<'a>(x: &Input<'a>, held: &'a mut Option<Vec<f32>>) -> Option<&'a [
 }
 
 /// Runs a blocked step on `x` (and `residual`) into `out` (`out_dims`, blocked when
-/// `out_blocked`). False, with nothing written, when the shapes do not fit the kernel.
+/// `out_blocked`); `prepared` is the step's NCHW preparation (a dense step's weights). False,
+/// with nothing written, when the shapes do not fit the kernel.
 pub(crate) fn run(
     step: &BlockedStep,
+    prepared: Option<&Prepared>,
     x: Input,
     residual: Option<Input>,
     out: &mut [f32],
@@ -306,7 +342,12 @@ pub(crate) fn run(
     }
     let (mut hx, mut hr) = (None, None);
     let ok = (|| {
-        let xb = as_blocked(&x, &mut hx)?;
+        // A dense step reads its input as it is (NCHW).
+        let xb = if matches!(step, BlockedStep::Dense { .. }) {
+            (!x.blocked).then_some(x.data)?
+        } else {
+            as_blocked(&x, &mut hx)?
+        };
         let rb = match &residual {
             Some(r) if r.dims == out_dims => Some(as_blocked(r, &mut hr)?),
             Some(_) => return None,
@@ -331,6 +372,21 @@ pub(crate) fn run(
                 od.0 == n && kernel.run(xb, (n, h, w), rb, *activation, dst)
             }
             BlockedStep::GlobalPool { .. } => false,
+            BlockedStep::Dense { activation, .. } => match prepared {
+                Some(Prepared::Conv {
+                    conv: ConvEngine::Gemm(c),
+                    ..
+                }) => c
+                    .run_blocked(
+                        xb,
+                        (n, c_in(x.dims), x.dims[2], x.dims[3]),
+                        rb,
+                        *activation,
+                        dst,
+                    )
+                    .is_ok(),
+                _ => false,
+            },
         };
         let ok = ran && staged.as_ref().is_none_or(|b| nchwc::to_planar(b, od, out));
         if let Some(b) = staged {

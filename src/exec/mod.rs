@@ -614,10 +614,21 @@ impl Executor {
         self.options
     }
 
-    /// How many nodes each native kernel runs ("gemm-conv", "winograd", "depthwise", ...).
+    /// How many nodes each native kernel runs ("gemm-conv", "winograd", "depthwise",
+    /// "pointwise-c8", ...).
     pub fn kernel_counts(&self) -> Vec<(&'static str, usize)> {
         let mut counts: Vec<(&'static str, usize)> = Vec::new();
-        for name in self.prepared.iter().flatten().map(|p| p.kernel_name()) {
+        // A step with a blocked kernel runs that one, not its NCHW preparation.
+        let names = self
+            .prepared
+            .iter()
+            .zip(&self.layout.steps)
+            .filter_map(|(p, b)| {
+                b.as_ref()
+                    .map(|b| b.kernel_name())
+                    .or_else(|| p.as_ref().map(|p| p.kernel_name()))
+            });
+        for name in names {
             match counts.iter_mut().find(|(n, _)| *n == name) {
                 Some(c) => c.1 += 1,
                 None => counts.push((name, 1)),
@@ -899,13 +910,8 @@ impl Executor {
                     }),
                     _ => None,
                 };
-                let has_residual = matches!(
-                    b,
-                    blocked::BlockedStep::Pointwise { residual: true, .. }
-                        | blocked::BlockedStep::Depthwise { residual: true, .. }
-                );
                 let x = input(step.inputs.first());
-                let res = has_residual.then(|| input(step.inputs.last()));
+                let res = b.residual().then(|| input(step.inputs.last()));
                 if let (Some(x), false, [o]) = (
                     x,
                     res.as_ref().is_some_and(Option::is_none),
@@ -914,6 +920,7 @@ impl Executor {
                     if let Some(oreg) = region(*o) {
                         if blocked::run(
                             b,
+                            self.prepared[si].as_ref(),
                             x,
                             res.flatten(),
                             view_mut(oreg),
@@ -1398,10 +1405,94 @@ mod tests {
         let (native, got, got_tap) = run(Kernels::Native);
         let (_, want, want_tap) = run(Kernels::Candle);
         // r (reduce → depthwise), e (expand → the shortcut's residual) and s (→ pooling); d
-        // feeds the dense 3 × 3 and stays NCHW, as does the input.
-        assert_eq!(native.blocked_values(), 3);
-        assert_eq!(native.blocked_steps(), 5);
+        // feeds the dense 3 × 3 and stays NCHW, as does the input. Where the 3 × 3 runs by
+        // taps (x86 with AVX2) it writes m blocked too.
+        let dense = native
+            .kernel_counts()
+            .iter()
+            .any(|(k, n)| *k == "taps-c8" && *n == 1);
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            dense,
+            crate::kernels::gemm::Isa::detect() != crate::kernels::gemm::Isa::Portable
+        );
+        assert_eq!(native.blocked_values(), 3 + usize::from(dense));
+        assert_eq!(native.blocked_steps(), 5 + usize::from(dense));
         for (g, w) in got.iter().zip(&want).chain(got_tap.iter().zip(&want_tap)) {
+            assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+    }
+
+    /// A dense 3 × 3 convolution (by taps on x86) that adds a blocked residual and writes a
+    /// blocked output, against candle's ops.
+    #[test]
+    fn a_dense_step_adds_a_blocked_residual() {
+        let conv = |k: usize, residual: bool| Op::Conv {
+            strides: vec![1, 1],
+            pads: vec![k / 2; 4],
+            dilations: vec![1, 1],
+            group: 1,
+            activation: Some(crate::graph::Activation::Relu),
+            residual,
+        };
+        let nodes = vec![
+            node("pw", conv(1, false), &["in", "w1"], "p"),
+            node("dense", conv(3, true), &["in", "w2", "b2", "p"], "q"),
+            node(
+                "pool",
+                Op::GlobalPool {
+                    kind: crate::graph::PoolKind::Max,
+                },
+                &["q"],
+                "out",
+            ),
+        ];
+        let values = [
+            ("in", vec![1, 16, 7, 9]),
+            ("p", vec![1, 24, 7, 9]),
+            ("q", vec![1, 24, 7, 9]),
+            ("out", vec![1, 24, 1, 1]),
+        ];
+        let weights = || -> HashMap<String, Tensor> {
+            [
+                ("w1", vec![24, 16, 1, 1]),
+                ("w2", vec![24, 16, 3, 3]),
+                ("b2", vec![24]),
+            ]
+            .iter()
+            .enumerate()
+            .map(|(i, (n, shape))| {
+                let v = crate::kernels::testutil::rand(shape.iter().product(), 70 + i as u64);
+                let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap();
+                (n.to_string(), t)
+            })
+            .collect()
+        };
+        let x = Tensor::from_vec(
+            crate::kernels::testutil::rand(16 * 7 * 9, 5),
+            (1, 16, 7, 9),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let run = |kernels: Kernels| {
+            let options = ExecOptions {
+                kernels,
+                layout: ChannelLayout::Blocked,
+                ..ExecOptions::default()
+            };
+            let g = graph(nodes.clone(), &values, &["out"]);
+            let exec = Executor::new(g, weights(), Device::Cpu, options).unwrap();
+            let out = exec.run(&[("in".into(), x.clone())], &[]).unwrap();
+            (exec.blocked_values(), flat(&out.outputs[0].1))
+        };
+        let (blocked, got) = run(Kernels::Native);
+        let (_, want) = run(Kernels::Candle);
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::gemm::Isa::detect() != crate::kernels::gemm::Isa::Portable {
+            assert_eq!(blocked, 2, "p and q");
+        }
+        let _ = blocked;
+        for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
         }
     }

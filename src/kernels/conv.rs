@@ -216,6 +216,70 @@ impl PackedConv {
         self.is_one_by_one() && matches!(self.form, Form::Direct(_))
     }
 
+    /// Whether [`PackedConv::run_blocked`] takes this convolution: the by-taps form, whose
+    /// output channels come in whole blocks of 8.
+    pub fn writes_blocked(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Form::Taps(_) = &self.form {
+            return self.cout.is_multiple_of(8);
+        }
+        false
+    }
+
+    /// [`PackedConv::run`] writing NCHWc8 (`[n][cout / 8][oh · ow][8]`,
+    /// [`super::nchwc`]); `residual`, when given, is laid out the same. The input stays NCHW.
+    /// Only where [`PackedConv::writes_blocked`].
+    pub fn run_blocked(
+        &self,
+        x: &[f32],
+        (n, cin, h, w): (usize, usize, usize, usize),
+        residual: Option<&[f32]>,
+        activation: Option<Activation>,
+        out: &mut [f32],
+    ) -> Result<(), NotSupported> {
+        let bad = |what: &str| Err(NotSupported(format!("blocked output: {what}")));
+        if !self.writes_blocked() {
+            return bad("only the by-taps form writes it");
+        }
+        if cin != self.cin() || x.len() != n * cin * h * w {
+            return bad("input of the wrong size");
+        }
+        let Some((oh, ow)) = self.out_hw(h, w) else {
+            return bad("input smaller than the kernel");
+        };
+        let osz = self.cout * oh * ow;
+        if out.len() != n * osz || residual.is_some_and(|r| r.len() != out.len()) {
+            return bad("output or residual of the wrong size");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Form::Taps(wts) = &self.form {
+            let shape = super::taps::Shape {
+                cin,
+                h,
+                w,
+                kernel: self.kernel,
+                stride: self.stride,
+                pad: self.pad_begin,
+                out: (oh, ow),
+            };
+            let isz = cin * h * w;
+            for img in 0..n {
+                super::taps::run(
+                    wts,
+                    &x[img * isz..(img + 1) * isz],
+                    shape,
+                    residual.map(|r| &r[img * osz..(img + 1) * osz]),
+                    activation,
+                    &mut out[img * osz..(img + 1) * osz],
+                    true,
+                )?;
+            }
+            return Ok(());
+        }
+        let _ = (residual, activation);
+        bad("only the by-taps form writes it")
+    }
+
     /// For an unpadded, single-group 1 × 1 convolution packed in the direct form (any
     /// stride): its weights back as a row-major `[cout, cin]` matrix (for repacking in another
     /// layout's form), and its stride.
@@ -334,6 +398,7 @@ impl PackedConv {
                     residual.map(|r| &r[img * osz..(img + 1) * osz]),
                     activation,
                     &mut out[img * osz..(img + 1) * osz],
+                    false,
                 )?;
             }
             return Ok(());
@@ -1384,6 +1449,31 @@ mod tests {
                 err < 8e-5 * scale.sqrt(),
                 "cin {cin} cout {cout} k {k:?} s {stride} pads {pads:?} hw {hw:?}: err {err}"
             );
+            // The same with the output (and residual) channel-blocked.
+            if conv.writes_blocked() {
+                use crate::kernels::nchwc::{to_blocked, to_planar};
+                let plane = want.len() / (n * cout);
+                let res_b = res.as_ref().map(|r| {
+                    let mut b = vec![0f32; r.len()];
+                    assert!(to_blocked(r, (n, cout, plane), &mut b));
+                    b
+                });
+                let mut blocked = vec![f32::NAN; want.len()];
+                conv.run_blocked(
+                    &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    (n, cin, hw.0, hw.1),
+                    res_b.as_deref(),
+                    act,
+                    &mut blocked,
+                )
+                .unwrap();
+                let mut back = vec![f32::NAN; want.len()];
+                assert!(to_planar(&blocked, (n, cout, plane), &mut back));
+                assert_eq!(
+                    back, got,
+                    "blocked: cin {cin} cout {cout} k {k:?} hw {hw:?}"
+                );
+            }
             done += 1;
         }
     }
