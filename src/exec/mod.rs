@@ -1323,6 +1323,19 @@ mod tests {
         }
     }
 
+    /// Seeded random weights of the given names and shapes.
+    fn random_weights(shapes: &[(&str, &[usize])], seed: u64) -> HashMap<String, Tensor> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (n, shape))| {
+                let v = crate::kernels::testutil::rand(shape.iter().product(), seed + i as u64);
+                let t = Tensor::from_vec(v, *shape, &Device::Cpu).unwrap();
+                (n.to_string(), t)
+            })
+            .collect()
+    }
+
     /// A downsampling bottleneck (1 × 1 reduce, depthwise and dense 3 × 3 at stride 2, 1 × 1
     /// expand, a strided 1 × 1 shortcut with the residual add, global pooling): with the
     /// blocked layout forced, the pointwise, depthwise and pooling steps pass blocked maps,
@@ -1362,28 +1375,21 @@ mod tests {
             ("s", vec![1, 40, 6, 5]),
             ("out", vec![1, 40, 1, 1]),
         ];
-        let weights = || -> HashMap<String, Tensor> {
-            let shapes: [(&str, Vec<usize>); 9] = [
-                ("w1", vec![16, 24, 1, 1]),
-                ("b1", vec![16]),
-                ("wd", vec![16, 1, 3, 3]),
-                ("bd", vec![16]),
-                ("w2", vec![16, 16, 3, 3]),
-                ("w3", vec![40, 16, 1, 1]),
-                ("b3", vec![40]),
-                ("w4", vec![40, 24, 1, 1]),
-                ("b4", vec![40]),
-            ];
-            shapes
-                .iter()
-                .enumerate()
-                .map(|(i, (n, shape))| {
-                    let len = shape.iter().product();
-                    let v = crate::kernels::testutil::rand(len, 40 + i as u64);
-                    let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap();
-                    (n.to_string(), t)
-                })
-                .collect()
+        let weights = || {
+            random_weights(
+                &[
+                    ("w1", &[16, 24, 1, 1]),
+                    ("b1", &[16]),
+                    ("wd", &[16, 1, 3, 3]),
+                    ("bd", &[16]),
+                    ("w2", &[16, 16, 3, 3]),
+                    ("w3", &[40, 16, 1, 1]),
+                    ("b3", &[40]),
+                    ("w4", &[40, 24, 1, 1]),
+                    ("b4", &[40]),
+                ],
+                40,
+            )
         };
         let run = |kernels: Kernels| {
             let options = ExecOptions {
@@ -1453,20 +1459,15 @@ mod tests {
             ("q", vec![1, 24, 7, 9]),
             ("out", vec![1, 24, 1, 1]),
         ];
-        let weights = || -> HashMap<String, Tensor> {
-            [
-                ("w1", vec![24, 16, 1, 1]),
-                ("w2", vec![24, 16, 3, 3]),
-                ("b2", vec![24]),
-            ]
-            .iter()
-            .enumerate()
-            .map(|(i, (n, shape))| {
-                let v = crate::kernels::testutil::rand(shape.iter().product(), 70 + i as u64);
-                let t = Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap();
-                (n.to_string(), t)
-            })
-            .collect()
+        let weights = || {
+            random_weights(
+                &[
+                    ("w1", &[24, 16, 1, 1]),
+                    ("w2", &[24, 16, 3, 3]),
+                    ("b2", &[24]),
+                ],
+                70,
+            )
         };
         let x = Tensor::from_vec(
             crate::kernels::testutil::rand(16 * 7 * 9, 5),

@@ -253,31 +253,49 @@ impl PackedConv {
         }
         #[cfg(target_arch = "x86_64")]
         if let Form::Taps(wts) = &self.form {
-            let shape = super::taps::Shape {
-                cin,
-                h,
-                w,
-                kernel: self.kernel,
-                stride: self.stride,
-                pad: self.pad_begin,
-                out: (oh, ow),
-            };
-            let isz = cin * h * w;
-            for img in 0..n {
-                super::taps::run(
-                    wts,
-                    &x[img * isz..(img + 1) * isz],
-                    shape,
-                    residual.map(|r| &r[img * osz..(img + 1) * osz]),
-                    activation,
-                    &mut out[img * osz..(img + 1) * osz],
-                    true,
-                )?;
-            }
-            return Ok(());
+            let dims = (n, cin, h, w);
+            return self.run_taps(wts, x, dims, (oh, ow), residual, activation, out, true);
         }
-        let _ = (residual, activation);
+        let _ = (residual, activation, osz);
         bad("only the by-taps form writes it")
+    }
+
+    /// The by-taps form image by image; `blocked`: output and residual NCHWc8.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    fn run_taps(
+        &self,
+        wts: &super::taps::TapWeights,
+        x: &[f32],
+        (n, cin, h, w): (usize, usize, usize, usize),
+        out_hw: (usize, usize),
+        residual: Option<&[f32]>,
+        activation: Option<Activation>,
+        out: &mut [f32],
+        blocked: bool,
+    ) -> Result<(), NotSupported> {
+        let shape = super::taps::Shape {
+            cin,
+            h,
+            w,
+            kernel: self.kernel,
+            stride: self.stride,
+            pad: self.pad_begin,
+            out: out_hw,
+        };
+        let (isz, osz) = (cin * h * w, self.cout * out_hw.0 * out_hw.1);
+        for img in 0..n {
+            super::taps::run(
+                wts,
+                &x[img * isz..(img + 1) * isz],
+                shape,
+                residual.map(|r| &r[img * osz..(img + 1) * osz]),
+                activation,
+                &mut out[img * osz..(img + 1) * osz],
+                blocked,
+            )?;
+        }
+        Ok(())
     }
 
     /// For an unpadded, single-group 1 × 1 convolution packed in the direct form (any
@@ -380,28 +398,8 @@ impl PackedConv {
         let subsample = one_by_one && self.stride != (1, 1);
         #[cfg(target_arch = "x86_64")]
         if let Form::Taps(wts) = &self.form {
-            let shape = super::taps::Shape {
-                cin,
-                h,
-                w,
-                kernel: self.kernel,
-                stride: self.stride,
-                pad: self.pad_begin,
-                out: (oh, ow),
-            };
-            let (isz, osz) = (cin * h * w, self.cout * plane);
-            for img in 0..n {
-                super::taps::run(
-                    wts,
-                    &x[img * isz..(img + 1) * isz],
-                    shape,
-                    residual.map(|r| &r[img * osz..(img + 1) * osz]),
-                    activation,
-                    &mut out[img * osz..(img + 1) * osz],
-                    false,
-                )?;
-            }
-            return Ok(());
+            let dims = (n, cin, h, w);
+            return self.run_taps(wts, x, dims, (oh, ow), residual, activation, out, false);
         }
         for img in 0..n {
             for g in 0..group {

@@ -161,34 +161,24 @@ fn blocked_len(n: usize, c: usize, hw: usize) -> Option<usize> {
 
 /// NCHW `[n, c, hw]` → NCHWc8. False, with nothing written, when `c` is not a multiple of 8
 /// or a length does not fit.
-pub fn to_blocked(x: &[f32], (n, c, hw): (usize, usize, usize), y: &mut [f32]) -> bool {
-    if blocked_len(n, c, hw) != Some(x.len()) || y.len() != x.len() {
-        return false;
-    }
-    let planes = n * c / LANES;
-    let plane = LANES * hw;
-    let yp = SendPtr(y.as_mut_ptr());
-    let one = |b: usize| {
-        let src = &x[b * plane..(b + 1) * plane];
-        // SAFETY: block `b` owns y[b·plane .. (b+1)·plane]; blocks are disjoint.
-        let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add(b * plane), plane) };
-        #[cfg(target_arch = "x86_64")]
-        if use_avx2() {
-            // SAFETY: AVX2 was detected; `src` and `dst` hold one block of `hw` positions.
-            return unsafe { reorder_avx2::<true>(src, dst, hw) };
-        }
-        reorder::<true>(src, dst, hw, 0);
-    };
-    run_tasks(planes, x.len(), one);
-    true
+pub fn to_blocked(x: &[f32], dims: (usize, usize, usize), y: &mut [f32]) -> bool {
+    reorder_all::<true>(x, dims, y)
 }
 
 /// NCHWc8 `[n, c / 8, hw, 8]` → NCHW `[n, c, hw]`; as [`to_blocked`] otherwise.
-pub fn to_planar(x: &[f32], (n, c, hw): (usize, usize, usize), y: &mut [f32]) -> bool {
+pub fn to_planar(x: &[f32], dims: (usize, usize, usize), y: &mut [f32]) -> bool {
+    reorder_all::<false>(x, dims, y)
+}
+
+/// [`to_blocked`] (`TO_BLOCKED`) or [`to_planar`], a task per block of 8 channels.
+fn reorder_all<const TO_BLOCKED: bool>(
+    x: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    y: &mut [f32],
+) -> bool {
     if blocked_len(n, c, hw) != Some(x.len()) || y.len() != x.len() {
         return false;
     }
-    let planes = n * c / LANES;
     let plane = LANES * hw;
     let yp = SendPtr(y.as_mut_ptr());
     let one = |b: usize| {
@@ -198,11 +188,11 @@ pub fn to_planar(x: &[f32], (n, c, hw): (usize, usize, usize), y: &mut [f32]) ->
         #[cfg(target_arch = "x86_64")]
         if use_avx2() {
             // SAFETY: AVX2 was detected; `src` and `dst` hold one block of `hw` positions.
-            return unsafe { reorder_avx2::<false>(src, dst, hw) };
+            return unsafe { reorder_avx2::<TO_BLOCKED>(src, dst, hw) };
         }
-        reorder::<false>(src, dst, hw, 0);
+        reorder::<TO_BLOCKED>(src, dst, hw, 0);
     };
-    run_tasks(planes, x.len(), one);
+    run_tasks(n * c / LANES, x.len(), one);
     true
 }
 
@@ -713,7 +703,6 @@ impl Depthwise {
 
     /// `y = act(depthwise(x) + bias (+ residual))` for `n` images of `h × w`, all NCHWc8.
     /// False, with nothing written, when the kernel does not fit or a length is wrong.
-    #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
         x: &[f32],
