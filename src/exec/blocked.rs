@@ -289,11 +289,6 @@ pub(crate) struct Input<'a> {
     pub blocked: bool,
 }
 
-/// The channels of a 4-D shape.
-fn c_in(d: &[usize]) -> usize {
-    d.get(1).copied().unwrap_or(0)
-}
-
 /// `[n, c, h·w]` of a 4-D shape.
 fn ncs(d: &[usize]) -> Option<(usize, usize, usize)> {
     match d {
@@ -374,16 +369,10 @@ pub(crate) fn run(
             BlockedStep::GlobalPool { .. } => false,
             BlockedStep::Dense { activation, .. } => match prepared {
                 Some(Prepared::Conv {
-                    conv: ConvEngine::Gemm(c),
+                    conv: ConvEngine::Gemm(conv),
                     ..
-                }) => c
-                    .run_blocked(
-                        xb,
-                        (n, c_in(x.dims), x.dims[2], x.dims[3]),
-                        rb,
-                        *activation,
-                        dst,
-                    )
+                }) => conv
+                    .run_blocked(xb, (n, c, x.dims[2], x.dims[3]), rb, *activation, dst)
                     .is_ok(),
                 _ => false,
             },

@@ -446,7 +446,7 @@ fn sums_any(
 }
 
 /// ReLU and Clip as a clamp that runs in a copy out; any other activation for a pass of its own.
-fn split_activation(a: Option<Activation>) -> (Option<(f32, f32)>, Option<Activation>) {
+pub(super) fn split_activation(a: Option<Activation>) -> (Option<(f32, f32)>, Option<Activation>) {
     match a {
         Some(Activation::Relu) => (Some((0.0, f32::INFINITY)), None),
         Some(Activation::Clip { min, max }) => (

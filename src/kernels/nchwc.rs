@@ -139,19 +139,11 @@ fn use_avx2() -> bool {
     matches!(Isa::detect(), Isa::Avx2 | Isa::Avx512)
 }
 
-/// ReLU and Clip as bounds applied in the store; any other activation as a pass afterwards.
+/// ReLU and Clip as bounds applied in the store (unbounded for anything else), and any other
+/// activation for a pass afterwards: depthwise's split, with "no clamp" as infinite bounds.
 fn split_activation(a: Option<Activation>) -> ((f32, f32), Option<Activation>) {
-    match a {
-        Some(Activation::Relu) => ((0.0, f32::INFINITY), None),
-        Some(Activation::Clip { min, max }) => (
-            (
-                min.unwrap_or(f32::NEG_INFINITY),
-                max.unwrap_or(f32::INFINITY),
-            ),
-            None,
-        ),
-        other => ((f32::NEG_INFINITY, f32::INFINITY), other),
-    }
+    let (clamp, rest) = super::depthwise::split_activation(a);
+    (clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY)), rest)
 }
 
 /// Elements of an `[n, c, hw]` map, when `c` fills whole blocks.
