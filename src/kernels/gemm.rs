@@ -1981,16 +1981,29 @@ mod x86 {
     ) {
         let mut c0 = [_mm256_setzero_ps(); 6];
         let mut c1 = [_mm256_setzero_ps(); 6];
-        for _ in 0..kc {
-            let b0 = _mm256_loadu_ps(bp);
+        let mut step = |ap: &mut *const f32, bp: &mut *const f32| {
+            let b0 = _mm256_loadu_ps(*bp);
             let b1 = _mm256_loadu_ps(bp.add(8));
             for r in 0..6 {
                 let av = _mm256_broadcast_ss(&*ap.add(r));
                 c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
                 c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
             }
-            ap = ap.add(6);
-            bp = bp.add(ldb);
+            *ap = ap.add(6);
+            *bp = bp.add(ldb);
+        };
+        // Four k-steps per loop trip. One step per trip ran at 0.83-0.93 of this rate (Zen 3, one
+        // thread, ViT-Tiny's qkv tiles with A and B in L2, variants interleaved in one process);
+        // whole ViT-Tiny frames, alternating in one process, took 0.945 (1 thread) and 0.966
+        // (2 threads) of their time; ResNet-50 0.99-1.00.
+        for _ in 0..kc / 4 {
+            step(&mut ap, &mut bp);
+            step(&mut ap, &mut bp);
+            step(&mut ap, &mut bp);
+            step(&mut ap, &mut bp);
+        }
+        for _ in 0..kc % 4 {
+            step(&mut ap, &mut bp);
         }
         for r in 0..6 {
             let t = c.add(r * ldc);
