@@ -23,9 +23,13 @@ measured as:
     script parses them.
 
 Only inference is timed on both sides: no process start, model load or import.
-Per model and thread count the two are measured back to back (ORT, then edgeinfer), so machine
-noise hits both alike. Both sides report the median and the p95 with the same nearest-rank rule
-(sorted[round((n-1)*q)], ties rounded up, as edgeinfer does). Each row also gives the largest
+Per model and thread count the two alternate in ``--rounds`` rounds of ``--runs / --rounds``
+runs each (a fresh ORT session and a fresh edgeinfer process per round; ORT first in even
+rounds, edgeinfer first in odd ones), so a machine that changes speed mid-cell (shared
+hosts flip between states up to 1.8x apart for seconds at a time) hits both alike. A cell's
+median and p95 are the medians of the rounds' medians and p95s (each by the same nearest-rank
+rule, sorted[round((n-1)*q)], ties rounded up, as edgeinfer does); its ratio is the median of
+the rounds' paired ratios edgeinfer/ORT. Each row also gives the largest
 |edgeinfer - ORT| over the ``logits`` of the same input: a check that both ran the same model.
 When thread counts 1 and T > 1 were both run, a line per model after the table gives each
 runtime's T-thread over 1-thread speed-up (ratio of medians).
@@ -64,6 +68,7 @@ import shlex
 import subprocess
 import sys
 import time
+from statistics import median
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +98,8 @@ class Row:
     ort_p95: float
     ei_median: float | None = None
     ei_p95: float | None = None
+    # Median over rounds of the round's edgeinfer median / ORT median.
+    ratio: float | None = None
     max_abs_diff: float | None = None
 
 
@@ -257,7 +264,7 @@ def table(rows: list[Row]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ratio = "-" if r.ei_median is None else f"{r.ei_median / r.ort_median:.2f}x"
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
         lines.append(
             f"| {r.model} | {r.threads} | {fmt(r.ort_median)} | {fmt(r.ort_p95)} | "
             f"{fmt(r.ei_median)} | {fmt(r.ei_p95)} | {ratio} | "
@@ -330,8 +337,10 @@ def write_report(path: Path, rows: list[Row], args, binary: Path | None, load_be
         table(rows),
         "",
         *([*(f"- {line}" for line in ups), ""] if ups else []),
-        f"- runs: {args.runs} timed per cell, each runtime after {ORT_WARMUP} warm-up runs "
-        f"(edgeinfer: --warmup {ORT_WARMUP}); median and p95 by nearest rank",
+        f"- runs: {args.runs // args.rounds * args.rounds} timed per cell and runtime, in "
+        f"{args.rounds} alternating rounds of {args.runs // args.rounds}, each round after "
+        f"{ORT_WARMUP} warm-up runs (edgeinfer: --warmup {ORT_WARMUP}); a cell is the median of "
+        "its rounds' medians (p95s), its ratio the median of the rounds' paired ratios",
         f"- ORT: onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, intra_op_num_threads=threads, "
         "inter_op_num_threads=1, ORT_ENABLE_ALL",
         (f"- edgeinfer: {edgeinfer_version(binary)} ({binary}), --device cpu, RAYON_NUM_THREADS=threads; "
@@ -371,6 +380,9 @@ def main() -> int:
     ap.add_argument("--threads", type=lambda s: parse_list(s, cast=int), default=[1, 2],
                     help="comma-separated thread counts (default: 1,2)")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per cell (default: 30)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="alternating ORT / edgeinfer rounds per cell, --runs split evenly "
+                         "among them (default: 5)")
     ap.add_argument("--binary", type=Path, default=REPO / "target" / "release" / "edgeinfer",
                     help="the edgeinfer binary (default: target/release/edgeinfer)")
     ap.add_argument("--work-dir", type=Path, default=REPO / "target" / "bench",
@@ -384,8 +396,9 @@ def main() -> int:
     ap.add_argument("--ort-only", action="store_true",
                     help="measure ONNX Runtime alone (no edgeinfer binary needed)")
     args = ap.parse_args()
-    if args.runs < 2:
-        ap.error("--runs must be at least 2 (edgeinfer prints latencies only with --repeat > 1)")
+    if args.rounds < 1 or args.runs // max(args.rounds, 1) < 2:
+        ap.error("--runs / --rounds must be at least 2 (edgeinfer prints latencies only with "
+                 "--repeat > 1)")
     if any(t < 1 for t in args.threads):
         ap.error("--threads must be positive")
     out_path = args.out or args.work_dir / "compare_ort.md"
@@ -407,17 +420,36 @@ def main() -> int:
         if binary is not None:
             edgeinfer_import(binary, onnx_path, model_path)
         for t in args.threads:
-            ort_med, ort_p95, y_ort = time_ort(onnx_path, x, t, args.runs)
-            row = Row(name, t, ort_med, ort_p95)
+            per = args.runs // args.rounds
+            ort_meds, ort_p95s, ei_meds, ei_p95s = [], [], [], []
+            y_ort = y_ei = None
+            for r in range(args.rounds):
+                def ort_block():
+                    nonlocal y_ort
+                    med, p95, y_ort = time_ort(onnx_path, x, t, per)
+                    ort_meds.append(med)
+                    ort_p95s.append(p95)
+
+                def ei_block():
+                    nonlocal y_ei
+                    dump = work / f"{name}.edgeinfer_t{t}.safetensors"
+                    med, p95, y_ei = time_edgeinfer(binary, model_path, inp_path, dump, t, per,
+                                                    args.edgeinfer_args)
+                    ei_meds.append(med)
+                    ei_p95s.append(p95)
+
+                blocks = [ort_block] + ([ei_block] if binary is not None else [])
+                for block in blocks if r % 2 == 0 else blocks[::-1]:
+                    block()
+            row = Row(name, t, median(ort_meds), median(ort_p95s))
             if binary is not None:
-                dump = work / f"{name}.edgeinfer_t{t}.safetensors"
-                row.ei_median, row.ei_p95, y_ei = time_edgeinfer(binary, model_path, inp_path, dump, t,
-                                                                 args.runs, args.edgeinfer_args)
+                row.ei_median, row.ei_p95 = median(ei_meds), median(ei_p95s)
+                row.ratio = median([e / o for e, o in zip(ei_meds, ort_meds)])
                 if y_ei.shape != y_ort.shape:
                     raise BenchError(f"{name}: edgeinfer logits {y_ei.shape} vs ORT {y_ort.shape}")
                 row.max_abs_diff = float(np.max(np.abs(y_ei.astype(np.float64) - y_ort)))
             rows.append(row)
-            print(f"{name} threads={t}: ORT {ort_med:.2f}/{ort_p95:.2f} ms, edgeinfer "
+            print(f"{name} threads={t}: ORT {row.ort_median:.2f}/{row.ort_p95:.2f} ms, edgeinfer "
                   f"{fmt(row.ei_median)}/{fmt(row.ei_p95)} ms (median/p95)", file=sys.stderr, flush=True)
 
     print(table(rows))
