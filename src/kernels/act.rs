@@ -80,17 +80,11 @@ fn apply_body(act: Activation, v: &mut [f32]) {
 #[inline(always)]
 pub fn erf_fast(x: f32) -> f32 {
     const CLAMP: f32 = 3.85;
-    // Comparisons, not f32::clamp, so NaN passes through and the loop vectorises.
-    let x = if x > CLAMP {
-        CLAMP
-    } else if x < -CLAMP {
-        -CLAMP
-    } else {
-        x
-    };
+    // NaN passes through clamp (and the comparisons it is made of vectorise).
+    let x = x.clamp(-CLAMP, CLAMP);
     let u = x * x;
     let mut p = 1.998_121_3e-8f32;
-    p = p.mul_add(u, -1.988_797_1e-6);
+    p = p.mul_add(u, -1.988_797e-6);
     p = p.mul_add(u, 1.472_921_6e-4);
     p = p.mul_add(u, 3.902_479_3e-3);
     p = p.mul_add(u, 5.117_806_4e-2);
