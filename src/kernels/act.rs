@@ -79,24 +79,34 @@ fn apply_body(act: Activation, v: &mut [f32]) {
 /// least-squares fit of erf(x)/x on [0, 3.92] (`benches/fit_erf.py`).
 #[inline(always)]
 pub fn erf_fast(x: f32) -> f32 {
-    const CLAMP: f32 = 3.85;
     // NaN passes through clamp (and the comparisons it is made of vectorise).
-    let x = x.clamp(-CLAMP, CLAMP);
+    let x = x.clamp(-ERF_CLAMP, ERF_CLAMP);
     let u = x * x;
-    let mut p = 1.998_121_3e-8f32;
-    p = p.mul_add(u, -1.988_797e-6);
-    p = p.mul_add(u, 1.472_921_6e-4);
-    p = p.mul_add(u, 3.902_479_3e-3);
-    p = p.mul_add(u, 5.117_806_4e-2);
-    p = p.mul_add(u, 2.044_630_3e-1);
-    p = p.mul_add(u, 1.128_378_9);
-    let mut q = 1.006_993_8e-3f32;
-    q = q.mul_add(u, 1.474_763_8e-2);
-    q = q.mul_add(u, 1.168_809_9e-1);
-    q = q.mul_add(u, 5.145_3e-1);
-    q = q.mul_add(u, 1.0);
+    let p = ERF_P.iter().rev().fold(0.0f32, |acc, &c| acc.mul_add(u, c));
+    let q = ERF_Q.iter().rev().fold(0.0f32, |acc, &c| acc.mul_add(u, c));
     x * p / q
 }
+
+/// [`erf_fast`]'s clamp on |x|.
+pub(crate) const ERF_CLAMP: f32 = 3.85;
+/// [`erf_fast`]'s numerator, coefficients of u⁰ … u⁶ (u = x²).
+pub(crate) const ERF_P: [f32; 7] = [
+    1.128_378_9,
+    2.044_630_3e-1,
+    5.117_806_4e-2,
+    3.902_479_3e-3,
+    1.472_921_6e-4,
+    -1.988_797e-6,
+    1.998_121_3e-8,
+];
+/// [`erf_fast`]'s denominator, coefficients of u⁰ … u⁴.
+pub(crate) const ERF_Q: [f32; 5] = [
+    1.0,
+    5.145_3e-1,
+    1.168_809_9e-1,
+    1.474_763_8e-2,
+    1.006_993_8e-3,
+];
 
 #[cfg(test)]
 mod tests {
