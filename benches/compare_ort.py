@@ -68,9 +68,9 @@ import shlex
 import subprocess
 import sys
 import time
-from statistics import median
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 
@@ -423,24 +423,19 @@ def main() -> int:
             per = args.runs // args.rounds
             ort_meds, ort_p95s, ei_meds, ei_p95s = [], [], [], []
             y_ort = y_ei = None
+            dump = work / f"{name}.edgeinfer_t{t}.safetensors"
             for r in range(args.rounds):
-                def ort_block():
-                    nonlocal y_ort
-                    med, p95, y_ort = time_ort(onnx_path, x, t, per)
-                    ort_meds.append(med)
-                    ort_p95s.append(p95)
-
-                def ei_block():
-                    nonlocal y_ei
-                    dump = work / f"{name}.edgeinfer_t{t}.safetensors"
-                    med, p95, y_ei = time_edgeinfer(binary, model_path, inp_path, dump, t, per,
-                                                    args.edgeinfer_args)
-                    ei_meds.append(med)
-                    ei_p95s.append(p95)
-
-                blocks = [ort_block] + ([ei_block] if binary is not None else [])
-                for block in blocks if r % 2 == 0 else blocks[::-1]:
-                    block()
+                sides = ["ort", "edgeinfer"] if binary is not None else ["ort"]
+                for side in sides if r % 2 == 0 else sides[::-1]:
+                    if side == "ort":
+                        med, p95, y_ort = time_ort(onnx_path, x, t, per)
+                        ort_meds.append(med)
+                        ort_p95s.append(p95)
+                    else:
+                        med, p95, y_ei = time_edgeinfer(binary, model_path, inp_path, dump, t, per,
+                                                        args.edgeinfer_args)
+                        ei_meds.append(med)
+                        ei_p95s.append(p95)
             row = Row(name, t, median(ort_meds), median(ort_p95s))
             if binary is not None:
                 row.ei_median, row.ei_p95 = median(ei_meds), median(ei_p95s)

@@ -82,8 +82,15 @@ pub fn erf_fast(x: f32) -> f32 {
     // NaN passes through clamp (and the comparisons it is made of vectorise).
     let x = x.clamp(-ERF_CLAMP, ERF_CLAMP);
     let u = x * x;
-    let p = ERF_P.iter().rev().fold(0.0f32, |acc, &c| acc.mul_add(u, c));
-    let q = ERF_Q.iter().rev().fold(0.0f32, |acc, &c| acc.mul_add(u, c));
+    // Horner from the top coefficient, as the AVX2 GEMM epilogue's `gelu` does.
+    let p = ERF_P[..6]
+        .iter()
+        .rev()
+        .fold(ERF_P[6], |acc, &c| acc.mul_add(u, c));
+    let q = ERF_Q[..4]
+        .iter()
+        .rev()
+        .fold(ERF_Q[4], |acc, &c| acc.mul_add(u, c));
     x * p / q
 }
 
