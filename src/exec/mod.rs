@@ -1441,6 +1441,8 @@ mod tests {
             activation: Some(crate::graph::Activation::Relu),
             residual,
         };
+        // 32 output channels: whole vectors of the by-taps kernel on AVX-512 (16 lanes) and
+        // AVX2 (8), which alone writes blocked.
         let nodes = vec![
             node("pw", conv(1, false), &["in", "w1"], "p"),
             node("dense", conv(3, true), &["in", "w2", "b2", "p"], "q"),
@@ -1455,16 +1457,16 @@ mod tests {
         ];
         let values = [
             ("in", vec![1, 16, 7, 9]),
-            ("p", vec![1, 24, 7, 9]),
-            ("q", vec![1, 24, 7, 9]),
-            ("out", vec![1, 24, 1, 1]),
+            ("p", vec![1, 32, 7, 9]),
+            ("q", vec![1, 32, 7, 9]),
+            ("out", vec![1, 32, 1, 1]),
         ];
         let weights = || {
             random_weights(
                 &[
-                    ("w1", &[24, 16, 1, 1]),
-                    ("w2", &[24, 16, 3, 3]),
-                    ("b2", &[24]),
+                    ("w1", &[32, 16, 1, 1]),
+                    ("w2", &[32, 16, 3, 3]),
+                    ("b2", &[32]),
                 ],
                 70,
             )

@@ -298,16 +298,30 @@ impl PackedConv {
         Ok(())
     }
 
-    /// For an unpadded, single-group 1 × 1 convolution packed in the direct form (any
-    /// stride): its weights back as a row-major `[cout, cin]` matrix (for repacking in another
-    /// layout's form), and its stride.
+    /// For an unpadded, single-group 1 × 1 convolution (any stride, either GEMM form): its
+    /// weights back as a row-major `[cout, cin]` matrix (for repacking in another layout's
+    /// form), and its stride.
     pub fn one_by_one_matrix(&self) -> Option<(Vec<f32>, (usize, usize))> {
         let unpadded = self.pad_begin == (0, 0) && self.pad_end == (0, 0);
+        if self.kernel != (1, 1) || !unpadded || self.groups != 1 {
+            return None;
+        }
         match &self.form {
-            Form::Direct(ws) if self.kernel == (1, 1) && unpadded && self.groups == 1 => {
-                Some((ws.first()?.unpack(), self.stride))
+            Form::Direct(ws) => Some((ws.first()?.unpack(), self.stride)),
+            // Packed as Wᵀ (`[cin, cout]`): transposed back.
+            Form::Transposed(ws) => {
+                let wt = ws.first()?.unpack();
+                let (cin, cout) = (self.cin_g, self.cout);
+                let mut w = vec![0f32; cout * cin];
+                for (ci, row) in wt.chunks_exact(cout).enumerate() {
+                    for (co, &v) in row.iter().enumerate() {
+                        w[co * cin + ci] = v;
+                    }
+                }
+                Some((w, self.stride))
             }
-            _ => None,
+            #[cfg(target_arch = "x86_64")]
+            Form::Taps(_) => None,
         }
     }
 

@@ -221,6 +221,13 @@ fn worker(sh: &Shared) {
                 std::thread::yield_now();
             }
         }
+        // A frame just ended: keep spinning a little before sleeping, so frames that follow
+        // each other closely (a camera's backlog, a benchmark) do not pay a futex wake-up at
+        // their first parallel region. Back-to-back frames, 2 threads, seven runs of each
+        // build alternating: MobileNetV2 2.09 → 2.05 ms, ResNet-18 8.16 → 8.11 ms (medians).
+        if linger(sh, seen) {
+            continue;
+        }
         let job = {
             let mut slot = sh.job.lock().unwrap_or_else(|e| e.into_inner());
             loop {
@@ -242,6 +249,31 @@ fn worker(sh: &Shared) {
             work(&job);
         }
     }
+}
+
+/// How long an idle worker keeps spinning after a frame before it sleeps.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(LINGER_US);
+const LINGER_US: u64 = 300;
+
+/// Spins while no frame runs and no job comes, for up to [`LINGER`]; true when a frame
+/// started meanwhile (the caller goes back to spinning on jobs).
+fn linger(sh: &Shared, seen: usize) -> bool {
+    if LINGER_US == 0 || sh.spinning.load(Ordering::Relaxed) {
+        return false;
+    }
+    let start = std::time::Instant::now();
+    let mut spins = 0u32;
+    while !sh.spinning.load(Ordering::Relaxed)
+        && sh.epoch.load(Ordering::Acquire) == seen
+        && !sh.stop.load(Ordering::Relaxed)
+    {
+        std::hint::spin_loop();
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(64) && start.elapsed() > LINGER {
+            break;
+        }
+    }
+    sh.spinning.load(Ordering::Relaxed)
 }
 
 thread_local! {
