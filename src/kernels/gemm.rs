@@ -1145,7 +1145,8 @@ fn panels_per_chunk(isa: Isa, k: usize, nr: usize) -> usize {
 /// at 14 × 14 and 7 × 7; frames alternating in one process, ResNet-50 node sums −3.6 / −5.9 %,
 /// ResNet-18 −0.7 %, MobileNetV2 and ViT-Tiny level. Aligned rows (56 × 56, 28 × 28) measured
 /// the same either way and stay in place. The AVX-512 kernel reads 32 wide against 16 wider
-/// multiply-adds and measured faster in place (Zen 4); the portable one always packs.
+/// multiply-adds and measured faster in place (Zen 4; on Zen 5 packing took MobileNetV2 frames 1.05x,
+/// ResNet-50 1.01x); the portable one always packs.
 fn in_place_ok(isa: Isa, rows: &[f32], ld: usize) -> bool {
     match isa {
         Isa::Portable => false,
