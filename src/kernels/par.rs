@@ -13,14 +13,23 @@ use std::thread::JoinHandle;
 
 use rayon::prelude::*;
 
-/// One parallel region: its items are claimed through `next`, so a worker that arrives late
+/// One parallel region: its items are claimed through `cursors`, so a worker that arrives late
 /// finds nothing left and never calls `f` after the caller returned.
 struct Job {
     /// Erased-lifetime pointer to the caller's closure; only called for claimed items, all
     /// of which finish before `par_for` returns.
     f: *const (dyn Fn(usize) + Sync),
     n: usize,
-    next: AtomicUsize,
+    /// Participant `p` (the caller is 0, worker `k` is `k`) first claims the items of its own
+    /// range `[p·n/parts, (p+1)·n/parts)` through `cursors[p]`, then helps with the other
+    /// ranges. Consecutive regions that split their output alike then give each thread the
+    /// part it wrote last time, where items claimed from one shared counter came out
+    /// interleaved between the threads at random. 2 threads, frames alternating in one
+    /// process: MobileNetV2 0.97x, ViT-Tiny 0.969x, ResNet-50 0.997x, ResNet-18 1.003x; with
+    /// the host giving the second vCPU little time, MobileNetV2 0.85x, ViT-Tiny 0.91x,
+    /// ResNet-50 0.955x.
+    parts: usize,
+    cursors: [AtomicUsize; MAX_PARTS],
     pending: AtomicUsize,
     /// The first panic of an item, re-raised on the caller's thread once every item is done
     /// (a worker that died instead would leave the caller waiting forever).
@@ -80,7 +89,7 @@ impl SpinPool {
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("edgeinfer-{i}"))
-                    .spawn(move || worker(&sh))?,
+                    .spawn(move || worker(&sh, i))?,
             );
         }
         Ok(SpinPool {
@@ -127,7 +136,8 @@ impl SpinPool {
         let fresh = Job {
             f,
             n,
-            next: AtomicUsize::new(0),
+            parts: self.threads.clamp(1, MAX_PARTS),
+            cursors: std::array::from_fn(|_| AtomicUsize::new(0)),
             pending: AtomicUsize::new(n),
             panic: Mutex::new(None),
         };
@@ -160,7 +170,7 @@ impl SpinPool {
         if sleepers > 0 {
             self.shared.wake.notify_all();
         }
-        work(&job);
+        work(&job, 0);
         while job.pending.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
         }
@@ -193,14 +203,31 @@ impl Drop for SpinPool {
     }
 }
 
-fn work(job: &Job) {
+/// Ranges of a [`Job`] at most (participants beyond share theirs).
+const MAX_PARTS: usize = 16;
+
+/// Runs items of `job` on participant `id` until none is left unclaimed: its own range first,
+/// then the others' in turn.
+fn work(job: &Job, id: usize) {
     // Kernels called from inside an item run serially: the pool is already busy.
     let _inside = Inside::enter();
+    let parts = job.parts;
+    let mut r = 0;
     loop {
-        let i = job.next.fetch_add(1, Ordering::AcqRel);
-        if i >= job.n {
-            return;
+        let mut claimed = None;
+        while r < parts {
+            let range = (id + r) % parts;
+            let (lo, hi) = (range * job.n / parts, (range + 1) * job.n / parts);
+            let i = lo + job.cursors[range].fetch_add(1, Ordering::AcqRel);
+            if i < hi {
+                claimed = Some(i);
+                break;
+            }
+            r += 1;
         }
+        let Some(i) = claimed else {
+            return;
+        };
         // SAFETY: item i was claimed, so the caller is still waiting for it (see `Job`).
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*job.f)(i) }));
         if let Err(payload) = ran {
@@ -213,7 +240,7 @@ fn work(job: &Job) {
     }
 }
 
-fn worker(sh: &Shared) {
+fn worker(sh: &Shared, id: usize) {
     let mut seen = 0usize;
     loop {
         // While a frame runs, wait for the next job by spinning: no sleep, no wake-up cost.
@@ -258,7 +285,7 @@ fn worker(sh: &Shared) {
             }
         };
         if let Some(job) = job {
-            work(&job);
+            work(&job, id);
         }
     }
 }
@@ -427,5 +454,23 @@ mod tests {
             .enumerate()
             .all(|(j, &x)| x as usize == j / 100 + 1));
         assert_eq!(pool.install(current_threads), 3);
+    }
+
+    /// More threads than ranges: the extra workers share ranges, and every item still runs once.
+    #[test]
+    fn more_threads_than_ranges_run_every_item_once() {
+        let pool = Arc::new(SpinPool::new(MAX_PARTS + 3).unwrap());
+        for n in [0, 1, 5, MAX_PARTS + 1, 3 * MAX_PARTS + 7] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            pool.install(|| {
+                par_for(n, |i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                })
+            });
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "n = {n}"
+            );
+        }
     }
 }
