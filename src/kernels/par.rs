@@ -429,17 +429,7 @@ mod tests {
     fn every_item_runs_once_on_the_pool_and_without_it() {
         let pool = Arc::new(SpinPool::new(3).unwrap());
         for round in 0..200 {
-            let n = round % 37;
-            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-            pool.install(|| {
-                par_for(n, |i| {
-                    hits[i].fetch_add(1, Ordering::Relaxed);
-                })
-            });
-            assert!(
-                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
-                "round {round}"
-            );
+            assert!(each_item_once(&pool, round % 37), "round {round}");
         }
         let mut v = vec![0u32; 1000];
         pool.install(|| {
@@ -461,16 +451,18 @@ mod tests {
     fn more_threads_than_ranges_run_every_item_once() {
         let pool = Arc::new(SpinPool::new(MAX_PARTS + 3).unwrap());
         for n in [0, 1, 5, MAX_PARTS + 1, 3 * MAX_PARTS + 7] {
-            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-            pool.install(|| {
-                par_for(n, |i| {
-                    hits[i].fetch_add(1, Ordering::Relaxed);
-                })
-            });
-            assert!(
-                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
-                "n = {n}"
-            );
+            assert!(each_item_once(&pool, n), "n = {n}");
         }
+    }
+
+    /// Whether `par_for(n)` on `pool` ran each item exactly once.
+    fn each_item_once(pool: &Arc<SpinPool>, n: usize) -> bool {
+        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        pool.install(|| {
+            par_for(n, |i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            })
+        });
+        hits.iter().all(|h| h.load(Ordering::Relaxed) == 1)
     }
 }
