@@ -311,14 +311,9 @@ impl PackedConv {
             // Packed as Wᵀ (`[cin, cout]`): transposed back.
             Form::Transposed(ws) => {
                 let wt = ws.first()?.unpack();
-                let (cin, cout) = (self.cin_g, self.cout);
-                let mut w = vec![0f32; cout * cin];
-                for (ci, row) in wt.chunks_exact(cout).enumerate() {
-                    for (co, &v) in row.iter().enumerate() {
-                        w[co * cin + ci] = v;
-                    }
-                }
-                Some((w, self.stride))
+                let mut w = vec![0f32; wt.len()];
+                super::layout::transpose(&wt, &[self.cin_g, self.cout], &[1, 0], &mut w)
+                    .then_some((w, self.stride))
             }
             #[cfg(target_arch = "x86_64")]
             Form::Taps(_) => None,

@@ -291,13 +291,12 @@ fn worker(sh: &Shared, id: usize) {
 }
 
 /// How long an idle worker keeps spinning after a frame before it sleeps.
-const LINGER: std::time::Duration = std::time::Duration::from_micros(LINGER_US);
-const LINGER_US: u64 = 300;
+const LINGER: std::time::Duration = std::time::Duration::from_micros(300);
 
 /// Spins while no frame runs and no job comes, for up to [`LINGER`]; true when a frame
 /// started meanwhile (the caller goes back to spinning on jobs).
 fn linger(sh: &Shared, seen: usize) -> bool {
-    if LINGER_US == 0 || sh.spinning.load(Ordering::Relaxed) {
+    if sh.spinning.load(Ordering::Relaxed) {
         return false;
     }
     let start = std::time::Instant::now();
