@@ -15,6 +15,7 @@
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
+use super::ahead::Ahead;
 use super::par::{self, SendPtr};
 
 use super::act::apply_activation;
@@ -362,6 +363,10 @@ impl BSource for PackedB {
         }
     }
 
+    fn constant(&self) -> bool {
+        true
+    }
+
     fn packed(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize) -> Option<&[f32]> {
         // The driver asks for panel-aligned blocks of the packing's own width.
         if nr != self.isa.nr() || !n0.is_multiple_of(nr) {
@@ -380,6 +385,12 @@ pub trait BSource: Sync {
     /// Writes `B[k0 .. k0 + kc, n0 .. n0 + nc]` into `dst` as `nc.div_ceil(nr)` panels of
     /// `kc × nr` values (k-major), columns past `nc` zero.
     fn pack(&self, k0: usize, kc: usize, n0: usize, nc: usize, nr: usize, dst: &mut [f32]);
+
+    /// Whether B is a constant (weights, the same every frame): then the driver asks for its
+    /// blocks ahead of use (see [`super::ahead`]) rather than for A's.
+    fn constant(&self) -> bool {
+        false
+    }
 
     /// The same block when it already exists in packed form (no copy needed).
     fn packed(&self, _k0: usize, _kc: usize, _n0: usize, _nc: usize, _nr: usize) -> Option<&[f32]> {
@@ -923,6 +934,39 @@ pub unsafe fn gemm_into(
                     };
                     let first = k0 == 0;
                     let final_block = k0 + kc == k;
+                    // Which weights the kernels ask for while they run (see `super::ahead`):
+                    // with B the weights (a linear layer, a transposed convolution) the next k
+                    // block of this item's columns, or the next item's first, a share per row
+                    // panel; with A the weights, the row panel after this one in the item's
+                    // order (then the next k block's first, then the next item's).
+                    let b_const = b.constant() && b.packed(k0, kc, n0, nc, nr).is_some();
+                    let ahead_of = |p: usize| -> Ahead {
+                        if b_const {
+                            let next = if k0 + kc < k {
+                                b.packed(k0 + kc, KC.min(k - k0 - kc), n0, nc, nr)
+                            } else if i + 1 < items {
+                                let (r0, r1) = split((i + 1) / m_parts, n_panels, n_chunks);
+                                let n1 = r0 * nr;
+                                b.packed(0, KC.min(k), n1, (r1 * nr).min(n) - n1, nr)
+                            } else {
+                                None
+                            };
+                            next.map_or(Ahead::NONE, |v| Ahead::far(v).share(p - p0, p1 - p0))
+                        } else if p + 1 < p1 {
+                            Ahead::near(a.panel(k0, p + 1))
+                        } else if k0 + kc < k {
+                            Ahead::near(a.panel(k0 + kc, p0))
+                        } else if i + 1 < items {
+                            let (r0, r1) = split((i + 1) % m_parts, m_panels, m_parts);
+                            if r0 < r1 {
+                                Ahead::near(a.panel(0, r0))
+                            } else {
+                                Ahead::NONE
+                            }
+                        } else {
+                            Ahead::NONE
+                        }
+                    };
                     let tile = |p: usize, np: usize| {
                         let ap = a.panel(k0, p);
                         let rows = mr.min(m - p * mr);
@@ -1032,14 +1076,8 @@ pub unsafe fn gemm_into(
                     // (few pages) while the packed B block stays in cache. (Column panels outside
                     // measured the same on ResNet-50, ViT-Tiny and MobileNetV2.)
                     for p in p0..p1 {
-                        // The weights come cold from memory each frame (a model's weights
-                        // outgrow the L2), and with few column panels (small maps) each A
-                        // panel is read too briefly for the hardware prefetcher to run ahead:
-                        // asking for the next one now measured 4–6 % off whole frames of
-                        // MobileNetV2 and the ResNets.
-                        if p + 1 < p1 {
-                            prefetch(a.panel(k0, p + 1));
-                        }
+                        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+                        let mut ahead = ahead_of(p);
                         // The row's whole tiles in one kernel call: a call per tile (the
                         // closure, its operand checks and the dispatch) cost as much as the
                         // products of a short k. Frames alternating in one process, node sums:
@@ -1082,9 +1120,18 @@ pub unsafe fn gemm_into(
                                     full,
                                     !first,
                                     fused.as_ref(),
+                                    ahead,
                                 );
                             }
                             np0 = full;
+                            if full > 0 {
+                                ahead = Ahead::NONE;
+                            }
+                        }
+                        // No kernel loop to spread them over: the next A panel at once (4–6 %
+                        // off whole frames of MobileNetV2 and the ResNets against none).
+                        if !ahead.is_far() {
+                            ahead.all_now();
                         }
                         for np in np0..nc.div_ceil(nr) {
                             tile(p, np);
@@ -1462,6 +1509,7 @@ mod x86 {
         ]
     }
 
+    use super::super::ahead::{Ahead, Drip};
     use super::Fused;
     use std::arch::x86_64::*;
 
@@ -1479,12 +1527,22 @@ mod x86 {
         fused: Option<&Fused>,
     ) {
         assert!(a.len() >= kc * 8 && (kc == 0 || b.len() >= (kc - 1) * ldb + 32));
-        tile_8x32(kc, a.as_ptr(), (b.as_ptr(), ldb), c, ldc, accumulate, fused);
+        let no = Ahead::NONE;
+        tile_8x32(
+            kc,
+            a.as_ptr(),
+            (b.as_ptr(), ldb),
+            c,
+            ldc,
+            accumulate,
+            fused,
+            no,
+        );
     }
 
     /// [`kernel_8x32`] over `panels` whole tiles side by side, in one call: tile `t` reads B
     /// at `b + t · bstep` (rows at stride `ldb`) and writes C, and reads its residual and
-    /// column bias, `32 · t` columns further.
+    /// column bias, `32 · t` columns further. The tiles ask for `ahead`'s lines, a share each.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; `a` holds `kc * 8` values; for every `t < panels`, B's
@@ -1501,6 +1559,7 @@ mod x86 {
         panels: usize,
         accumulate: bool,
         fused: Option<&Fused>,
+        ahead: Ahead,
     ) {
         assert!(a.len() >= kc * 8);
         for t in 0..panels {
@@ -1513,6 +1572,7 @@ mod x86 {
                 ldc,
                 accumulate,
                 f.as_ref(),
+                ahead.share(t, panels),
             );
         }
     }
@@ -1522,6 +1582,7 @@ mod x86 {
     /// # Safety
     /// As for [`kernel_8x32`].
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     unsafe fn tile_8x32(
         kc: usize,
@@ -1531,11 +1592,14 @@ mod x86 {
         ldc: usize,
         accumulate: bool,
         fused: Option<&Fused>,
+        ahead: Ahead,
     ) {
         let mut c0 = [_mm512_setzero_ps(); 8];
         let mut c1 = [_mm512_setzero_ps(); 8];
         prefetch_tile(c, ldc, accumulate, fused);
-        for _ in 0..kc {
+        let mut drip = Drip::new(ahead, kc);
+        for kk in 0..kc {
+            drip.tick(kk);
             let b0 = _mm512_loadu_ps(bp);
             let b1 = _mm512_loadu_ps(bp.add(16));
             for r in 0..8 {
@@ -1844,7 +1908,17 @@ mod x86 {
         fused: Option<&Fused>,
     ) {
         assert!(a.len() >= kc * 6 && (kc == 0 || b.len() >= (kc - 1) * ldb + 16));
-        tile_6x16(kc, a.as_ptr(), (b.as_ptr(), ldb), c, ldc, accumulate, fused);
+        let no = Ahead::NONE;
+        tile_6x16(
+            kc,
+            a.as_ptr(),
+            (b.as_ptr(), ldb),
+            c,
+            ldc,
+            accumulate,
+            fused,
+            no,
+        );
     }
 
     /// [`kernel_6x16`] over `panels` whole tiles side by side (see [`kernel_8x32_panels`]).
@@ -1863,6 +1937,7 @@ mod x86 {
         panels: usize,
         accumulate: bool,
         fused: Option<&Fused>,
+        ahead: Ahead,
     ) {
         assert!(a.len() >= kc * 6);
         for t in 0..panels {
@@ -1875,6 +1950,7 @@ mod x86 {
                 ldc,
                 accumulate,
                 f.as_ref(),
+                ahead.share(t, panels),
             );
         }
     }
@@ -2040,6 +2116,7 @@ mod x86 {
     /// As for [`kernel_6x16`].
     #[inline]
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn tile_6x16(
         kc: usize,
         mut ap: *const f32,
@@ -2048,6 +2125,7 @@ mod x86 {
         ldc: usize,
         accumulate: bool,
         fused: Option<&Fused>,
+        ahead: Ahead,
     ) {
         let mut c0 = [_mm256_setzero_ps(); 6];
         let mut c1 = [_mm256_setzero_ps(); 6];
@@ -2066,7 +2144,9 @@ mod x86 {
         // thread, ViT-Tiny's qkv tiles with A and B in L2, variants interleaved in one process);
         // whole ViT-Tiny frames, alternating in one process, took 0.945 (1 thread) and 0.966
         // (2 threads) of their time; ResNet-50 0.99-1.00.
-        for _ in 0..kc / 4 {
+        let mut drip = Drip::new(ahead, kc / 4);
+        for trip in 0..kc / 4 {
+            drip.tick(trip);
             step(&mut ap, &mut bp);
             step(&mut ap, &mut bp);
             step(&mut ap, &mut bp);

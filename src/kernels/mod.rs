@@ -6,6 +6,7 @@
 //! Each is checked against the candle reference in its tests.
 
 pub mod act;
+pub mod ahead;
 pub mod bottleneck;
 pub mod channels_last;
 pub mod conv;
