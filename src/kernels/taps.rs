@@ -247,9 +247,13 @@ pub fn run(
                         let next = chunk.min(s.cin - ci0 - chans);
                         let at = (ci0 + chans) * taps * width;
                         Ahead::far(&w[at..at + next * taps * width])
-                    } else {
+                    } else if nb > 1 || ci0 > 0 {
                         let nw = &wts.blocks[(blk + 1) % nb];
                         Ahead::far(&nw[..(chunk.min(s.cin) * taps * width).min(nw.len())])
+                    } else {
+                        // The next task reads this very pass again (one block, one pass: a
+                        // stem), already in cache.
+                        Ahead::NONE
                     };
                     let pass = Pass {
                         ahead,
