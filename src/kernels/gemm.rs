@@ -1545,17 +1545,8 @@ mod x86 {
         fused: Option<&Fused>,
     ) {
         assert!(a.len() >= kc * 8 && (kc == 0 || b.len() >= (kc - 1) * ldb + 32));
-        let no = Ahead::NONE;
-        tile_8x32(
-            kc,
-            a.as_ptr(),
-            (b.as_ptr(), ldb),
-            c,
-            ldc,
-            accumulate,
-            fused,
-            no,
-        );
+        let (ap, bp) = (a.as_ptr(), (b.as_ptr(), ldb));
+        tile_8x32(kc, ap, bp, c, ldc, accumulate, fused, Ahead::NONE);
     }
 
     /// [`kernel_8x32`] over `panels` whole tiles side by side, in one call: tile `t` reads B
@@ -1926,17 +1917,8 @@ mod x86 {
         fused: Option<&Fused>,
     ) {
         assert!(a.len() >= kc * 6 && (kc == 0 || b.len() >= (kc - 1) * ldb + 16));
-        let no = Ahead::NONE;
-        tile_6x16(
-            kc,
-            a.as_ptr(),
-            (b.as_ptr(), ldb),
-            c,
-            ldc,
-            accumulate,
-            fused,
-            no,
-        );
+        let (ap, bp) = (a.as_ptr(), (b.as_ptr(), ldb));
+        tile_6x16(kc, ap, bp, c, ldc, accumulate, fused, Ahead::NONE);
     }
 
     /// [`kernel_6x16`] over `panels` whole tiles side by side (see [`kernel_8x32_panels`]).
