@@ -761,7 +761,7 @@ impl<'a> Im2col<'a> {
             // rows in order: no gain there.)
             if sy * sx > 1 {
                 if let Some(next) = x.get((ci + 1) * h * w..(ci + 2) * h * w) {
-                    super::gemm::prefetch(next);
+                    super::ahead::Ahead::near(next).all_now();
                 }
             }
             #[cfg(target_arch = "x86_64")]

@@ -890,7 +890,8 @@ pub unsafe fn gemm_into(
                     // Read only by the AVX-512 tile path (x86-64).
                     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_assignments))]
                     let mut gathered: Option<&[f32]> = None;
-                    let block: &[f32] = match b.packed(k0, kc, n0, nc, nr) {
+                    let prepacked = b.packed(k0, kc, n0, nc, nr);
+                    let block: &[f32] = match prepacked {
                         Some(panels) => panels,
                         None if a.isa == Isa::Avx512 && layout.cs == 1 && fusable && {
                             gathered = b.gathered(k0, kc, n0, nc, nr, &mut plan.0, &mut plan.1);
@@ -961,19 +962,22 @@ pub unsafe fn gemm_into(
                     // block of this item's columns, or the next item's first, a share per row
                     // panel; with A the weights, the row panel after this one in the item's
                     // order (then the next k block's first, then the next item's).
-                    let b_const = b.constant() && b.packed(k0, kc, n0, nc, nr).is_some();
+                    let b_const = b.constant() && prepacked.is_some();
+                    // Looked up once per k block; each row panel takes its share.
+                    let next_b = if !b_const {
+                        None
+                    } else if k0 + kc < k {
+                        b.packed(k0 + kc, KC.min(k - k0 - kc), n0, nc, nr)
+                    } else if i + 1 < items {
+                        let (r0, r1) = split((i + 1) / m_parts, n_panels, n_chunks);
+                        let n1 = r0 * nr;
+                        b.packed(0, KC.min(k), n1, (r1 * nr).min(n) - n1, nr)
+                    } else {
+                        None
+                    };
                     let ahead_of = |p: usize| -> Ahead {
                         if b_const {
-                            let next = if k0 + kc < k {
-                                b.packed(k0 + kc, KC.min(k - k0 - kc), n0, nc, nr)
-                            } else if i + 1 < items {
-                                let (r0, r1) = split((i + 1) / m_parts, n_panels, n_chunks);
-                                let n1 = r0 * nr;
-                                b.packed(0, KC.min(k), n1, (r1 * nr).min(n) - n1, nr)
-                            } else {
-                                None
-                            };
-                            next.map_or(Ahead::NONE, |v| Ahead::far(v).share(p - p0, p1 - p0))
+                            next_b.map_or(Ahead::NONE, |v| Ahead::far(v).share(p - p0, p1 - p0))
                         } else if p + 1 < p1 {
                             Ahead::near(a.panel(k0, p + 1))
                         } else if k0 + kc < k {
@@ -1215,22 +1219,6 @@ fn in_place_ok(isa: Isa, rows: &[f32], ld: usize) -> bool {
         Isa::Avx2 => (rows.as_ptr() as usize).is_multiple_of(64) && ld.is_multiple_of(16),
         Isa::Avx512 => true,
     }
-}
-
-/// Asks for every cache line of `v` (a hint: no effect on results).
-#[inline]
-pub(super) fn prefetch(v: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in v.chunks(16) {
-        // SAFETY: a prefetch never faults, and the address lies inside `v`.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr().cast(),
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
 }
 
 /// Adds the tile into C (or stores it, for the first k block) and, after the last k block,
