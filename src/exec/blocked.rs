@@ -299,7 +299,7 @@ fn ncs(d: &[usize]) -> Option<(usize, usize, usize)> {
 
 /// `x` blocked: itself when it already is, else reordered into a scratch buffer (given back
 /// by the caller through [`scratch::give`]).
-fn as_blocked<'a>(x: &Input<'a>, held: &'a mut Option<Vec<f32>>) -> Option<&'a [f32]> {
+fn as_blocked<'a>(x: &Input<'a>, held: &'a mut Option<scratch::Scratch>) -> Option<&'a [f32]> {
     if x.blocked {
         return Some(x.data);
     }
@@ -308,7 +308,7 @@ fn as_blocked<'a>(x: &Input<'a>, held: &'a mut Option<Vec<f32>>) -> Option<&'a [
         scratch::give(buf);
         return None;
     }
-    Some(held.insert(buf).as_slice())
+    Some(&held.insert(buf)[..])
 }
 
 /// Runs a blocked step on `x` (and `residual`) into `out` (`out_dims`, blocked when

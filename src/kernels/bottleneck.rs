@@ -346,7 +346,7 @@ impl Bottleneck<'_> {
 #[derive(Default)]
 struct Band {
     /// `[mid][rows.1 - rows.0][w]`.
-    buf: Option<Vec<f32>>,
+    buf: Option<scratch::Scratch>,
     /// Which input rows it holds.
     rows: (usize, usize),
 }

@@ -709,7 +709,7 @@ struct Im2col<'a> {
     conv: &'a PackedConv,
     ow: usize,
     /// The padded, phase-split input (a scratch buffer).
-    xp: Vec<f32>,
+    xp: scratch::Scratch,
     /// Rows and columns of one phase plane of `xp`.
     hq: usize,
     wq: usize,

@@ -105,7 +105,7 @@ pub struct PackedA {
     isa: Isa,
     m: usize,
     k: usize,
-    data: Vec<f32>,
+    data: super::scratch::Scratch,
 }
 
 impl PackedA {
@@ -117,7 +117,7 @@ impl PackedA {
     /// As [`PackedA::pack`], for a given micro-kernel.
     pub fn pack_for(isa: Isa, a: &[f32], m: usize, k: usize, rs: usize, cs: usize) -> PackedA {
         let len = m.div_ceil(isa.mr()) * isa.mr() * k;
-        Self::pack_into(super::pages::zeroed(len), isa, a, m, k, rs, cs)
+        Self::pack_into(super::pages::zeroed(len).into(), isa, a, m, k, rs, cs)
     }
 
     /// As [`PackedA::pack`], into a buffer from this thread's scratch pool; hand it back with
@@ -149,7 +149,7 @@ impl PackedA {
     }
 
     fn pack_into(
-        data: Vec<f32>,
+        data: super::scratch::Scratch,
         isa: Isa,
         a: &[f32],
         m: usize,
@@ -229,7 +229,7 @@ impl PackedA {
     /// Sizes `data` for `m × k` and has `fill((k0, panel, kc), dst)` write every
     /// (KC block, panel) piece.
     fn pack_pieces(
-        mut data: Vec<f32>,
+        mut data: super::scratch::Scratch,
         isa: Isa,
         m: usize,
         k: usize,
@@ -238,8 +238,7 @@ impl PackedA {
         let mr = isa.mr();
         let panels = m.div_ceil(mr);
         // Every element is written by `fill` (rows past m as zeros): no fill first.
-        data.truncate(panels * mr * k);
-        data.resize(panels * mr * k, 0.0);
+        debug_assert_eq!(data.len(), panels * mr * k);
         // Layout: for each KC block (all panels of it together), for each panel, kc × MR.
         // Packed per (block, panel) piece, in parallel when there is enough to share. Piece i
         // is block i / panels, panel i % panels; every block but the last is KC deep, so
@@ -2252,7 +2251,15 @@ mod tests {
             ] {
                 let a = rand(m * k, (m * 31 + k) as u64);
                 for &(rs, cs) in &[(k, 1usize), (1, m)] {
-                    let p = PackedA::pack_into(vec![f32::NAN; 7], isa, &a, m, k, rs, cs);
+                    let p = PackedA::pack_into(
+                        vec![f32::NAN; m.div_ceil(mr) * mr * k].into(),
+                        isa,
+                        &a,
+                        m,
+                        k,
+                        rs,
+                        cs,
+                    );
                     for k0 in (0..k).step_by(KC) {
                         let kc = KC.min(k - k0);
                         for pi in 0..m.div_ceil(mr) {
