@@ -226,8 +226,8 @@ impl PackedA {
         Self::pack_pieces(data, isa, m, k, fill)
     }
 
-    /// Sizes `data` for `m × k` and has `fill((k0, panel, kc), dst)` write every
-    /// (KC block, panel) piece.
+    /// Has `fill((k0, panel, kc), dst)` write every (KC block, panel) piece of `data`, which
+    /// holds exactly the packed size of `m × k` (every caller takes or allocates that much).
     fn pack_pieces(
         mut data: super::scratch::Scratch,
         isa: Isa,
