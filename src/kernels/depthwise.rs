@@ -116,12 +116,20 @@ fn depthwise_any(
         activation,
         oh,
         ow,
+        #[cfg(target_arch = "x86_64")]
+        strips: match Isa::detect() {
+            Isa::Avx512 => super::dw3x3::Strips::plan(s),
+            _ => None,
+        },
     };
-    // The in-place 3 × 3 kernel beats the blocked path from 14 × 14 outputs on (measured,
-    // 1 thread: 384 × 14² 34 vs 55 µs, 576 × 14² stride 2 39 vs 46 µs), not on 7 × 7 (47 vs
-    // 43 µs for 960 channels).
+    // The in-place 3 × 3 kernels beat the blocked path from 14 × 14 outputs on (measured,
+    // 1 thread: 384 × 14² 34 vs 55 µs, 576 × 14² stride 2 39 vs 46 µs), and the strips
+    // ([`super::dw3x3::plane_3x3_strips`]) on 7 × 7 too (960 channels: 24 vs 46 µs; 8 × 8:
+    // 26 vs 62 µs for 1024).
     #[cfg(target_arch = "x86_64")]
-    let block_max = if super::dw3x3::covers(s) && Isa::detect() == Isa::Avx512 {
+    let block_max = if job.strips.is_some() {
+        0
+    } else if super::dw3x3::covers(s) && Isa::detect() == Isa::Avx512 {
         BLOCKED_BESIDE_3X3
     } else {
         SMALL_PLANE
@@ -562,6 +570,9 @@ struct Job<'a> {
     activation: Option<Activation>,
     oh: usize,
     ow: usize,
+    /// The AVX-512 3 × 3 strip kernel's plan, where it applies (made once per call).
+    #[cfg(target_arch = "x86_64")]
+    strips: Option<super::dw3x3::Strips>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -600,6 +611,29 @@ fn planes(job: &Job, first: usize, out: &mut [f32], scratch: &mut Scratch) {
         let ch = nc % s.c;
         let taps = s.kh * s.kw;
         #[cfg(target_arch = "x86_64")]
+        if let Some(plan) = &job.strips {
+            // SAFETY: AVX-512 detected, the plan was made for `s`; the lengths follow from
+            // the shape checked by depthwise_conv2d.
+            unsafe {
+                super::dw3x3::plane_3x3_strips(
+                    s,
+                    plan,
+                    &job.x[nc * plane_in..(nc + 1) * plane_in],
+                    &job.weight[ch * taps..(ch + 1) * taps],
+                    job.bias.map_or(0.0, |b| b[ch]),
+                    job.residual
+                        .map(|r| &r[nc * plane_out..(nc + 1) * plane_out]),
+                    o,
+                    (job.oh, job.ow),
+                    clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY)),
+                )
+            };
+            if rest.is_some() {
+                apply_activation(rest, o);
+            }
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
         if let Some(direct) = direct {
             // SAFETY: the kernel was picked for the detected ISA and `covers(s)`; the plane,
             // taps, residual and output lengths follow from the shape checked by
@@ -617,7 +651,9 @@ fn planes(job: &Job, first: usize, out: &mut [f32], scratch: &mut Scratch) {
                     clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY)),
                 )
             };
-            apply_activation(rest, o);
+            if rest.is_some() {
+                apply_activation(rest, o);
+            }
             continue;
         }
         plane_flat(
@@ -1095,6 +1131,8 @@ mod tests {
                 activation: act,
                 oh,
                 ow,
+                #[cfg(target_arch = "x86_64")]
+                strips: None,
             };
             let mut got = vec![f32::NAN; r.len()];
             blocked(&job, &mut got, true);
