@@ -29,12 +29,24 @@ struct Job {
     /// the host giving the second vCPU little time, MobileNetV2 0.85x, ViT-Tiny 0.91x,
     /// ResNet-50 0.955x.
     parts: usize,
-    cursors: [AtomicUsize; MAX_PARTS],
-    pending: AtomicUsize,
+    cursors: [Lone; MAX_PARTS],
+    /// Items not yet done: each participant takes off the ones it ran once, when it finds
+    /// nothing left to claim (not once per item: see [`Lone`]).
+    pending: Lone,
     /// The first panic of an item, re-raised on the caller's thread once every item is done
     /// (a worker that died instead would leave the caller waiting forever).
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
+
+/// An atomic alone on its cache lines (128 bytes: a line and the neighbour the hardware
+/// prefetches with it). The range cursors shared one line, and every item decremented one
+/// shared counter: each claim and each finished item moved a line between the two cores. Where
+/// the host puts the two vCPUs on different core complexes (a line takes ~0.2 µs to cross, as
+/// measured by ping-pong), a 3 × 3 depthwise layer of 192 × 28² alone ran 19.7 µs on 2
+/// threads against 22.8 on one; with the atomics apart and one subtraction per participant,
+/// 12.8–13.6 µs.
+#[repr(align(128))]
+struct Lone(AtomicUsize);
 
 // SAFETY: `f` is Sync and is only called while the owning `par_for` waits for it.
 unsafe impl Send for Job {}
@@ -137,8 +149,8 @@ impl SpinPool {
             f,
             n,
             parts: self.threads.clamp(1, MAX_PARTS),
-            cursors: std::array::from_fn(|_| AtomicUsize::new(0)),
-            pending: AtomicUsize::new(n),
+            cursors: std::array::from_fn(|_| Lone(AtomicUsize::new(0))),
+            pending: Lone(AtomicUsize::new(n)),
             panic: Mutex::new(None),
         };
         let reused = {
@@ -171,7 +183,7 @@ impl SpinPool {
             self.shared.wake.notify_all();
         }
         work(&job, 0);
-        while job.pending.load(Ordering::Acquire) != 0 {
+        while job.pending.0.load(Ordering::Acquire) != 0 {
             std::hint::spin_loop();
         }
         // Drop the shared reference to the closure before it goes out of scope.
@@ -213,12 +225,13 @@ fn work(job: &Job, id: usize) {
     let _inside = Inside::enter();
     let parts = job.parts;
     let mut r = 0;
+    let mut done = 0;
     loop {
         let mut claimed = None;
         while r < parts {
             let range = (id + r) % parts;
             let (lo, hi) = (range * job.n / parts, (range + 1) * job.n / parts);
-            let i = lo + job.cursors[range].fetch_add(1, Ordering::AcqRel);
+            let i = lo + job.cursors[range].0.fetch_add(1, Ordering::AcqRel);
             if i < hi {
                 claimed = Some(i);
                 break;
@@ -226,6 +239,9 @@ fn work(job: &Job, id: usize) {
             r += 1;
         }
         let Some(i) = claimed else {
+            if done > 0 {
+                job.pending.0.fetch_sub(done, Ordering::Release);
+            }
             return;
         };
         // SAFETY: item i was claimed, so the caller is still waiting for it (see `Job`).
@@ -236,7 +252,7 @@ fn work(job: &Job, id: usize) {
                 .unwrap_or_else(|e| e.into_inner())
                 .get_or_insert(payload);
         }
-        job.pending.fetch_sub(1, Ordering::Release);
+        done += 1;
     }
 }
 
