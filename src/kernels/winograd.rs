@@ -160,20 +160,15 @@ impl WinogradConv {
         let pad = (self.pad_begin.0 as isize, self.pad_begin.1 as isize);
         let geo = Geometry::new((h, w), (oh, ow), pad, nr, self.tile);
         let xis = self.u.len();
-        // With several threads, each takes a band of whole tile rows through all three
-        // phases, with its own V and M (its thread's scratch). Splitting each phase on its
-        // own axis instead (input by channel, products by ξ, output by channel) handed half
-        // of V and of M to the other core between phases: ResNet-18's Winograd layers ran
-        // 1.4–1.65× faster on 2 threads than on 1, now 1.8–1.9×. One thread runs the whole
-        // image: banding to keep V and M in cache measured slower at every band size (the
-        // 16 GEMMs lose more on short rows than the cache saves).
+        // One pass over the whole image, each phase split between the threads on its own
+        // axis (input by channel, products by ξ, output by channel). Bands of tile rows through
+        // all three phases, one a thread, kept V and M on the core that made them, but each
+        // thread then read all of U: with the pool's shared counters on lines of their own,
+        // ResNet-18 node sums on 2 threads were 2–4 % lower split by phase (six runs each, the
+        // host's vCPUs on one core complex) and 4–7 % lower (two runs, on two). Banding one
+        // thread's image to keep V and M in cache measured slower at every band size (the 16
+        // GEMMs lose more on short rows than the cache saves).
         let par_ok = self.cin * self.cout * geo.g >= PAR_MIN;
-        let threads = par::current_threads();
-        let bands = if par_ok && threads > 1 && geo.th >= threads {
-            threads
-        } else {
-            1
-        };
         for img in 0..n {
             let x = &x[img * self.cin * h * w..(img + 1) * self.cin * h * w];
             let o = &mut out[img * self.cout * plane..(img + 1) * self.cout * plane];
@@ -184,43 +179,30 @@ impl WinogradConv {
                 residual: r,
                 activation,
             };
-            let band = |b: usize| {
-                let (ty0, ty1) = (b * geo.th / bands, (b + 1) * geo.th / bands);
-                let sub = geo.band(ty0, ty1);
-                SCRATCH.with(|scratch| {
-                    let mut scratch = scratch.borrow_mut();
-                    let (v, m) = &mut *scratch;
-                    // Grow-only, and every element read is written first, or lies in a tile
-                    // column whose result is dropped (finite either way: the buffers start
-                    // zeroed): no per-frame allocation or page faults after the first frame.
-                    if v.len() < xis * self.cin * sub.gp {
-                        v.resize(xis * self.cin * sub.gp, 0.0);
-                    }
-                    if m.len() < xis * self.cout * sub.gp {
-                        m.resize(xis * self.cout * sub.gp, 0.0);
-                    }
-                    let par = par_ok && bands == 1;
-                    self.run_band(x, &sub, &target, ty0 * geo.m, v, m, par);
-                });
-            };
-            if bands > 1 {
-                par_for(bands, band);
-            } else {
-                band(0);
-            }
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let (v, m) = &mut *scratch;
+                // Grow-only, and every element read is written first, or lies in a tile
+                // column whose result is dropped (finite either way: the buffers start
+                // zeroed): no per-frame allocation or page faults after the first frame.
+                if v.len() < xis * self.cin * geo.gp {
+                    v.resize(xis * self.cin * geo.gp, 0.0);
+                }
+                if m.len() < xis * self.cout * geo.gp {
+                    m.resize(xis * self.cout * geo.gp, 0.0);
+                }
+                self.run_image(x, &geo, &target, v, m, par_ok);
+            });
         }
         true
     }
 
-    /// The tile rows of `geo` (a band of one image's grid, or all of it), whose first output
-    /// row is the image's `row0`.
-    #[allow(clippy::too_many_arguments)]
-    fn run_band(
+    /// One image (`geo` its grid): input transform, products, output transform.
+    fn run_image(
         &self,
         x: &[f32],
         geo: &Geometry,
         target: &Target,
-        row0: usize,
         v: &mut [f32],
         m: &mut [f32],
         par: bool,
@@ -263,16 +245,16 @@ impl WinogradConv {
             (0..self.u.len()).for_each(product);
         }
         let m: &[f32] = m;
-        self.output_transform(m, geo, target, row0, par);
+        self.output_transform(m, geo, target, par);
     }
 
-    fn output_transform(&self, m: &[f32], g: &Geometry, target: &Target, row0: usize, par: bool) {
+    fn output_transform(&self, m: &[f32], g: &Geometry, target: &Target, par: bool) {
         let cout = self.cout;
         let rows = g.oh * g.ow;
         let one = |co: usize| {
-            let at = co * target.plane + row0 * g.ow;
-            // SAFETY: channel co's rows of this band lie inside the image's output, and are
-            // written by this call only (bands own disjoint rows, calls disjoint channels).
+            let at = co * target.plane;
+            // SAFETY: channel co's plane lies inside the image's output and is written by this
+            // call only (calls write disjoint channels).
             let o = unsafe { std::slice::from_raw_parts_mut(target.out.get().add(at), rows) };
             let residual = target.residual.map(|r| &r[at..at + rows]);
             #[cfg(target_arch = "x86_64")]
@@ -306,7 +288,8 @@ impl WinogradConv {
 
 /// Where one image's output goes: its channel planes, with their residual and activation.
 struct Target<'a> {
-    /// The image's `cout` planes of `plane` values; bands and channels write disjoint rows.
+    /// The image's `cout` planes of `plane` values; calls for different channels write
+    /// disjoint planes.
     out: SendPtr<f32>,
     plane: usize,
     /// The image's whole residual, laid out like the output.
@@ -369,20 +352,6 @@ impl Geometry {
             pad,
             m,
         }
-    }
-
-    /// Tile rows `ty0..ty1` as a grid of their own: the input is read from the same plane
-    /// (the top padding shifted up by the rows before the band), the output rows count from
-    /// the band's first (`ty0 · m` of the whole grid's).
-    fn band(&self, ty0: usize, ty1: usize) -> Geometry {
-        let skip = ty0 * self.m;
-        Geometry::new(
-            (self.h, self.w),
-            (self.oh.min(ty1 * self.m) - skip, self.ow),
-            (self.pad.0 - skip as isize, self.pad.1),
-            self.nr,
-            self.m,
-        )
     }
 
     /// Where `V[ξ][ci][g]` lies: each ξ's `cin × gp` matrix is stored already packed for
@@ -1206,8 +1175,8 @@ mod tests {
                 let r = with_res.then_some(res.as_slice());
                 direct.run(&x, (n, cin, h, w), r, act, &mut want).unwrap();
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-6);
-                // One thread runs the whole grid; two and three split it into bands of tile
-                // rows (three: bands of unequal height).
+                // One thread runs every phase alone; two and three split each phase (three:
+                // parts of unequal size).
                 for (threads, pool) in pools.iter().enumerate().map(|(i, p)| (i + 1, p)) {
                     let mut got = vec![f32::NAN; res.len()];
                     assert!(pool.install(|| wino.run(&x, (n, h, w), r, act, &mut got)));
