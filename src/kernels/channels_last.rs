@@ -180,18 +180,108 @@ fn depthwise_rows(
     }
 }
 
+/// [`span_body`] with the sums in registers: per position, runs of 64 channels (four
+/// vectors, four chains) take every valid tap before one store, where `span_body` loads and
+/// stores its sums once per tap. MobileNetV2 frames alternating in one process: 0.988–0.994×
+/// (1 thread), 0.984–0.985× (2).
+///
+/// # Safety
+/// As [`span_body`]; the CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn span_avx512(
     d: &DepthwiseStage,
     e: &[f32],
     wt: &[f32],
-    hwc: (usize, usize, usize),
-    cs: (usize, usize),
-    row: (usize, usize),
+    (h, w, c): (usize, usize, usize),
+    (c0, c1): (usize, usize),
+    (oy, ow): (usize, usize),
     dst: *mut f32,
 ) {
-    span_body::<true>(d, e, wt, hwc, cs, row, dst)
+    use std::arch::x86_64::*;
+    let (kh, kw) = d.kernel;
+    let (sy, sx) = d.stride;
+    let (dy, dx) = d.dilation;
+    let (pt, pl) = (d.pads[0], d.pads[1]);
+    let (clamp, rest) = super::depthwise::split_activation(d.activation);
+    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    // The taps inside the map for one position: (offset of its input row in e, tap index).
+    const MAX_TAPS: usize = 64;
+    if kh * kw > MAX_TAPS {
+        // SAFETY: the caller's contract.
+        return unsafe { span_body::<true>(d, e, wt, (h, w, c), (c0, c1), (oy, ow), dst) };
+    }
+    let mut taps = [(0usize, 0usize); MAX_TAPS];
+    let ep = e.as_ptr();
+    let wp = wt.as_ptr();
+    let bias = d.bias.map(|b| b.as_ptr());
+    for ox in 0..ow {
+        let mut n = 0;
+        for ky in 0..kh {
+            let Some(iy) = (oy * sy + ky * dy).checked_sub(pt).filter(|&y| y < h) else {
+                continue;
+            };
+            for kx in 0..kw {
+                let Some(ix) = (ox * sx + kx * dx).checked_sub(pl).filter(|&x| x < w) else {
+                    continue;
+                };
+                taps[n] = ((iy * w + ix) * c, ky * kw + kx);
+                n += 1;
+            }
+        }
+        let taps = &taps[..n];
+        let out = dst.wrapping_add(ox * c);
+        // Channels ch .. ch + 16 · V (masked by `m` in the last vector).
+        // SAFETY (of calls): the channels lie in c0 .. c1 ≤ c, so every read lies in e's
+        // input rows, wt's tap rows and the bias, and every write in this position's
+        // channels c0 .. c1 of dst, which are ours alone; masked lanes are not accessed.
+        let run = |ch: usize, m: __mmask16, vs: usize| unsafe {
+            let mut acc = [_mm512_setzero_ps(); 4];
+            if let Some(b) = bias {
+                for (v, a) in acc.iter_mut().enumerate().take(vs) {
+                    let mv = if v + 1 == vs { m } else { !0 };
+                    *a = _mm512_maskz_loadu_ps(mv, b.add(ch + 16 * v));
+                }
+            }
+            for &(at, t) in taps {
+                for (v, a) in acc.iter_mut().enumerate().take(vs) {
+                    let mv = if v + 1 == vs { m } else { !0 };
+                    let x = _mm512_maskz_loadu_ps(mv, ep.add(at + ch + 16 * v));
+                    let k = _mm512_maskz_loadu_ps(mv, wp.add(t * c + ch + 16 * v));
+                    *a = _mm512_fmadd_ps(x, k, *a);
+                }
+            }
+            for (v, a) in acc.iter().enumerate().take(vs) {
+                let mv = if v + 1 == vs { m } else { !0 };
+                // max(lo, x) and min(hi, ·) return x when it is NaN: NaN passes, as in `clip`.
+                let y = _mm512_min_ps(vhi, _mm512_max_ps(vlo, *a));
+                _mm512_mask_storeu_ps(out.add(ch + 16 * v), mv, y);
+            }
+        };
+        let mut ch = c0;
+        while ch + 64 <= c1 {
+            run(ch, !0, 4);
+            ch += 64;
+        }
+        while ch < c1 {
+            let left = c1 - ch;
+            let vs = left.div_ceil(16).min(4);
+            let tail = left - 16 * (vs - 1);
+            let m = if tail >= 16 {
+                !0
+            } else {
+                ((1u32 << tail) - 1) as __mmask16
+            };
+            run(ch, m, vs);
+            ch += 16 * vs;
+        }
+        if rest.is_some() {
+            // SAFETY: this position's channels c0 .. c1 lie in dst and are ours alone.
+            let acc = unsafe { std::slice::from_raw_parts_mut(out.add(c0), c1 - c0) };
+            apply_activation(rest, acc);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -294,7 +384,8 @@ mod tests {
 
     /// The block matches its three stages run layer by layer by the NCHW kernels, over odd
     /// channel counts (pruned models), strides 1 and 2, 3 × 3 and 5 × 5 kernels, with and
-    /// without a residual, on 1 and 2 threads.
+    /// without a residual or a depthwise bias, a clamp or another activation after the
+    /// depthwise, on 1 and 2 threads.
     #[test]
     fn matches_the_layer_by_layer_path() {
         let clip = Some(Activation::Clip {
@@ -319,14 +410,18 @@ mod tests {
             let dw_w = rand(mid * k * k, 6);
             let dw_b = rand(mid, 7);
             let pad = k / 2;
+            // Odd widths: an activation that is not a clamp, and no bias.
+            let odd = mid % 2 == 1;
+            let dw_act = if odd { Some(Activation::Sigmoid) } else { clip };
+            let dw_bias = (!odd).then_some(&dw_b[..]);
             let stage = DepthwiseStage {
                 weight: &dw_w,
-                bias: Some(&dw_b),
+                bias: dw_bias,
                 kernel: (k, k),
                 stride: (stride, stride),
                 dilation: (1, 1),
                 pads: [pad; 4],
-                activation: clip,
+                activation: dw_act,
             };
             let by_tap = weights_by_tap(&dw_w, k * k);
             let block = ChannelsLast {
@@ -362,13 +457,7 @@ mod tests {
             };
             let mut dw = vec![0f32; mid * oh * ow];
             assert!(depthwise_conv2d(
-                &shape,
-                &e,
-                &dw_w,
-                Some(&dw_b),
-                None,
-                clip,
-                &mut dw
+                &shape, &e, &dw_w, dw_bias, None, dw_act, &mut dw
             ));
             let mut want = vec![0f32; cout * oh * ow];
             project_n
