@@ -617,64 +617,40 @@ fn planes(job: &Job, first: usize, out: &mut [f32], scratch: &mut Scratch) {
         let nc = first + i;
         let ch = nc % s.c;
         let taps = s.kh * s.kw;
+        let x = &job.x[nc * plane_in..(nc + 1) * plane_in];
+        let k = &job.weight[ch * taps..(ch + 1) * taps];
+        let bias = job.bias.map_or(0.0, |b| b[ch]);
+        let residual = job
+            .residual
+            .map(|r| &r[nc * plane_out..(nc + 1) * plane_out]);
+        let ohw = (job.oh, job.ow);
         #[cfg(target_arch = "x86_64")]
-        if let Some(plan) = &job.strips {
-            // SAFETY: AVX-512 detected, the plan was made for `s`; the lengths follow from
-            // the shape checked by depthwise_conv2d.
-            unsafe {
-                super::dw3x3::plane_3x3_strips(
-                    s,
-                    plan,
-                    &job.x[nc * plane_in..(nc + 1) * plane_in],
-                    &job.weight[ch * taps..(ch + 1) * taps],
-                    job.bias.map_or(0.0, |b| b[ch]),
-                    job.residual
-                        .map(|r| &r[nc * plane_out..(nc + 1) * plane_out]),
-                    o,
-                    (job.oh, job.ow),
-                    clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY)),
-                )
+        {
+            let bounds = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+            let ran = if let Some(plan) = &job.strips {
+                // SAFETY: AVX-512 detected, the plan was made for `s`; the lengths follow
+                // from the shape checked by depthwise_conv2d.
+                unsafe {
+                    super::dw3x3::plane_3x3_strips(s, plan, x, k, bias, residual, o, ohw, bounds)
+                };
+                true
+            } else if let Some(direct) = direct {
+                // SAFETY: the kernel was picked for the detected ISA and `covers(s)`; the
+                // plane, taps, residual and output lengths follow from the shape checked by
+                // depthwise_conv2d.
+                unsafe { direct(s, x, k, bias, residual, o, ohw, bounds) };
+                true
+            } else {
+                false
             };
-            if rest.is_some() {
-                apply_activation(rest, o);
+            if ran {
+                if rest.is_some() {
+                    apply_activation(rest, o);
+                }
+                continue;
             }
-            continue;
         }
-        #[cfg(target_arch = "x86_64")]
-        if let Some(direct) = direct {
-            // SAFETY: the kernel was picked for the detected ISA and `covers(s)`; the plane,
-            // taps, residual and output lengths follow from the shape checked by
-            // depthwise_conv2d.
-            unsafe {
-                direct(
-                    s,
-                    &job.x[nc * plane_in..(nc + 1) * plane_in],
-                    &job.weight[ch * taps..(ch + 1) * taps],
-                    job.bias.map_or(0.0, |b| b[ch]),
-                    job.residual
-                        .map(|r| &r[nc * plane_out..(nc + 1) * plane_out]),
-                    o,
-                    (job.oh, job.ow),
-                    clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY)),
-                )
-            };
-            if rest.is_some() {
-                apply_activation(rest, o);
-            }
-            continue;
-        }
-        plane_flat(
-            s,
-            &job.x[nc * plane_in..(nc + 1) * plane_in],
-            &job.weight[ch * taps..(ch + 1) * taps],
-            job.bias.map_or(0.0, |b| b[ch]),
-            job.residual
-                .map(|r| &r[nc * plane_out..(nc + 1) * plane_out]),
-            o,
-            (job.oh, job.ow),
-            clamp,
-            scratch,
-        );
+        plane_flat(s, x, k, bias, residual, o, ohw, clamp, scratch);
         // Still in cache: the activation runs here rather than in another pass.
         apply_activation(rest, o);
     }
