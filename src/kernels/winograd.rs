@@ -164,8 +164,8 @@ impl WinogradConv {
         // axis (input by channel, products by ξ, output by channel). Bands of tile rows through
         // all three phases, one a thread, kept V and M on the core that made them, but each
         // thread then read all of U: with the pool's shared counters on lines of their own,
-        // ResNet-18 node sums on 2 threads were 2–4 % lower split by phase (six runs each, the
-        // host's vCPUs on one core complex) and 4–7 % lower (two runs, on two). Banding one
+        // ResNet-18 node sums on 2 threads were 1–5 % lower split by phase (seven runs each,
+        // the host's vCPUs on one core complex) and 2–7 % lower (two runs, on two). Banding one
         // thread's image to keep V and M in cache measured slower at every band size (the 16
         // GEMMs lose more on short rows than the cache saves).
         let par_ok = self.cin * self.cout * geo.g >= PAR_MIN;
